@@ -1,0 +1,104 @@
+"""The ``badam-ext`` command: train (the main job), profile, bench."""
+from __future__ import annotations
+
+import argparse
+import json
+import runpy
+import sys
+from pathlib import Path
+from typing import Optional, Sequence
+
+BENCHES = ("update", "switch", "backward", "e2e", "budget")
+
+
+def _add_train_args(p: argparse.ArgumentParser, *, steps_help: str) -> None:
+    p.add_argument("--model", dest="model_path", help="local Hugging Face checkpoint folder (default: embedded model)")
+    p.add_argument("--preset", choices=["tiny", "small"], help="embedded model size (default: small on CUDA, tiny on CPU)")
+    p.add_argument("--steps", type=int, help=steps_help)
+    p.add_argument("--switch-every", type=int, default=5, help="K: optimizer steps per block")
+    p.add_argument("--switch-mode", default="ascending", choices=["ascending", "descending", "random", "fixed"])
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--weight-decay", type=float, default=0.01)
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--seq-len", type=int, default=128)
+    p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
+    p.add_argument("--device", help="cpu, cuda, cuda:1 (default: cuda if available)")
+    p.add_argument("--backend", default="auto", choices=["auto", "triton", "torch"])
+    p.add_argument("--gradient-checkpointing", action="store_true")
+    p.add_argument("--max-grad-norm", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--sample-interval", dest="sample_interval_s", type=float, default=0.05,
+                   help="seconds between background memory samples (0: off)")
+    p.add_argument("--no-progress", dest="progress", action="store_false")
+
+
+def _train_config(args: argparse.Namespace, out: str):
+    from .train import TrainConfig
+
+    fields = {k: getattr(args, k) for k in TrainConfig.__dataclass_fields__ if hasattr(args, k)}
+    fields["out"] = args.out or out
+    if fields.get("sample_interval_s") == 0:
+        fields["sample_interval_s"] = None
+    return TrainConfig(**fields)
+
+
+def _print_summary(summary: dict) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title="badam-ext train: summary")
+    table.add_column("metric")
+    table.add_column("value", justify="right")
+    for key in ("device", "model_params", "blocks", "steps", "tokens_per_s", "train_loss_first",
+                "train_loss_last", "eval_loss_before", "eval_loss_after", "arena_bytes", "wall_s"):
+        value = summary[key]
+        table.add_row(key, f"{value:,.4g}" if isinstance(value, float) else f"{value:,}" if isinstance(value, int) else str(value))
+    Console().print(table)
+    print(f"report written to {summary['config']['out']}/ (profile.json, blocks.csv, profile.png, summary.json)")
+
+
+def bench_dir() -> Path:
+    """The source tree's bench/ folder (benchmarks ship with the source, not the wheel)."""
+    folder = Path(__file__).resolve().parent.parent / "bench"
+    if not folder.is_dir():
+        raise SystemExit("badam-ext bench needs the source tree (bench/ beside badam_ext/): install with pip install -e .")
+    return folder
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    parser = argparse.ArgumentParser(prog="badam-ext", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    train = sub.add_parser("train", help="finetune with BlockAdam on the embedded default (the main job)")
+    _add_train_args(train, steps_help="optimizer steps (default: two block epochs)")
+    train.add_argument("--out", help="output folder (default runs/train)")
+
+    profile = sub.add_parser("profile", help="one block epoch with the VRAM/time profiler, per-block table")
+    _add_train_args(profile, steps_help="optimizer steps (default: one block epoch)")
+    profile.add_argument("--out", help="output folder (default runs/profile)")
+
+    bench = sub.add_parser("bench", help="run a benchmark script from bench/ (extra args go to the script)")
+    bench.add_argument("name", choices=BENCHES)
+    bench.add_argument("args", nargs=argparse.REMAINDER)
+
+    args = parser.parse_args(argv)
+    if args.command == "bench":
+        script = bench_dir() / f"bench_{args.name}.py"
+        sys.argv = [str(script), *args.args]
+        sys.path.insert(0, str(script.parent))
+        runpy.run_path(str(script), run_name="__main__")
+        return 0
+
+    from .train import run
+
+    cfg = _train_config(args, "runs/train" if args.command == "train" else "runs/profile")
+    if args.command == "profile":
+        cfg.block_epochs = 1
+    summary = run(cfg)
+    _print_summary(summary)
+    print(json.dumps({k: summary[k] for k in ("eval_loss_before", "eval_loss_after", "tokens_per_s")}))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

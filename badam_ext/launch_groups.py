@@ -1,0 +1,62 @@
+"""Launch groups: the active block's tensors split by (param group, weight dtype).
+
+One fused launch covers one launch group, so a block of one dtype in one param group costs one launch
+per step. The tables (pointers, arena offsets, chunk map) are built once per block switch.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable, Sequence
+
+import torch
+
+
+@dataclass
+class LaunchGroup:
+    """Tensors of the active block that share a param group and a weight dtype."""
+
+    group_index: int
+    names: list[str]
+    params: list[torch.nn.Parameter]
+    tables: Any
+
+    def grads(self) -> list[torch.Tensor]:
+        """The current gradients, in table order; a missing one is an error, never skipped."""
+        grads = []
+        missing = []
+        for name, param in zip(self.names, self.params):
+            if param.grad is None:
+                missing.append(name)
+            grads.append(param.grad)
+        if missing:
+            raise RuntimeError(
+                f"no gradient for {len(missing)} parameter(s) of the active block: {missing[:5]}"
+                f"{' ...' if len(missing) > 5 else ''}. Call backward() before step(), and make sure "
+                "these parameters take part in the loss (BlockAdam does not skip parameters silently)."
+            )
+        return grads
+
+
+def build_launch_groups(
+    names: Sequence[str],
+    params: Sequence[torch.nn.Parameter],
+    offsets: Sequence[int],
+    group_of: Callable[[torch.nn.Parameter], int],
+    decays: Callable[[str, torch.nn.Parameter], bool],
+    build_tables: Callable[..., Any],
+) -> list[LaunchGroup]:
+    """Split the active tensors by (param group, dtype) and build each group's tables."""
+    buckets: dict[tuple[int, torch.dtype], list[int]] = {}
+    for i, param in enumerate(params):
+        buckets.setdefault((group_of(param), param.dtype), []).append(i)
+    groups = []
+    for (group_index, _dtype), idx in sorted(buckets.items(), key=lambda kv: (kv[0][0], str(kv[0][1]))):
+        sel_params = [params[i] for i in idx]
+        sel_names = [names[i] for i in idx]
+        tables = build_tables(
+            [p.detach() for p in sel_params],
+            [offsets[i] for i in idx],
+            [decays(n, p) for n, p in zip(sel_names, sel_params)],
+        )
+        groups.append(LaunchGroup(group_index, sel_names, sel_params, tables))
+    return groups

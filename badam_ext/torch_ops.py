@@ -1,0 +1,231 @@
+"""The kernel contract in plain torch, one tensor at a time.
+
+The same entry points as :mod:`badam_ext.kernels` (``BlockTables`` here is :class:`TorchTables`),
+with the same arithmetic in the same order, so on CPU the two agree bit for bit (stochastic
+rounding aside, which draws from torch's generator instead of Triton's Philox stream). It serves
+CPU users and is the oracle the Triton kernels are tested against. No triton import, no host sync.
+"""
+from __future__ import annotations
+
+import struct
+from typing import Optional, Sequence
+
+import torch
+
+from .kernels.contract import (
+    check_decay,
+    check_device_scalar,
+    check_grads,
+    check_hyper,
+    check_offsets,
+    check_partials,
+    check_regions,
+    check_seed,
+    check_step_state,
+    check_weights,
+    new_step_state,
+    reset_step_state,
+)
+
+name = "torch"
+
+__all__ = [
+    "BlockTables",
+    "TorchTables",
+    "advance_step",
+    "block_load",
+    "fused_adamw_step",
+    "grad_norm",
+    "grad_sq_norm",
+    "name",
+    "new_step_state",
+    "reset_step_state",
+]
+
+
+class TorchTables:
+    """Per-switch description of one launch group (same ``build`` API as the Triton tables).
+
+    ``num_chunks`` is the number of tensors: :func:`grad_sq_norm` writes one partial per tensor.
+    ``block_size`` is accepted for API parity and ignored.
+    """
+
+    def __init__(self, weights: tuple[torch.Tensor, ...], offsets: tuple[int, ...], decay: tuple[bool, ...]):
+        self.weights = weights
+        self.offsets = offsets
+        self.decay = decay
+        self.numels = tuple(w.numel() for w in weights)
+        self.shapes = tuple(w.shape for w in weights)
+        self.device = weights[0].device
+        self.dtype = weights[0].dtype
+        self.span = max(o + n for o, n in zip(offsets, self.numels))
+
+    @classmethod
+    def build(cls, weights: Sequence[torch.Tensor], offsets: Sequence[int], decay: Sequence[bool],
+              block_size: Optional[int] = None) -> "TorchTables":
+        weights = tuple(weights)
+        check_weights(weights)
+        offs = check_offsets(offsets, [w.numel() for w in weights])
+        return cls(weights, offs, check_decay(decay, len(weights)))
+
+    @property
+    def num_tensors(self) -> int:
+        return len(self.weights)
+
+    @property
+    def num_chunks(self) -> int:
+        return len(self.weights)
+
+    def check_arena(self, **regions: torch.Tensor) -> None:
+        check_regions(self.device, self.span, **regions)
+
+    def grad_pointers(self, grads: Sequence[Optional[torch.Tensor]]) -> tuple[torch.Tensor, torch.dtype]:
+        """Same checks as the Triton tables; the addresses as a host int64 tensor (informational)."""
+        dtype = check_grads(grads, self.shapes, self.device)
+        return torch.tensor([g.data_ptr() for g in grads], dtype=torch.int64), dtype
+
+    def slices(self) -> list[slice]:
+        return [slice(o, o + n) for o, n in zip(self.offsets, self.numels)]
+
+    def __repr__(self) -> str:
+        return (f"TorchTables(tensors={self.num_tensors}, numel={sum(self.numels)}, dtype={self.dtype}, "
+                f"device={self.device})")
+
+
+BlockTables = TorchTables
+
+
+def block_load(tables: TorchTables, master_flat: torch.Tensor, exp_avg_flat: torch.Tensor,
+               exp_avg_sq_flat: torch.Tensor) -> None:
+    """``master[off + i] = float(weight[i])``; exp_avg = exp_avg_sq = 0 over each tensor's range."""
+    tables.check_arena(master=master_flat, exp_avg=exp_avg_flat, exp_avg_sq=exp_avg_sq_flat)
+    for w, sl in zip(tables.weights, tables.slices()):
+        master_flat[sl].copy_(w.reshape(-1))
+        exp_avg_flat[sl].zero_()
+        exp_avg_sq_flat[sl].zero_()
+
+
+def advance_step(step_state: torch.Tensor, beta1: float, beta2: float,
+                 found_inf: Optional[torch.Tensor] = None) -> None:
+    """``[t, b1^t, b2^t] -> [t + 1, b1^(t+1), b2^(t+1)]`` unless ``found_inf != 0`` (device ops only)."""
+    check_step_state(step_state)
+    check_device_scalar("found_inf", found_inf, step_state.device)
+    _, beta1, beta2, _, _ = check_hyper(0.0, beta1, beta2, 1.0, 0.0)
+    new = torch.stack([step_state[0] + 1.0, step_state[1] * beta1, step_state[2] * beta2])
+    if found_inf is not None:
+        new = torch.where(found_inf.reshape(()) != 0, step_state, new)
+    step_state.copy_(new)
+
+
+def grad_sq_norm(tables: TorchTables, grads: Sequence[torch.Tensor], partials: torch.Tensor) -> None:
+    """Per-tensor fp32 sums of squares of the raw gradients into ``partials[:num_chunks]``; the rest is
+    zeroed, so ``partials.sum()`` is the group's squared norm."""
+    check_grads(grads, tables.shapes, tables.device)
+    check_partials(partials, tables.device, tables.num_chunks)
+    sums = torch.stack([g.float().square().sum() for g in grads])
+    partials[: tables.num_chunks].copy_(sums)
+    if partials.numel() > tables.num_chunks:
+        partials[tables.num_chunks:].zero_()
+
+
+def grad_norm(tables_list: Sequence[TorchTables], grads_list: Sequence[Sequence[torch.Tensor]]) -> torch.Tensor:
+    """Global L2 norm over several launch groups, as a 0-dim fp32 tensor on their device."""
+    if len(tables_list) != len(grads_list):
+        raise ValueError(f"got {len(tables_list)} tables for {len(grads_list)} gradient lists")
+    if len(tables_list) == 0:
+        raise ValueError("grad_norm needs at least one launch group")
+    total = sum(t.num_chunks for t in tables_list)
+    partials = torch.empty(total, dtype=torch.float32, device=tables_list[0].device)
+    start = 0
+    for tables, grads in zip(tables_list, grads_list):
+        grad_sq_norm(tables, grads, partials[start:start + tables.num_chunks])
+        start += tables.num_chunks
+    return partials.sum().sqrt()
+
+
+def _fp32(x: float) -> float:
+    """``x`` rounded to fp32, as a Python float (the kernels receive lr as an fp32 argument)."""
+    return struct.unpack("<f", struct.pack("<f", x))[0]
+
+
+def sqrt_rn(x: torch.Tensor) -> torch.Tensor:
+    """Correctly rounded fp32 square root (IEEE, as the kernels' ``sqrt_rn``).
+
+    torch's vectorized CPU ``sqrt`` is off by one ulp on ~20% of fp32 inputs; the fp64 square root
+    rounded to fp32 is exact (53 >= 2 * 24 + 2 bits). CUDA's fp32 sqrt is already correctly rounded.
+    """
+    if x.device.type == "cpu":
+        return x.double().sqrt_().float()
+    return x.sqrt()
+
+
+def round_bf16_stochastic(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """fp32 -> bf16, rounding the magnitude up with probability (dropped bits) / 2^16."""
+    bits = x.view(torch.int32)
+    noise = torch.randint(0, 1 << 16, x.shape, generator=generator, dtype=torch.int32, device=x.device)
+    # int32 wraps like the kernel's uint32: adding below the kept bits moves the magnitude away from 0
+    rounded = (bits + noise) >> 16
+    out = rounded.to(torch.int16).view(torch.bfloat16)
+    return torch.where(torch.isnan(x), torch.full_like(out, float("nan")), out)
+
+
+def fused_adamw_step(
+    tables: TorchTables,
+    grads: Sequence[torch.Tensor],
+    master_flat: torch.Tensor,
+    exp_avg_flat: torch.Tensor,
+    exp_avg_sq_flat: torch.Tensor,
+    step_state: torch.Tensor,
+    *,
+    lr: float,
+    beta1: float,
+    beta2: float,
+    eps: float,
+    weight_decay: float,
+    grad_scale: Optional[torch.Tensor] = None,
+    found_inf: Optional[torch.Tensor] = None,
+    stochastic_rounding: bool = False,
+    seed: int = 0,
+) -> None:
+    """One AdamW step per tensor, the kernels' arithmetic in the kernels' order (torch AdamW's)."""
+    lr, beta1, beta2, eps, weight_decay = check_hyper(lr, beta1, beta2, eps, weight_decay)
+    tables.check_arena(master=master_flat, exp_avg=exp_avg_flat, exp_avg_sq=exp_avg_sq_flat)
+    check_step_state(step_state)
+    if step_state.device != tables.device:
+        raise ValueError(f"step_state is on {step_state.device}, the weights on {tables.device}")
+    check_device_scalar("grad_scale", grad_scale, tables.device)
+    check_device_scalar("found_inf", found_inf, tables.device)
+    seed = check_seed(seed)
+    check_grads(grads, tables.shapes, tables.device)
+
+    neg_step_size = (-(_fp32(lr) / (1.0 - step_state[1]))).float()
+    bc2_sqrt = (1.0 - step_state[2]).sqrt().float()
+    decay_factor = 1.0 - lr * weight_decay
+    keep = None if found_inf is None else found_inf.reshape(()) == 0
+    stochastic = bool(stochastic_rounding) and tables.dtype == torch.bfloat16
+    generator = None
+    if stochastic:
+        generator = torch.Generator(device=tables.device)
+        generator.manual_seed(seed % (1 << 63))
+    for w, g, sl, decay in zip(tables.weights, grads, tables.slices(), tables.decay):
+        p_old, m_old, v_old = master_flat[sl], exp_avg_flat[sl], exp_avg_sq_flat[sl]
+        g = g.reshape(-1).float()
+        if grad_scale is not None:
+            g = g * grad_scale.reshape(())
+        p = p_old * decay_factor if decay else p_old
+        m = m_old + (1.0 - beta1) * (g - m_old)
+        v = v_old * beta2 + ((1.0 - beta2) * g) * g
+        denom = sqrt_rn(v) / bc2_sqrt + eps
+        p = p + (neg_step_size * m) / denom
+        if stochastic:
+            w_new = round_bf16_stochastic(p, generator)
+        else:
+            w_new = p.to(w.dtype)
+        w_new = w_new.view(w.shape)
+        if keep is not None:
+            p, m, v = (torch.where(keep, new, old) for new, old in ((p, p_old), (m, m_old), (v, v_old)))
+            w_new = torch.where(keep, w_new, w)
+        p_old.copy_(p)
+        m_old.copy_(m)
+        v_old.copy_(v)
+        w.copy_(w_new)

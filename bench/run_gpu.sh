@@ -1,0 +1,53 @@
+#!/usr/bin/env bash
+# One GPU session: build the extension against the machine's torch, run the GPU tests and the
+# benchmarks, write every log and JSON line under $OUT (default ./out).
+#   bash bench/run_gpu.sh tests    # build + GPU tests (-m gpu)
+#   bash bench/run_gpu.sh micro    # update / switch / backward-by-depth benchmarks
+#   bash bench/run_gpu.sh e2e      # end to end (8B, 1B) and the 24 GB budget search
+#   bash bench/run_gpu.sh dp       # data parallel on 2 GPUs (torchrun)
+# Stages may be combined: bash bench/run_gpu.sh tests micro
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT=${OUT:-out}
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1
+unset TRITON_INTERPRET
+# Multicast over NVLink stays off on shared hosts.
+export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
+
+if [[ -d .whl ]]; then  # wheels carried for packages the GPU machine lacks (the reference badam)
+  python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site
+fi
+{
+  date -u; nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+  python3 -c "import torch, triton, transformers; print('torch', torch.__version__, 'triton', triton.__version__, 'transformers', transformers.__version__)"
+} 2>&1 | tee "$OUT/env.txt"
+
+t0=$(date +%s)
+BADAM_SYSTEM_PYTHON=1 bash scripts/setup.sh > "$OUT/build.log" 2>&1 || { cat "$OUT/build.log"; exit 1; }
+echo "build: $(( $(date +%s) - t0 )) s"
+
+run() {  # run NAME CMD...: log to $OUT/NAME.log, keep going on failure
+  local name=$1; shift
+  local s=$(date +%s)
+  echo "== $name: $*"
+  "$@" > "$OUT/$name.log" 2>&1; local rc=$?
+  tail -n 25 "$OUT/$name.log"
+  echo "== $name: rc=$rc in $(( $(date +%s) - s )) s"
+}
+
+for stage in "$@"; do
+  case $stage in
+    tests) run gpu_tests python3 -m pytest -m gpu -q -x --timeout=600 -p no:cacheprovider tests ;;
+    micro)
+      run bench_update python3 bench/bench_update.py --out "$OUT/results.jsonl"
+      run bench_switch python3 bench/bench_switch.py --out "$OUT/results.jsonl"
+      run bench_backward python3 bench/bench_backward.py --out "$OUT/results.jsonl" ;;
+    e2e)
+      run bench_e2e_1b python3 bench/bench_e2e.py --model 1b --out "$OUT/results.jsonl"
+      run bench_e2e_8b python3 bench/bench_e2e.py --model 8b --out "$OUT/results.jsonl"
+      run bench_budget python3 bench/bench_budget.py --out "$OUT/results.jsonl" ;;
+    dp) run bench_dp torchrun --standalone --nproc_per_node 2 bench/bench_dp.py --out "$OUT/results.jsonl" ;;
+    *) echo "unknown stage $stage"; exit 2 ;;
+  esac
+done

@@ -1,0 +1,286 @@
+// C++ tests of the block arena (run by ctest). Plain checks, no test framework.
+#include <ATen/ATen.h>
+
+#include <cstdint>
+#include <cstdio>
+#include <functional>
+#include <string>
+#include <vector>
+
+#include "arena.h"
+
+using badam::ArenaLayout;
+using badam::BlockArena;
+
+namespace {
+
+int g_failures = 0;
+int g_checks = 0;
+
+#define EXPECT(cond)                                                                 \
+  do {                                                                              \
+    ++g_checks;                                                                     \
+    if (!(cond)) {                                                                  \
+      ++g_failures;                                                                 \
+      std::fprintf(stderr, "%s:%d: check failed: %s\n", __FILE__, __LINE__, #cond); \
+    }                                                                               \
+  } while (0)
+
+// Expect fn() to throw E whose message contains `needle`.
+template <typename E = c10::Error>
+void expect_throws(const std::function<void()>& fn, const std::string& needle, int line) {
+  ++g_checks;
+  try {
+    fn();
+  } catch (const E& e) {
+    const std::string message = e.what_without_backtrace();
+    if (message.find(needle) == std::string::npos) {
+      ++g_failures;
+      std::fprintf(stderr, "line %d: message \"%s\" lacks \"%s\"\n", line, message.c_str(),
+                   needle.c_str());
+    }
+    return;
+  } catch (const std::exception& e) {
+    ++g_failures;
+    std::fprintf(stderr, "line %d: wrong exception type: %s\n", line, e.what());
+    return;
+  }
+  ++g_failures;
+  std::fprintf(stderr, "line %d: expected an exception containing \"%s\"\n", line,
+               needle.c_str());
+}
+
+#define EXPECT_THROWS(type, stmt, needle) expect_throws<type>([&] { stmt; }, needle, __LINE__)
+
+uintptr_t addr(const at::Tensor& t) { return reinterpret_cast<uintptr_t>(t.data_ptr()); }
+
+std::vector<std::vector<int64_t>> flat_shapes(const std::vector<int64_t>& numels) {
+  std::vector<std::vector<int64_t>> shapes;
+  for (int64_t n : numels) shapes.push_back({n});
+  return shapes;
+}
+
+void test_alignment(c10::Device device) {
+  for (int64_t alignment : {4, 16, 64, 256, 512, 4096}) {
+    for (bool with_grad : {false, true}) {
+      const std::vector<int64_t> numels = {3, 77, 1, 250};
+      BlockArena arena(badam::required_capacity(numels, alignment) + 1, device, with_grad,
+                       alignment);
+      EXPECT(arena.num_regions() == (with_grad ? 4 : 3));
+      for (int64_t r = 0; r < arena.num_regions(); ++r) {
+        EXPECT(addr(arena.flat(BlockArena::region_names()[r])) % alignment == 0);
+      }
+      ArenaLayout layout = arena.layout(numels);
+      for (int64_t offset : layout.offsets) EXPECT(offset % (alignment / 4) == 0);
+      auto views = arena.views(layout, flat_shapes(numels));
+      for (const auto& region : views) {
+        for (const auto& view : region) EXPECT(addr(view) % alignment == 0);
+      }
+    }
+  }
+}
+
+void test_regions_disjoint_inside_buffer(c10::Device device) {
+  BlockArena arena(1000, device, /*with_grad=*/true, 256);
+  const at::Tensor buffer = arena.buffer();
+  EXPECT(buffer.numel() * 4 == arena.capacity_bytes());
+  EXPECT(arena.capacity_padded() == 1024);
+  const uintptr_t begin = addr(buffer);
+  const uintptr_t end = begin + static_cast<uintptr_t>(arena.capacity_bytes());
+  std::vector<std::pair<uintptr_t, uintptr_t>> spans;
+  for (const auto& name : BlockArena::region_names()) {
+    const at::Tensor region = arena.flat(name);
+    EXPECT(region.numel() == arena.capacity_numel());
+    EXPECT(region.scalar_type() == at::kFloat);
+    EXPECT(region.is_contiguous());
+    EXPECT(region.storage().data() == buffer.storage().data());
+    const uintptr_t lo = addr(region);
+    const uintptr_t hi = lo + static_cast<uintptr_t>(region.numel()) * 4;
+    EXPECT(lo >= begin && hi <= end);
+    for (const auto& other : spans) EXPECT(hi <= other.first || lo >= other.second);
+    spans.emplace_back(lo, hi);
+  }
+}
+
+void test_views_alias(c10::Device device) {
+  BlockArena arena(4096, device, /*with_grad=*/true);
+  const std::vector<int64_t> numels = {6, 65, 1};
+  ArenaLayout layout = arena.layout(numels);
+  EXPECT((layout.offsets == std::vector<int64_t>{0, 64, 192}));
+  EXPECT(layout.total_numel == 256);
+  auto views = arena.views(layout, {{2, 3}, {5, 13}, {}});
+  EXPECT(views.size() == 4);
+  for (int64_t r = 0; r < 4; ++r) {
+    const std::string& name = BlockArena::region_names()[r];
+    EXPECT(views[r][0].sizes() == at::IntArrayRef({2, 3}));
+    EXPECT(views[r][1].sizes() == at::IntArrayRef({5, 13}));
+    EXPECT(views[r][2].dim() == 0);
+    // view -> flat
+    views[r][1].fill_(static_cast<float>(r + 1));
+    const at::Tensor flat = arena.flat(name);
+    EXPECT(flat.narrow(0, 64, 65).eq(static_cast<float>(r + 1)).all().item<bool>());
+    // flat -> view
+    flat.narrow(0, 192, 1).fill_(-5.0f);
+    EXPECT(views[r][2].item<float>() == -5.0f);
+    flat.narrow(0, 0, 6).copy_(at::arange(6, flat.options()));
+    EXPECT(views[r][0].flatten().equal(at::arange(6, flat.options())));
+  }
+  // Regions do not overlap: region 1's write left region 0 alone.
+  EXPECT(views[0][1].eq(1.0f).all().item<bool>());
+}
+
+void test_switches_never_allocate(c10::Device device) {
+  const std::vector<std::vector<int64_t>> blocks = {
+      {1000}, {1, 2, 3}, {4000, 17}, {63, 64, 65, 66}, {4095}, {5}};
+  int64_t largest = 0;
+  for (const auto& numels : blocks) {
+    largest = std::max(largest, badam::required_capacity(numels));
+  }
+  BlockArena arena(largest, device);
+  const at::Tensor buffer = arena.buffer();
+  const void* storage = buffer.storage().data();
+  EXPECT(arena.used_bytes() == 0);
+  for (int round = 0; round < 3; ++round) {
+    for (const auto& numels : blocks) {
+      ArenaLayout layout = arena.layout(numels);
+      auto views = arena.views(layout, flat_shapes(numels));
+      EXPECT(arena.used_bytes() == layout.total_numel * 4 * 3);
+      for (const auto& region : views) {
+        for (const auto& view : region) EXPECT(view.storage().data() == storage);
+      }
+      arena.zero_state(layout);
+      EXPECT(arena.buffer().storage().data() == storage);
+      EXPECT(addr(arena.buffer()) == addr(buffer));
+      EXPECT(arena.allocations() == 1);
+    }
+  }
+  EXPECT(arena.switches() == static_cast<int64_t>(3 * blocks.size()));
+}
+
+void test_zero_state(c10::Device device) {
+  BlockArena arena(1024, device);
+  ArenaLayout layout = arena.layout({100, 30});  // offsets 0, 128; span 192
+  EXPECT(layout.total_numel == 192);
+  for (const auto& name : {"master", "exp_avg", "exp_avg_sq"}) arena.flat(name).fill_(7.0f);
+  arena.zero_state(layout);
+  EXPECT(arena.flat("master").eq(7.0f).all().item<bool>());
+  for (const auto& name : {"exp_avg", "exp_avg_sq"}) {
+    const at::Tensor region = arena.flat(name);
+    EXPECT(region.narrow(0, 0, 192).eq(0.0f).all().item<bool>());
+    EXPECT(region.narrow(0, 192, 1024 - 192).eq(7.0f).all().item<bool>());
+  }
+}
+
+void test_required_capacity() {
+  EXPECT(badam::required_capacity({1}) == 64);
+  EXPECT(badam::required_capacity({64}) == 64);
+  EXPECT(badam::required_capacity({65, 1}) == 192);
+  EXPECT(badam::required_capacity({3, 5}, 4) == 8);
+  EXPECT(badam::required_capacity({3, 5}, 32) == 16);
+  EXPECT_THROWS(c10::ValueError, badam::required_capacity({}), "empty block");
+  EXPECT_THROWS(c10::ValueError, badam::required_capacity({5, -1}), "parameter 1 has numel -1");
+  EXPECT_THROWS(c10::ValueError, badam::required_capacity({5}, 12), "power of two");
+}
+
+void test_errors(c10::Device device) {
+  EXPECT_THROWS(c10::ValueError, BlockArena(0, device), "capacity_numel must be > 0, got 0");
+  EXPECT_THROWS(c10::ValueError, BlockArena(-3, device), "capacity_numel must be > 0, got -3");
+  EXPECT_THROWS(c10::ValueError, BlockArena(10, device, false, 2), "power of two >= 4");
+  EXPECT_THROWS(c10::ValueError, BlockArena(10, device, false, 96), "power of two >= 4");
+  EXPECT_THROWS(c10::ValueError, BlockArena(10, c10::Device(c10::kMeta)),
+                "supports cpu and cuda devices, got meta");
+
+  BlockArena arena(1000000, device);
+  EXPECT_THROWS(c10::ValueError, arena.layout({}),
+                "empty block: a block needs at least one parameter");
+  EXPECT_THROWS(c10::ValueError, arena.layout({1, 2, 3, 0}), "parameter 3 has numel 0");
+  EXPECT_THROWS(c10::ValueError, arena.layout({1234560}),
+                "block needs 1,234,560 elements (padded) but the arena holds 1,000,000: "
+                "234,560 over; create the arena with capacity_numel >= 1234560");
+  EXPECT_THROWS(c10::ValueError, arena.layout({INT64_MAX - 2, 10}), "overflows int64");
+
+  ArenaLayout layout = arena.layout({6, 10});
+  EXPECT_THROWS(c10::ValueError, arena.views(layout, {{6}}), "got 1 shapes for a layout of 2");
+  EXPECT_THROWS(c10::ValueError, arena.views(layout, {{2, 3}, {3, 3}}),
+                "shape [3, 3] of parameter 1 has 9 elements but the layout gives it 10");
+  EXPECT_THROWS(c10::ValueError, arena.views(layout, {{-2, -3}, {10}}), "negative size");
+  EXPECT(arena.switches() == 0);  // failed calls count nothing
+
+  BlockArena other(1000000, device);
+  ArenaLayout foreign = other.layout({6, 10});
+  EXPECT_THROWS(c10::ValueError, arena.views(foreign, {{6}, {10}}), "another BlockArena");
+  EXPECT_THROWS(c10::ValueError, arena.zero_state(foreign), "another BlockArena");
+  EXPECT_THROWS(c10::ValueError, arena.check_tensors(foreign, {}), "another BlockArena");
+  BlockArena bigger(2000000, device);
+  ArenaLayout too_big = bigger.layout({1500000});
+  EXPECT_THROWS(c10::ValueError, arena.views(too_big, {{1500000}}),
+                "spans 1,500,032 elements but this arena holds 1,000,000");
+
+  EXPECT_THROWS(c10::ValueError, arena.flat("momentum"), "unknown region 'momentum'");
+  EXPECT_THROWS(c10::ValueError, arena.flat("grad"), "no grad region");
+
+  const auto f32 = at::TensorOptions().dtype(at::kFloat).device(device);
+  EXPECT_THROWS(c10::ValueError, arena.check_tensors(layout, {at::empty({6}, f32)}),
+                "got 1 tensors for a layout of 2");
+  EXPECT_THROWS(c10::TypeError,
+                arena.check_tensors(layout, {at::empty({6}, f32.dtype(at::kDouble)),
+                                             at::empty({10}, f32)}),
+                "tensor 0 has dtype float64");
+  EXPECT_THROWS(c10::ValueError,
+                arena.check_tensors(layout, {at::empty({6}, f32), at::empty({11}, f32)}),
+                "tensor 1 has 11 elements but the layout gives it 10");
+  EXPECT_THROWS(c10::ValueError,
+                arena.check_tensors(layout, {at::empty({6}, f32), at::empty({10}, f32.device(c10::kMeta))}),
+                "tensor 1 is on meta but the arena is on " + arena.device().str());
+  // Accepted: every supported dtype, any shape with the right numel.
+  arena.check_tensors(layout, {at::empty({2, 3}, f32.dtype(at::kBFloat16)),
+                               at::empty({10}, f32.dtype(at::kHalf))});
+  arena.check_tensors(layout, {at::empty({6}, f32), at::empty({5, 2}, f32)});
+}
+
+void test_release(c10::Device device) {
+  BlockArena arena(512, device, /*with_grad=*/true);
+  ArenaLayout layout = arena.layout({100});
+  auto views = arena.views(layout, {{100}});
+  views[0][0].fill_(3.0f);
+  arena.release();
+  EXPECT(arena.released());
+  arena.release();  // idempotent
+  const std::string msg = "BlockArena used after release()";
+  EXPECT_THROWS(c10::Error, arena.layout({1}), msg);
+  EXPECT_THROWS(c10::Error, arena.views(layout, {{100}}), msg);
+  EXPECT_THROWS(c10::Error, arena.flat("master"), msg);
+  EXPECT_THROWS(c10::Error, arena.buffer(), msg);
+  EXPECT_THROWS(c10::Error, arena.zero_state(layout), msg);
+  EXPECT_THROWS(c10::Error, arena.check_tensors(layout, {}), msg);
+  // Views handed out earlier keep the storage alive.
+  EXPECT(views[0][0].eq(3.0f).all().item<bool>());
+  EXPECT(arena.capacity_numel() == 512);
+  EXPECT(arena.used_bytes() == 0);
+}
+
+void run_all(c10::Device device) {
+  std::printf("device %s\n", device.str().c_str());
+  test_alignment(device);
+  test_regions_disjoint_inside_buffer(device);
+  test_views_alias(device);
+  test_switches_never_allocate(device);
+  test_zero_state(device);
+  test_errors(device);
+  test_release(device);
+}
+
+}  // namespace
+
+int main() {
+  try {
+    test_required_capacity();
+    run_all(c10::Device(c10::kCPU));
+    if (at::hasCUDA()) run_all(c10::Device(c10::kCUDA, 0));
+  } catch (const c10::Error& e) {
+    std::fprintf(stderr, "unexpected exception: %s\n", e.what_without_backtrace());
+    return 1;
+  }
+  std::printf("%d checks, %d failures\n", g_checks, g_failures);
+  return g_failures == 0 ? 0 : 1;
+}

@@ -1,0 +1,128 @@
+"""GPU-only kernel tests at full size: a Llama-3-8B layer as one block, and a tensor over 2^31
+elements (int64 indexing). Skipped without CUDA."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from _kernel_helpers import adamw_reference, assert_close_rel, ulp_distance
+from badam_ext import kernels as K
+from badam_ext import torch_ops
+
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
+
+LLAMA3_8B_LAYER = [(4096, 4096), (1024, 4096), (1024, 4096), (4096, 4096),
+                   (14336, 4096), (14336, 4096), (4096, 14336), (4096,), (4096,)]
+HYPER = dict(beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.01)
+ALIGN = 64
+
+
+@pytest.fixture(autouse=True)
+def _cuda_kernels():
+    if K.interpreted():
+        pytest.skip("TRITON_INTERPRET=1 runs the kernels on the host")
+    yield
+    torch.cuda.synchronize()
+    torch.cuda.empty_cache()
+
+
+def _layout(numels: list[int]) -> tuple[list[int], int]:
+    offsets, end = [], 0
+    for n in numels:
+        offsets.append(end)
+        end = -(-(end + n) // ALIGN) * ALIGN
+    return offsets, end + ALIGN
+
+
+def test_llama3_8b_layer_matches_torch_backend_and_float64_sample():
+    device = torch.device("cuda")
+    gen = torch.Generator(device=device).manual_seed(60)
+    weights = [(torch.randn(s, device=device, generator=gen) * 0.02).bfloat16() for s in LLAMA3_8B_LAYER]
+    assert sum(w.numel() for w in weights) == 218_112_000
+    twins = [w.clone() for w in weights]
+    offsets, capacity = _layout([w.numel() for w in weights])
+    decay = [w.dim() > 1 for w in weights]
+    ours = [torch.full((capacity,), float("nan"), device=device) for _ in range(3)]
+    theirs = [torch.full((capacity,), float("nan"), device=device) for _ in range(3)]
+    tables = K.BlockTables.build(weights, offsets, decay)
+    ttables = torch_ops.TorchTables.build(twins, offsets, decay)
+    K.block_load(tables, *ours)
+    torch_ops.block_load(ttables, *theirs)
+    for o, w in zip(offsets, weights):  # fresh nonzero moments (padding stays NaN)
+        ours[1][o:o + w.numel()].normal_(0.0, 1e-3, generator=gen)
+        ours[2][o:o + w.numel()].uniform_(1e-8, 1e-6, generator=gen)
+    for a, b in zip(ours, theirs):
+        b.copy_(a)
+    states = [K.new_step_state(device), torch_ops.new_step_state(device)]
+    # a float64 reference on a random sample of each tensor
+    samples = [torch.randint(0, w.numel(), (20000,), device=device, generator=gen) for w in weights]
+    ref = [[r[o + idx].double() for r in ours] for o, idx in zip(offsets, samples)]
+    for t in (1, 2):
+        grads = [(torch.randn(w.shape, device=device, generator=gen) * 1e-3).bfloat16() for w in weights]
+        lr = 1e-4 * t
+        K.advance_step(states[0], HYPER["beta1"], HYPER["beta2"])
+        torch_ops.advance_step(states[1], HYPER["beta1"], HYPER["beta2"])
+        K.fused_adamw_step(tables, grads, *ours, states[0], lr=lr, **HYPER)
+        torch_ops.fused_adamw_step(ttables, grads, *theirs, states[1], lr=lr, **HYPER)
+        for i, (idx, g) in enumerate(zip(samples, grads)):
+            ref[i] = list(adamw_reference(*ref[i], g.flatten()[idx], t=t, lr=lr, decay=decay[i], **HYPER))
+    torch.cuda.synchronize()
+    assert torch.equal(states[0], states[1])
+    for name, a, b in zip(("master", "exp_avg", "exp_avg_sq"), ours, theirs):
+        assert not torch.isnan(a[:offsets[-1] + weights[-1].numel()]).all()
+        ulps = ulp_distance(a.nan_to_num(7.0), b.nan_to_num(7.0))
+        assert int(ulps.max()) <= 1, f"{name}: triton and torch backends differ by {int(ulps.max())} ulp"
+    for w, tw in zip(weights, twins):
+        assert int(ulp_distance(w, tw).max()) <= 1
+    for i, (o, idx, w) in enumerate(zip(offsets, samples, weights)):
+        for name, r, expect in zip(("master", "exp_avg", "exp_avg_sq"), ours, ref[i]):
+            assert_close_rel(r[o + idx], expect, 1e-6, f"tensor {i} {name} (float64 sample)")
+        assert torch.equal(w.flatten()[idx], ours[0][o + idx].bfloat16())
+
+
+def test_tensor_over_2_pow_31_elements():
+    device = torch.device("cuda")
+    n_big = (1 << 31) + 4097
+    need = n_big * (2 + 2 + 3 * 4) + (1 << 30)
+    free, _ = torch.cuda.mem_get_info()
+    if free < need:
+        pytest.skip(f"needs {need / 2**30:.1f} GiB free, {free / 2**30:.1f} GiB available")
+    gen = torch.Generator(device=device).manual_seed(61)
+    big = torch.empty(n_big, device=device, dtype=torch.bfloat16)
+    big.normal_(0.0, 0.02, generator=gen)
+    small = (torch.randn(300, device=device, generator=gen) * 0.02).bfloat16()
+    weights = [small, big]
+    offsets, capacity = _layout([w.numel() for w in weights])
+    regions = [torch.full((capacity,), float("nan"), device=device) for _ in range(3)]
+    tables = K.BlockTables.build(weights, offsets, [True, True])
+    K.block_load(tables, *regions)
+    o = offsets[1]
+    # indices across the whole tensor, the 2^31 boundary and the masked tail
+    idx = torch.cat([
+        torch.randint(0, n_big, (100000,), device=device, generator=gen),
+        torch.arange((1 << 31) - 2048, (1 << 31) + 2048, device=device),
+        torch.arange(n_big - 5000, n_big, device=device),
+    ])
+    assert torch.equal(regions[0][o + idx], big[idx].float())
+    assert float(regions[1][o + idx].abs().max()) == 0.0 and float(regions[2][o + idx].abs().max()) == 0.0
+    assert regions[0][o + n_big:].isnan().all(), "padding after the big tensor was written"
+
+    grad_small = (torch.randn(300, device=device, generator=gen) * 1e-3).bfloat16()
+    grad_big = torch.empty_like(big).normal_(0.0, 1e-3, generator=gen)
+    partials = torch.empty(tables.num_chunks, device=device)
+    K.grad_sq_norm(tables, [grad_small, grad_big], partials)
+    ref_sq = float(grad_small.double().square().sum())
+    for start in range(0, n_big, 1 << 28):
+        ref_sq += float(grad_big[start:start + (1 << 28)].double().square().sum())
+    assert abs(float(partials.double().sum()) - ref_sq) <= 1e-5 * ref_sq
+
+    before = [r[o + idx].double() for r in regions]
+    before[1], before[2] = torch.zeros_like(before[1]), torch.zeros_like(before[2])
+    state = K.new_step_state(device)
+    K.advance_step(state, HYPER["beta1"], HYPER["beta2"])
+    K.fused_adamw_step(tables, [grad_small, grad_big], *regions, state, lr=1e-3, **HYPER)
+    expect = adamw_reference(*before, grad_big[idx], t=1, lr=1e-3, decay=True, **HYPER)
+    for name, r, e in zip(("master", "exp_avg", "exp_avg_sq"), regions, expect):
+        assert_close_rel(r[o + idx], e, 1e-6, f"big tensor {name}")
+    assert torch.equal(big[idx], regions[0][o + idx].bfloat16())
+    assert regions[0][o + n_big:].isnan().all()

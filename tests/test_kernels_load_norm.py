@@ -1,0 +1,101 @@
+"""block_load, the step state and the gradient norm, against exact / float64 expectations."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from _kernel_helpers import DTYPES, kdevice, make_block, random_grads  # noqa: F401  (kdevice is a fixture)
+from badam_ext import kernels as K
+from badam_ext import torch_ops
+
+SHAPES = [(1,), (7,), (4097,), (33, 65)]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_block_load_upcasts_exactly_and_zeroes_state(kdevice, dtype):
+    block = make_block(SHAPES, dtype, kdevice, seed=3)
+    tables = K.BlockTables.build(block.weights, block.offsets, block.decay, block_size=1024)
+    K.block_load(tables, *block.regions)
+    for w, master, m, v in zip(block.weights, *(block.region_views(r) for r in block.regions)):
+        assert torch.equal(master, w.float()), "master must be the exact fp32 upcast of the weight"
+        assert torch.equal(m, torch.zeros_like(m)) and torch.equal(v, torch.zeros_like(v))
+    pad = block.padding_mask()
+    for region in block.regions:
+        assert region[pad].isnan().all(), "padding between tensors must stay untouched"
+
+
+def test_block_load_matches_torch_backend(kdevice):
+    block = make_block([(4097,), (5,)], torch.bfloat16, kdevice, seed=4)
+    ref = make_block([(4097,), (5,)], torch.bfloat16, kdevice, seed=4)
+    K.block_load(K.BlockTables.build(block.weights, block.offsets, block.decay), *block.regions)
+    torch_ops.block_load(torch_ops.TorchTables.build(ref.weights, ref.offsets, ref.decay), *ref.regions)
+    for a, b in zip(block.regions, ref.regions):
+        assert torch.equal(a.nan_to_num(7.0), b.nan_to_num(7.0))
+
+
+@pytest.mark.parametrize("backend", [K, torch_ops], ids=["triton", "torch"])
+def test_advance_step_exact_powers_and_skip(kdevice, backend):
+    beta1, beta2 = 0.9, 0.999
+    state = backend.new_step_state(kdevice)
+    assert state.dtype == torch.float64 and state.cpu().tolist() == [0.0, 1.0, 1.0]
+    b1p, b2p = 1.0, 1.0
+    found = torch.zeros(1, device=kdevice)
+    for t in range(1, 6):
+        backend.advance_step(state, beta1, beta2, found if t % 2 else None)
+        b1p, b2p = b1p * beta1, b2p * beta2  # the same fp64 products, in the same order
+        assert state.cpu().tolist() == [float(t), b1p, b2p]
+    found.fill_(1.0)
+    before = state.clone()
+    backend.advance_step(state, beta1, beta2, found)
+    assert torch.equal(state, before), "found_inf != 0 must leave the step state unchanged"
+    backend.reset_step_state(state)
+    assert state.cpu().tolist() == [0.0, 1.0, 1.0]
+
+
+def test_advance_step_errors(kdevice):
+    state = K.new_step_state(kdevice)
+    with pytest.raises(ValueError, match="beta1 must be in \\[0, 1\\)"):
+        K.advance_step(state, 1.0, 0.999)
+    with pytest.raises(ValueError, match="float64 tensor"):
+        K.advance_step(state.float(), 0.9, 0.999)
+    with pytest.raises(ValueError, match="found_inf must be a one-element float32"):
+        K.advance_step(state, 0.9, 0.999, torch.zeros(2, device=kdevice))
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_grad_sq_norm_matches_float64(kdevice, dtype):
+    block = make_block(SHAPES, torch.bfloat16, kdevice, seed=5)
+    tables = K.BlockTables.build(block.weights, block.offsets, block.decay, block_size=512)
+    grads = random_grads(block, dtype=dtype, seed=6)
+    partials = torch.full((tables.num_chunks + 3,), float("nan"), device=kdevice)
+    K.grad_sq_norm(tables, grads, partials)
+    assert torch.isfinite(partials).all()
+    assert torch.equal(partials[tables.num_chunks:], torch.zeros(3, device=kdevice))
+    ref = sum(float(g.double().square().sum()) for g in grads)
+    assert abs(float(partials.double().sum()) - ref) <= 1e-6 * ref
+    # one chunk's partial is the sum over exactly its elements
+    g2 = grads[2].double().flatten()
+    first = 1 + 1  # chunks of tensors 0 and 1
+    assert abs(float(partials[first]) - float(g2[:512].square().sum())) <= 1e-6 * float(g2[:512].square().sum())
+    assert abs(float(partials[first + 8]) - float(g2[4096:].square().sum())) <= 1e-6 * float(g2[4096:].square().sum())
+
+
+def test_grad_norm_over_groups_matches_float64_and_torch_backend(kdevice):
+    a = make_block([(4097,), (3, 5)], torch.bfloat16, kdevice, seed=7)
+    b = make_block([(100,)], torch.float32, kdevice, seed=8)
+    ga, gb = random_grads(a, seed=9), random_grads(b, seed=10)
+    ta = K.BlockTables.build(a.weights, a.offsets, a.decay)
+    tb = K.BlockTables.build(b.weights, b.offsets, b.decay)
+    norm = K.grad_norm([ta, tb], [ga, gb])
+    assert norm.dim() == 0 and norm.dtype == torch.float32 and norm.device == kdevice
+    ref = math.sqrt(sum(float(g.double().square().sum()) for g in ga + gb))
+    assert abs(float(norm) - ref) <= 1e-6 * ref
+    tnorm = torch_ops.grad_norm(
+        [torch_ops.TorchTables.build(a.weights, a.offsets, a.decay), torch_ops.TorchTables.build(b.weights, b.offsets, b.decay)],
+        [ga, gb],
+    )
+    assert abs(float(tnorm) - ref) <= 1e-6 * ref
+    with pytest.raises(ValueError, match="got 2 tables for 1 gradient lists"):
+        K.grad_norm([ta, tb], [ga])

@@ -1,0 +1,147 @@
+"""The fused AdamW step: one pass over a launch group, one launch.
+
+Reads the gradient (its dtype) and fp32 master / exp_avg / exp_avg_sq; writes the three fp32
+regions and the weight in its own dtype. The arithmetic follows torch's single-tensor AdamW in
+order and rounding (IEEE division and square root, no fused multiply-add):
+
+    p = p * (1 - lr * wd)                     (flagged tensors only)
+    m = m + (1 - beta1) * (g - m)             (torch: m.lerp_(g, 1 - beta1))
+    v = v * beta2 + ((1 - beta2) * g) * g
+    denom = sqrt(v) / sqrt(1 - beta2^t) + eps
+    p = p + (-(lr / (1 - beta1^t)) * m) / denom
+"""
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import torch
+import triton
+import triton.language as tl
+
+from .chunk_map import as_pointer, program_chunk
+from .contract import check_device_scalar, check_hyper, check_seed, check_step_state
+from .launch_config import device_guard
+from .rounding import to_weight_dtype
+from .tables import TL_DTYPES, BlockTables, align_hint
+
+_SEED_BITS = 31  # each half of the seed stays an int32 argument: no new compilation per seed
+
+
+@triton.jit
+def _adamw_chunk(w_ptr, g_ptr, master_ptr, exp_avg_ptr, exp_avg_sq_ptr, start, numel, arena_offset,
+                 grad_scale, p_scale, beta2, one_minus_beta1, one_minus_beta2, eps, neg_step_size, bc2_sqrt,
+                 seed, BLOCK: tl.constexpr, MASKED: tl.constexpr, HAS_SCALE: tl.constexpr,
+                 W_DTYPE: tl.constexpr, STOCHASTIC: tl.constexpr):
+    idx = start + tl.arange(0, BLOCK)
+    mask = idx < numel if MASKED else None
+    g = tl.load(g_ptr + idx, mask=mask, eviction_policy="evict_first").to(tl.float32)
+    p = tl.load(master_ptr + idx, mask=mask, eviction_policy="evict_first")
+    m = tl.load(exp_avg_ptr + idx, mask=mask, eviction_policy="evict_first")
+    v = tl.load(exp_avg_sq_ptr + idx, mask=mask, eviction_policy="evict_first")
+    if HAS_SCALE:
+        g = g * grad_scale
+    p = p * p_scale
+    m = m + one_minus_beta1 * (g - m)
+    v = v * beta2 + (one_minus_beta2 * g) * g
+    denom = tl.div_rn(tl.sqrt_rn(v), bc2_sqrt) + eps
+    p = p + tl.div_rn(neg_step_size * m, denom)
+    tl.store(master_ptr + idx, p, mask=mask)
+    tl.store(exp_avg_ptr + idx, m, mask=mask)
+    tl.store(exp_avg_sq_ptr + idx, v, mask=mask)
+    # The random stream is indexed by arena position: unique per element of the block, per seed.
+    w = to_weight_dtype(p, seed, arena_offset + idx, W_DTYPE, STOCHASTIC)
+    tl.store(w_ptr + idx, w, mask=mask)
+
+
+@triton.jit(do_not_specialize=["seed_lo", "seed_hi"])
+def _fused_adamw_kernel(meta_ptr, chunk_ptr, grad_table_ptr, master_ptr, exp_avg_ptr, exp_avg_sq_ptr,
+                        state_ptr, grad_scale_ptr, found_inf_ptr,
+                        lr, decay_factor, beta2, one_minus_beta1, one_minus_beta2, eps, seed_lo, seed_hi,
+                        W_DTYPE: tl.constexpr, G_DTYPE: tl.constexpr, W_ALIGN: tl.constexpr,
+                        G_ALIGN: tl.constexpr, HAS_SCALE: tl.constexpr, HAS_FOUND_INF: tl.constexpr,
+                        STOCHASTIC: tl.constexpr, BLOCK: tl.constexpr):
+    if HAS_FOUND_INF:
+        run = tl.load(found_inf_ptr) == 0
+    else:
+        run = True
+    if run:
+        tid, start, w_addr, offset, numel, decay = program_chunk(meta_ptr, chunk_ptr, BLOCK)
+        w_ptr = as_pointer(w_addr, W_DTYPE, W_ALIGN)
+        g_ptr = as_pointer(tl.load(grad_table_ptr + tid), G_DTYPE, G_ALIGN)
+        if HAS_SCALE:
+            grad_scale = tl.load(grad_scale_ptr)
+        else:
+            grad_scale = 1.0
+        # Bias corrections from the fp64 powers (1 - beta^t in fp64, then rounded once), as torch
+        # computes its Python-float scalars; multiplying by 1.0 leaves non-decayed tensors exact.
+        bc1 = 1.0 - tl.load(state_ptr + 1)
+        bc2 = 1.0 - tl.load(state_ptr + 2)
+        neg_step_size = (-(tl.cast(lr, tl.float64) / bc1)).to(tl.float32)
+        bc2_sqrt = tl.sqrt(bc2).to(tl.float32)  # fp64 sqrt is correctly rounded
+        p_scale = tl.where(decay != 0, decay_factor, 1.0)
+        seed = (seed_hi.to(tl.int64) << 31) | seed_lo.to(tl.int64)
+        m_ptr = master_ptr + offset
+        ea_ptr = exp_avg_ptr + offset
+        eas_ptr = exp_avg_sq_ptr + offset
+        if start + BLOCK <= numel:
+            _adamw_chunk(w_ptr, g_ptr, m_ptr, ea_ptr, eas_ptr, start, numel, offset, grad_scale, p_scale, beta2,
+                         one_minus_beta1, one_minus_beta2, eps, neg_step_size, bc2_sqrt, seed,
+                         BLOCK, False, HAS_SCALE, W_DTYPE, STOCHASTIC)
+        else:
+            _adamw_chunk(w_ptr, g_ptr, m_ptr, ea_ptr, eas_ptr, start, numel, offset, grad_scale, p_scale, beta2,
+                         one_minus_beta1, one_minus_beta2, eps, neg_step_size, bc2_sqrt, seed,
+                         BLOCK, True, HAS_SCALE, W_DTYPE, STOCHASTIC)
+
+
+def split_seed(seed: int) -> tuple[int, int]:
+    """Seed reduced to 62 bits, as two non-negative 31-bit halves (each an int32 kernel argument)."""
+    seed = check_seed(seed) % (1 << (2 * _SEED_BITS))
+    return seed & ((1 << _SEED_BITS) - 1), seed >> _SEED_BITS
+
+
+def fused_adamw_step(
+    tables: BlockTables,
+    grads: Sequence[torch.Tensor],
+    master_flat: torch.Tensor,
+    exp_avg_flat: torch.Tensor,
+    exp_avg_sq_flat: torch.Tensor,
+    step_state: torch.Tensor,
+    *,
+    lr: float,
+    beta1: float,
+    beta2: float,
+    eps: float,
+    weight_decay: float,
+    grad_scale: Optional[torch.Tensor] = None,
+    found_inf: Optional[torch.Tensor] = None,
+    stochastic_rounding: bool = False,
+    seed: int = 0,
+) -> None:
+    """One AdamW step over the launch group in one launch (see the module docstring for the math).
+
+    ``step_state`` must already hold this step's ``t`` (call :func:`advance_step` first).
+    ``grad_scale`` (fp32 device scalar) multiplies the gradients; ``found_inf`` (fp32 device scalar)
+    nonzero skips the whole step on device. ``stochastic_rounding`` applies to bf16 weights only;
+    ``seed`` (reduced to 62 bits) should change every step.
+    """
+    lr, beta1, beta2, eps, weight_decay = check_hyper(lr, beta1, beta2, eps, weight_decay)
+    tables.check_arena(master=master_flat, exp_avg=exp_avg_flat, exp_avg_sq=exp_avg_sq_flat)
+    check_step_state(step_state)
+    if step_state.device != tables.device:
+        raise ValueError(f"step_state is on {step_state.device}, the weights on {tables.device}")
+    check_device_scalar("grad_scale", grad_scale, tables.device)
+    check_device_scalar("found_inf", found_inf, tables.device)
+    seed_lo, seed_hi = split_seed(seed)
+    table, g_dtype, g_aligned = tables.gather_grads(grads)
+    stochastic = bool(stochastic_rounding) and tables.dtype == torch.bfloat16
+    with device_guard(tables.device):
+        _fused_adamw_kernel[(tables.num_chunks,)](
+            tables.meta, tables.chunks, table, master_flat, exp_avg_flat, exp_avg_sq_flat, step_state,
+            grad_scale if grad_scale is not None else master_flat,
+            found_inf if found_inf is not None else master_flat,
+            lr, 1.0 - lr * weight_decay, beta2, 1.0 - beta1, 1.0 - beta2, eps, seed_lo, seed_hi,
+            W_DTYPE=TL_DTYPES[tables.dtype], G_DTYPE=TL_DTYPES[g_dtype], W_ALIGN=align_hint(tables.weights_aligned, tables.dtype),
+            G_ALIGN=align_hint(g_aligned, g_dtype), HAS_SCALE=grad_scale is not None, HAS_FOUND_INF=found_inf is not None,
+            STOCHASTIC=stochastic, BLOCK=tables.block_size, num_warps=tables.num_warps,
+            enable_fp_fusion=False,
+        )

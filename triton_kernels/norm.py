@@ -1,0 +1,63 @@
+"""Gradient norm of a block: per-chunk sums of squares (deterministic, no atomics)."""
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+import triton
+import triton.language as tl
+
+from .chunk_map import as_pointer, program_chunk
+from .contract import check_partials
+from .launch_config import device_guard
+from .tables import TL_DTYPES, BlockTables, align_hint
+
+
+@triton.jit
+def _grad_sq_norm_kernel(meta_ptr, chunk_ptr, grad_table_ptr, partials_ptr,
+                         G_DTYPE: tl.constexpr, G_ALIGN: tl.constexpr, BLOCK: tl.constexpr):
+    tid, start, _, _, numel, _ = program_chunk(meta_ptr, chunk_ptr, BLOCK)
+    g_ptr = as_pointer(tl.load(grad_table_ptr + tid), G_DTYPE, G_ALIGN)
+    idx = start + tl.arange(0, BLOCK)
+    if start + BLOCK <= numel:
+        g = tl.load(g_ptr + idx, eviction_policy="evict_first").to(tl.float32)
+    else:
+        g = tl.load(g_ptr + idx, mask=idx < numel, other=0.0).to(tl.float32)
+    tl.store(partials_ptr + tl.program_id(0), tl.sum(g * g, axis=0))
+
+
+def grad_sq_norm(tables: BlockTables, grads: Sequence[torch.Tensor], partials: torch.Tensor) -> None:
+    """Write the sum of squares of each chunk's raw gradient elements (fp32) into ``partials``.
+
+    ``partials`` needs at least ``tables.num_chunks`` fp32 elements; elements past that are set to
+    zero, so ``partials.sum()`` is the group's squared norm. No grad scale is applied: this is the
+    norm of the gradients as stored.
+    """
+    table, g_dtype, g_aligned = tables.gather_grads(grads)
+    check_partials(partials, tables.device, tables.num_chunks)
+    with device_guard(tables.device):
+        _grad_sq_norm_kernel[(tables.num_chunks,)](
+            tables.meta, tables.chunks, table, partials,
+            G_DTYPE=TL_DTYPES[g_dtype], G_ALIGN=align_hint(g_aligned, g_dtype, vector_elems=8), BLOCK=tables.block_size, num_warps=tables.num_warps,
+        )
+    if partials.numel() > tables.num_chunks:
+        partials[tables.num_chunks:].zero_()
+
+
+def grad_norm(tables_list: Sequence[BlockTables], grads_list: Sequence[Sequence[torch.Tensor]]) -> torch.Tensor:
+    """Global L2 norm over several launch groups, as a 0-dim fp32 tensor on their device (no host sync)."""
+    if len(tables_list) != len(grads_list):
+        raise ValueError(f"got {len(tables_list)} tables for {len(grads_list)} gradient lists")
+    if len(tables_list) == 0:
+        raise ValueError("grad_norm needs at least one launch group")
+    device = tables_list[0].device
+    for i, t in enumerate(tables_list):
+        if t.device != device:
+            raise ValueError(f"tables {i} are on {t.device}, tables 0 on {device}")
+    total = sum(t.num_chunks for t in tables_list)
+    partials = torch.empty(total, dtype=torch.float32, device=device)
+    start = 0
+    for tables, grads in zip(tables_list, grads_list):
+        grad_sq_norm(tables, grads, partials[start:start + tables.num_chunks])
+        start += tables.num_chunks
+    return partials.sum().sqrt()
