@@ -21,7 +21,7 @@ def _add_train_args(p: argparse.ArgumentParser, *, steps_help: str) -> None:
     p.add_argument("--weight-decay", type=float, default=0.01)
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--seq-len", type=int, default=128)
-    p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
+    p.add_argument("--dtype", choices=["bfloat16", "float16", "float32"], help="default: bfloat16 on CUDA, float32 on CPU")
     p.add_argument("--device", help="cpu, cuda, cuda:1 (default: cuda if available)")
     p.add_argument("--backend", default="auto", choices=["auto", "triton", "torch"])
     p.add_argument("--gradient-checkpointing", action="store_true")
@@ -54,7 +54,8 @@ def _print_summary(summary: dict) -> None:
         value = summary[key]
         table.add_row(key, f"{value:,.4g}" if isinstance(value, float) else f"{value:,}" if isinstance(value, int) else str(value))
     Console().print(table)
-    print(f"report written to {summary['config']['out']}/ (profile.json, blocks.csv, profile.png, summary.json)")
+    out = Path(summary["config"]["out"])
+    print(f"report written to {out}/: " + ", ".join(sorted(p.name for p in out.iterdir())))
 
 
 def bench_dir() -> Path:

@@ -7,6 +7,7 @@ block, writing the low-precision weights in the same pass.
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 from typing import Any, Callable, Iterable, Optional, Sequence, Union
 
@@ -73,6 +74,10 @@ class BlockAdam(torch.optim.Optimizer):
         param_groups: advanced: torch-style groups (dicts with ``params`` and optional ``lr``,
             ``weight_decay``, ``betas``, ``eps``) over the same parameters, for per-group hyper-parameters.
         seed: seeds the random block order and stochastic rounding.
+        distributed: data parallel over ``torch.distributed`` (None: on when a process group of more
+            than one rank is initialised): every rank holds the whole model and the same active block,
+            and only the active block's gradients are all-reduced, overlapped with backward.
+        process_group: the data-parallel group (default: the world).
     """
 
     _step_supports_amp_scaling = True  # torch GradScaler hands us grad_scale / found_inf (fp16 path)
@@ -102,9 +107,15 @@ class BlockAdam(torch.optim.Optimizer):
         param_groups: Optional[Sequence[dict]] = None,
         seed: int = 0,
         verbose: int = 0,
+        distributed: Optional[bool] = None,
+        process_group: Any = None,
     ) -> None:
         _check_hyper_parameters(lr, betas, eps, weight_decay, switch_every, max_grad_norm)
         module = params if isinstance(params, nn.Module) else None
+        if module is not None:
+            from .distributed import reject_ddp
+
+            reject_ddp(module)
         named = list(params.named_parameters() if module is not None else params)
         if not named:
             raise ValueError("BlockAdam got no parameters")
@@ -149,6 +160,11 @@ class BlockAdam(torch.optim.Optimizer):
         self._step_states = [self._ops.new_step_state(self.device) for _ in self.param_groups]
         self._partials: Optional[torch.Tensor] = None
         self.last_grad_norm: Optional[torch.Tensor] = None
+
+        self._grad_sync = _make_grad_sync(distributed, process_group)
+        self._world_scale = None
+        if self._grad_sync is not None:
+            self._world_scale = torch.full((), self._grad_sync.grad_scale(), dtype=torch.float32, device=self.device)
 
         self.pruner = None
         if module is not None and prune_backward:
@@ -198,6 +214,8 @@ class BlockAdam(torch.optim.Optimizer):
         for state in self._step_states:
             self._ops.reset_step_state(state)
         self.active_block = index
+        if self._grad_sync is not None:
+            self._grad_sync.attach(params)
         if self.pruner is not None:
             self.pruner.on_switch(index)
         if self.verbose:
@@ -236,10 +254,14 @@ class BlockAdam(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        if self._grad_sync is not None:
+            self._grad_sync.wait()  # the active block's grads, summed over ranks
         grads = [lg.grads() for lg in self._launch_groups]
         found_inf = getattr(self, "found_inf", None)
         loss_scale = getattr(self, "grad_scale", None)  # set by torch GradScaler (fp16)
         grad_scale = None if loss_scale is None else loss_scale.float().reciprocal()
+        if self._world_scale is not None:  # sum over ranks -> mean, folded into the fused step
+            grad_scale = self._world_scale if grad_scale is None else grad_scale * self._world_scale
         if self.max_grad_norm is not None:
             norm = self._grad_norm(grads)
             if grad_scale is not None:
@@ -280,6 +302,17 @@ class BlockAdam(torch.optim.Optimizer):
             self._ops.grad_sq_norm(lg.tables, lg_grads, self._partials[start:start + n])
             start += n
         return self._partials[:total].sum().sqrt()
+
+    def no_sync(self):
+        """Context manager for gradient accumulation under data parallel: no all-reduce inside."""
+        if self._grad_sync is None:
+            return contextlib.nullcontext()
+        return self._grad_sync.no_sync()
+
+    def check_replicas(self) -> None:
+        """Debug: raise if the ranks' active-block masters differ (data parallel only)."""
+        if self._grad_sync is not None:
+            self._grad_sync.check_replicas(list(self._views[0]), what="fp32 master weights")
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         """Drop the gradients of every managed parameter (only the active block has any)."""
@@ -353,6 +386,22 @@ class BlockAdam(torch.optim.Optimizer):
             f"mode={self.schedule.mode!r}, K={self.schedule.switch_every}, backend={self._ops.name!r}, "
             f"arena={self.arena.capacity_bytes / 2**20:.1f} MiB)"
         )
+
+
+def _make_grad_sync(distributed: Optional[bool], process_group: Any):
+    """A GradSync when data parallel is asked for, or (None) found initialised with > 1 rank."""
+    import torch.distributed as dist
+
+    if distributed is False:
+        return None
+    ready = dist.is_available() and dist.is_initialized()
+    if distributed and not ready:
+        raise RuntimeError("distributed=True needs torch.distributed initialised (init_process_group) first")
+    if not ready or (distributed is None and dist.get_world_size(process_group) == 1):
+        return None
+    from .distributed import GradSync
+
+    return GradSync(process_group)
 
 
 def _check_hyper_parameters(lr, betas, eps, weight_decay, switch_every, max_grad_norm) -> None:

@@ -48,7 +48,7 @@ class TrainConfig:
     weight_decay: float = 0.01
     batch_size: int = 8
     seq_len: int = 128
-    dtype: str = "bfloat16"
+    dtype: Optional[str] = None  # None: bfloat16 on CUDA, float32 on CPU (CPU bf16 matmuls are slow)
     device: Optional[str] = None
     backend: str = "auto"
     gradient_checkpointing: bool = False
@@ -101,7 +101,7 @@ def run(cfg: TrainConfig) -> dict:
     from .profiling import VramProfiler
 
     device = torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    dtype = getattr(torch, cfg.dtype)
+    dtype = getattr(torch, cfg.dtype or ("bfloat16" if device.type == "cuda" else "float32"))
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     model, encode = build_model(cfg, device, dtype)

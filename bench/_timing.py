@@ -67,6 +67,13 @@ def device_for(smoke: bool, requested: str | None) -> torch.device:
     return device
 
 
+def init_device(device: torch.device) -> None:
+    """Create the CUDA context now, so that the model build time does not include it."""
+    if device.type == "cuda":
+        torch.empty(1, device=device)
+        torch.cuda.synchronize(device)
+
+
 # ----------------------------------------------------------------------------------------- timing
 class Clock:
     """Timestamps on the device's stream. ``mark()`` never syncs; ``ms(a, b)`` syncs on ``b``."""

@@ -29,6 +29,10 @@ from typing import Any
 _START = time.perf_counter()
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
+from _common import enable_interpreter_if_cpu_smoke  # noqa: E402
+
+enable_interpreter_if_cpu_smoke(sys.argv)  # before anything imports triton
+
 import torch  # noqa: E402
 
 import _timing as T  # noqa: E402
@@ -39,6 +43,8 @@ VARIANTS = ("no_gc", "gc_default", "gc_pruned", "gc_reentrant_pruned")
 DEPTHS = ("first_layer", "middle_layer", "last_layer", "lm_head+last_layer", "all")
 
 warnings.filterwarnings("ignore", message=r".*gradient_checkpointing_enable.*", category=FutureWarning)
+# Reentrant checkpointing warns for every layer below the lowest trainable one: expected here.
+warnings.filterwarnings("ignore", message=r"None of the inputs have requires_grad=True")
 
 
 def _csv(choices: tuple[str, ...]):
@@ -64,7 +70,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--depths", type=_csv(DEPTHS), default=list(DEPTHS))
     p.add_argument("--isolation", choices=T.ISOLATIONS, default=None,
                    help="run each variant in a fresh subprocess (default) or inline (smoke default)")
-    p.add_argument("--device", default=None, help="torch device (default cuda; smoke: cpu)")
+    p.add_argument("--device", default=None, help="torch device (default cuda; smoke without a GPU: cpu)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--child-timeout", type=float, default=600.0, help="seconds per variant subprocess")
     p.add_argument("--out", default=None, help="append JSON lines to this file")
@@ -170,7 +176,9 @@ def measure_depth(model: torch.nn.Module, batch: dict, params: list[torch.nn.Par
 def run_variant(args: argparse.Namespace) -> dict[str, Any]:
     phases = T.ScriptPhases(f"backward/{args.variant}")
     phases.seconds["import"] = round(time.perf_counter() - _START, 3)
-    device = T.pick_device(args.smoke, args.device)
+    device = T.device_for(args.smoke, args.device)
+    with phases.phase("device_init"):
+        T.init_device(device)
     with phases.phase("build"):
         built = build_model(args.model, device, torch.bfloat16, seed=args.seed)
     model = built.model
@@ -231,7 +239,7 @@ def print_summary(records: list[dict[str, Any]], depths: list[str]) -> None:
     rows.append(["grads ok"] + [by[v].get("grads_ok", by[v].get("status")) for v in variants] + [""] * len(pairs))
     first = records[0] if records else {}
     T.print_table(f"Backward by depth: {first.get('model')} bsz {first.get('bsz')} x {first.get('seqlen')} "
-                  f"on {first.get('env', {}).get('device_name', '?')}", cols, rows)
+                  f"on {first.get('env', {}).get('device', '?')}", cols, rows)
     for r in records:
         if r.get("status") != "ok":
             print(f"{r['variant']}: {r.get('status')}: {r.get('error')}")

@@ -25,6 +25,10 @@ from typing import Any
 _START = time.perf_counter()
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
+from _common import enable_interpreter_if_cpu_smoke  # noqa: E402
+
+enable_interpreter_if_cpu_smoke(sys.argv)  # before anything imports triton
+
 import torch  # noqa: E402
 
 import _timing as T  # noqa: E402
@@ -111,9 +115,11 @@ def run_attempt(args: argparse.Namespace, ctx: dict[str, Any]) -> dict[str, Any]
     if args.variant == "ref" and (why := reference_missing()):
         record.update(status="not_installed", error=why)
         return record
-    device = T.pick_device(args.smoke, args.device)
+    device = T.device_for(args.smoke, args.device)
     record.update(apply_budget(device, args.budget_gib))
     record["env"] = T.env_info(device)
+    with phases.phase("device_init"):
+        T.init_device(device)
     ctx["phase"] = "build"
     with phases.phase("build"):
         built = build_model(args.model, device, torch.bfloat16, seed=args.seed)
@@ -219,7 +225,7 @@ def print_summary(records: list[dict[str, Any]]) -> None:
     env = next((r["env"] for r in records if r.get("env")), {}) or {}
     first = summaries[0] if summaries else {}
     T.print_table(f"Budget attempts: {first.get('model')} bsz {first.get('bsz')}, torch capped at "
-                  f"{first.get('budget_gib')} GiB, on {env.get('device_name', '?')}",
+                  f"{first.get('budget_gib')} GiB, on {env.get('device', '?')}",
                   ["optimizer", "loss", "seq", "status", "alloc GiB", "reserved GiB", "NVML GiB", "step ms"],
                   [[a["variant"], a["loss"], a["seqlen"], a.get("status"), a.get("peak_alloc_gib"),
                     a.get("peak_reserved_gib"), a.get("nvml_peak_gib"), a.get("mean_step_ms")] for a in attempts])

@@ -34,6 +34,10 @@ from typing import Any, Callable
 _START = time.perf_counter()
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
+from _common import enable_interpreter_if_cpu_smoke  # noqa: E402
+
+enable_interpreter_if_cpu_smoke(sys.argv)  # before anything imports triton
+
 import torch  # noqa: E402
 
 import _timing as T  # noqa: E402
@@ -62,21 +66,20 @@ def add_common_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch", type=int, default=2)
     p.add_argument("--switch-every", type=int, default=2, help="K: optimizer steps per block")
     p.add_argument("--lr", type=float, default=1e-5)
-    p.add_argument("--backend", choices=("auto", "torch", "triton"), default=None,
-                   help="BlockAdam backend (default auto; smoke: torch)")
+    p.add_argument("--backend", choices=("auto", "torch", "triton"), default="auto",
+                   help="BlockAdam backend (auto: Triton on CUDA, torch on CPU)")
     p.add_argument("--loss", choices=LOSS_MODES, default="hf",
                    help="hf: the model's own loss (full fp32 logits); chunked: chunked cross-entropy")
     p.add_argument("--loss-chunk", type=int, default=512, help="tokens per chunk for --loss chunked")
     p.add_argument("--isolation", choices=T.ISOLATIONS, default=None,
                    help="each variant in a fresh subprocess (default) or inline (smoke default)")
-    p.add_argument("--device", default=None, help="torch device (default cuda; smoke: cpu)")
+    p.add_argument("--device", default=None, help="torch device (default cuda; smoke without a GPU: cpu)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--child-timeout", type=float, default=600.0, help="seconds per subprocess")
     p.add_argument("--out", default=None, help="append JSON lines to this file")
 
 
 def finish_common_args(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
-    args.backend = args.backend or ("torch" if args.smoke else "auto")
     args.isolation = args.isolation or ("inline" if args.smoke else "subprocess")
     if args.batch < 1 or args.switch_every < 1 or args.loss_chunk < 1:
         p.error("need --batch >= 1, --switch-every >= 1, --loss-chunk >= 1")
@@ -271,9 +274,11 @@ def run_variant(args: argparse.Namespace, ctx: dict[str, Any]) -> dict[str, Any]
     if variant in REFERENCE_VARIANTS and (why := reference_missing()):
         record.update(status="not_installed", error=why)
         return record
-    device = T.pick_device(args.smoke, args.device)
+    device = T.device_for(args.smoke, args.device)
     record["env"] = T.env_info(device)
     dtype = torch.float32 if variant == "full_adamw" else torch.bfloat16
+    with phases.phase("device_init"):
+        T.init_device(device)
     ctx["phase"] = "build"
     with phases.phase("build"):
         built = build_model(args.model, device, dtype, seed=args.seed)
@@ -316,7 +321,7 @@ def child_main(argv: list[str]) -> dict[str, Any]:
 def print_summary(records: list[dict[str, Any]]) -> None:
     first = next((r for r in records if "env" in r), records[0] if records else {})
     title = (f"End to end: {first.get('model')} bsz {first.get('bsz')} x {first.get('seqlen')}, "
-             f"loss {first.get('loss')}, on {first.get('env', {}).get('device_name', '?')}")
+             f"loss {first.get('loss')}, on {first.get('env', {}).get('device', '?')}")
     cols = ["variant", "status", "step ms", "fwd", "bwd", "opt", "opt (switch)", "alloc GiB", "reserved GiB",
             "NVML GiB", "epoch s", "tokens/s"]
     rows = [[r["variant"], r.get("status"), r.get("mean_step_ms"), r.get("fwd_ms"), r.get("bwd_ms"),

@@ -2,6 +2,7 @@
 
 Paths timed per layer:
   fused          our fused AdamW step: advance_step + one fused_adamw_step launch for the block
+  fused-sr       the same with stochastic rounding of the bf16 weights
   fused-split    the same kernel launched once per tensor (one launch group per tensor)
   ref-foreach    the reference BAdam update: per tensor hp.grad = lp.grad.float(); torch AdamW
                  (foreach=True).step() on the fp32 masters; lp.data.copy_(hp.to(lp.dtype))
@@ -67,7 +68,8 @@ class Layer:
         self.device = device
 
 
-def fused_step_fn(layer: Layer, weight_decay: float, block_size=None, num_warps=None, split: bool = False):
+def fused_step_fn(layer: Layer, weight_decay: float, block_size=None, num_warps=None, split: bool = False,
+                  stochastic: bool = False):
     groups = [[i] for i in range(len(layer.weights))] if split else [list(range(len(layer.weights)))]
     tables = []
     for idx in groups:
@@ -78,12 +80,14 @@ def fused_step_fn(layer: Layer, weight_decay: float, block_size=None, num_warps=
         K.block_load(t, *layer.regions)
         tables.append((t, [layer.grads[i] for i in idx]))
     state = K.new_step_state(layer.device)
+    seed = [0]
 
     def step() -> None:
         K.advance_step(state, *BETAS)
+        seed[0] += 1
         for t, grads in tables:
             K.fused_adamw_step(t, grads, *layer.regions, state, lr=LR, beta1=BETAS[0], beta2=BETAS[1], eps=EPS,
-                               weight_decay=weight_decay)
+                               weight_decay=weight_decay, stochastic_rounding=stochastic, seed=seed[0])
 
     return step
 
@@ -109,6 +113,7 @@ def run_layer(name: str, device: torch.device, args, copy_gbs: float, env: dict)
     timing = dict(warmup_ms=args.warmup, rep_ms=args.rep, cpu_reps=args.cpu_reps)
     paths = {"fused": fused_step_fn(layer, args.weight_decay)}
     if not args.sweep:
+        paths["fused-sr"] = fused_step_fn(layer, args.weight_decay, stochastic=True)
         paths["fused-split"] = fused_step_fn(layer, args.weight_decay, split=True)
         paths["ref-foreach"] = reference_step_fn(layer, args.weight_decay, fused=False)
         if device.type == "cuda":  # torch's fused AdamW has no CPU kernel in every version

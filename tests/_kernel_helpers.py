@@ -28,8 +28,10 @@ def resolve_device(name: str) -> torch.device:
     """The device for a kernel test, skipping where the kernels cannot run in this process."""
     if name == "cpu" and not K.interpreted():
         pytest.skip("the kernels were compiled for the GPU; CPU runs need TRITON_INTERPRET=1 before triton is imported")
-    if name == "cuda" and K.interpreted():
-        pytest.skip("TRITON_INTERPRET=1 runs the kernels on the host")
+    if name == "cuda":
+        if K.interpreted():
+            pytest.skip("TRITON_INTERPRET=1 runs the kernels on the host")
+        return torch.device("cuda", torch.cuda.current_device())  # tensors report an explicit index
     return torch.device(name)
 
 

@@ -34,6 +34,16 @@ def _h2d(values: list[int], dtype: torch.dtype, device: torch.device) -> torch.T
     return host.to(device, non_blocking=True)
 
 
+def _chunk_table(counts: torch.Tensor, total: int) -> torch.Tensor:
+    """int32 ``[total, 2]``: (tensor index, chunk index within the tensor) per program, built on the
+    counts' device (``output_size`` spares repeat_interleave a host sync)."""
+    tensors = torch.arange(counts.numel(), device=counts.device)
+    tensor_index = torch.repeat_interleave(tensors, counts, output_size=total)
+    first_chunk = torch.cumsum(counts, 0) - counts
+    chunk_index = torch.arange(total, device=counts.device) - first_chunk[tensor_index]
+    return torch.stack([tensor_index, chunk_index], dim=1).to(torch.int32)
+
+
 def _aligned(ptrs: Sequence[int]) -> bool:
     return all(p % VECTOR_BYTES == 0 for p in ptrs)
 
@@ -100,18 +110,14 @@ class BlockTables:
         decay = check_decay(decay, len(weights))
         block = check_block_size(block_size) if block_size is not None else default_block_size(device)
 
+        counts = [-(-n // block) for n in numels]
+        if max(counts) >= 2**31:
+            raise ValueError(f"a tensor of {max(numels)} elements needs more than 2^31 chunks of {block}")
         meta_rows: list[int] = []
         for w, off, n, d in zip(weights, offs, numels, decay):
-            meta_rows += [w.data_ptr(), off, n, int(bool(d))]
-        counts = torch.tensor([-(-n // block) for n in numels], dtype=torch.int64)
-        tensor_index = torch.repeat_interleave(torch.arange(len(weights), dtype=torch.int64), counts)
-        first_chunk = torch.cumsum(counts, 0) - counts
-        chunk_index = torch.arange(int(counts.sum()), dtype=torch.int64) - first_chunk[tensor_index]
-        if int(chunk_index.max()) >= 2**31:
-            raise ValueError(f"a tensor of {max(numels)} elements needs more than 2^31 chunks of {block}")
-        chunks = torch.stack([tensor_index, chunk_index], dim=1).to(torch.int32).flatten().tolist()
+            meta_rows += [w.data_ptr(), off, n, int(d)]
         meta = _h2d(meta_rows, torch.int64, device).view(len(weights), META_COLS)
-        chunk_table = _h2d(chunks, torch.int32, device).view(-1, 2)
+        chunk_table = _chunk_table(_h2d(counts, torch.int64, device), sum(counts))
         return cls(weights, offs, decay, block,
                    default_num_warps(block), meta, chunk_table)
 

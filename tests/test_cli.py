@@ -1,0 +1,55 @@
+"""The main job and the command line, on CPU."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from badam_ext import cli
+from badam_ext.data import TokenBlocks, arithmetic_text, decode_bytes, encode_bytes
+
+
+def test_arithmetic_data_is_deterministic_and_correct():
+    text = arithmetic_text(50, seed=3)
+    assert text == arithmetic_text(50, seed=3)
+    assert text != arithmetic_text(50, seed=4)
+    for line in text.strip().splitlines():
+        lhs, rhs = line.rstrip(".").split(" = ")
+        a, op, b = lhs.split()
+        assert int(rhs) == {"+": int(a) + int(b), "-": int(a) - int(b), "*": int(a) * int(b)}[op]
+    assert decode_bytes(encode_bytes(text)) == text
+
+
+def test_token_blocks_windows_and_errors():
+    data = TokenBlocks(torch.arange(25), seq_len=8)
+    assert len(data) == 3 and data[1]["input_ids"].tolist() == list(range(8, 16))
+    with pytest.raises(ValueError, match="cannot fill one window"):
+        TokenBlocks(torch.arange(5), seq_len=8)
+
+
+def test_train_main_job_learns_and_writes_the_report(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert cli.main(["train", "--steps", "24", "--switch-every", "3", "--lr", "3e-3", "--batch-size", "4",
+                     "--seq-len", "64", "--out", str(out), "--no-progress", "--sample-interval", "0"]) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["steps"] == 24 and summary["blocks"] == 8
+    assert summary["eval_loss_after"] < summary["eval_loss_before"] - 0.2
+    for name in ("vram_report.json", "vram_blocks.csv", "vram_report.png"):
+        assert (out / name).stat().st_size > 0
+    report = json.loads((out / "vram_report.json").read_text())
+    assert len(report["blocks"]) == 8
+    assert "eval_loss_after" in capsys.readouterr().out
+
+
+def test_profile_runs_one_block_epoch(tmp_path):
+    out = tmp_path / "prof"
+    cli.main(["profile", "--switch-every", "1", "--batch-size", "2", "--seq-len", "32", "--out", str(out),
+              "--no-progress", "--sample-interval", "0"])
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["steps"] == summary["blocks"] == 8
+
+
+def test_bench_subcommand_rejects_unknown_names():
+    with pytest.raises(SystemExit):
+        cli.main(["bench", "nonexistent"])
