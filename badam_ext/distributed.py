@@ -173,7 +173,7 @@ class GradSync:
 
     def grad_scale(self) -> float:
         """Multiplier that turns the summed gradients into the mean over ranks."""
-        return 1.0
+        return 1.0 / self.world_size
 
     def bytes_per_step(self) -> int:
         """Gradient bytes all-reduced per optimizer step for the attached block (0 when alone)."""

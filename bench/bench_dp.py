@@ -152,6 +152,7 @@ def run_rank(args: argparse.Namespace, rank: int, world: int, device: torch.devi
         dist.all_reduce(slowest, op=dist.ReduceOp.MAX)
         try:
             find_grad_sync(opt).check_replicas(list(model.parameters()), "final weights")
+            opt.check_replicas()  # the active block's fp32 masters too
             rec["replicas_identical"], rec["replicas_error"] = True, None
         except RuntimeError as exc:
             rec["replicas_identical"], rec["replicas_error"] = False, str(exc)
@@ -195,7 +196,7 @@ def print_summary(records: list[dict[str, Any]]) -> None:
         return
     first = runs[0]
     title = (f"Data-parallel BlockAdam: {first['model']} bsz {first['bsz_per_rank']} x {first['seqlen']} per rank, "
-             f"K={first['switch_every']}, on {first['env'].get('device_name')}")
+             f"K={first['switch_every']}, on {first['env'].get('device')}")
     cols = ["world", "median step ms", "tokens/s", "all-reduced GB/step", "DDP full-FT GB/step", "ranks identical"]
     rows = [[r["world_size"], r.get("median_step_ms_slowest_rank", r["median_step_ms"]), r["tokens_per_s"],
              r["grad_bytes_per_step"] / 1e9 if r["world_size"] > 1 else None, r["ddp_full_grad_bytes"] / 1e9,

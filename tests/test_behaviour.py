@@ -223,3 +223,44 @@ def test_deepcopy_free_construction_keeps_model_untouched_outside_active_block()
     for n, p in model.named_parameters():
         if n not in active:
             assert torch.equal(p, snapshot[n]), f"{n} changed outside the active block"
+
+
+def test_fp16_with_grad_scaler_skips_overflowing_steps_on_device():
+    """torch GradScaler hands BlockAdam grad_scale / found_inf; overflowing steps change nothing."""
+    model = tiny_model("llama", dtype=torch.float16, num_layers=2)
+    opt = BlockAdam(model, lr=1e-2, switch_every=10, switch_mode="ascending", backend="torch", max_grad_norm=1.0)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**20)  # overflows fp16 grads at first
+    ids = _batches(1)[0]
+    adam_steps = []
+    for _ in range(5):
+        before = {n: p.detach().clone() for n, p in model.named_parameters()}
+        scaler.scale(_loss(model, ids)).backward()
+        scale = scaler.get_scale()
+        scaler.step(opt)
+        scaler.update()
+        opt.zero_grad()
+        changed = any(not torch.equal(p, before[n]) for n, p in model.named_parameters())
+        skipped = scaler.get_scale() < scale
+        assert changed != skipped, "a skipped step changed weights, or a real step did not"
+        adam_steps.append(int(opt._step_states[0][0].item()))
+    assert adam_steps[0] == 0, "the first (overflowing) step should have been skipped"
+    assert adam_steps[-1] >= 1, "no step was ever taken"
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+@pytest.mark.parametrize("reentrant", [False, True])
+def test_backward_stops_at_active_block_when_checkpointing_is_enabled_after_construction(reentrant):
+    """The HF Trainer order: optimizer first, then gradient_checkpointing_enable() (input grads on)."""
+    from _probes import add_probes
+
+    model = tiny_model("llama", num_layers=4)
+    opt = BlockAdam(model, lr=1e-3, switch_every=1, switch_mode="descending", backend="torch")
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": reentrant})
+    record = add_probes(model)
+    for ids in _batches(2):
+        active = opt.active_block
+        record.clear()
+        _loss(model, ids).backward()
+        assert record == set(range(active, 4)), f"block {active}: backward ran through layers {sorted(record)}"
+        assert all(p.grad is not None for p in opt.active_params)
+        opt.step()

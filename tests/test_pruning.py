@@ -15,6 +15,7 @@ import pytest
 import torch
 from torch import nn
 
+from _probes import add_probes
 from _tiny_models import enable_checkpointing, tiny_batch, tiny_model
 from badam_ext.partition import BlockPartition, apply_requires_grad, find_layer_container, infer_partition
 from badam_ext.pruning import (
@@ -25,37 +26,6 @@ from badam_ext.pruning import (
 )
 
 LAYERS = 4
-
-
-class _Probe(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx: Any, x: torch.Tensor, record: set, index: int) -> torch.Tensor:
-        ctx.record, ctx.index = record, index
-        return x.clone()
-
-    @staticmethod
-    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None, None]:
-        ctx.record.add(ctx.index)
-        return grad, None, None
-
-
-def add_probes(model: nn.Module) -> set[int]:
-    record: set[int] = set()
-    container = find_layer_container(model)
-    assert container is not None
-
-    def hook(index: int, module: nn.Module, args: Any, out: Any) -> Any:
-        if isinstance(out, torch.Tensor):
-            return _Probe.apply(out, record, index)
-        if isinstance(out, tuple) and out and isinstance(out[0], torch.Tensor):
-            return (_Probe.apply(out[0], record, index), *out[1:])
-        return None
-
-    for i, layer in enumerate(container.layers):
-        for child in layer.children():
-            if any(True for _ in child.parameters()):
-                child.register_forward_hook(functools.partial(hook, i))
-    return record
 
 
 def setup(family: str = "llama", ckpt: bool | None = None, **part_kwargs: Any) -> tuple[nn.Module, BlockPartition]:

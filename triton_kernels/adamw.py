@@ -80,15 +80,15 @@ def _fused_adamw_kernel(meta_ptr, chunk_ptr, grad_table_ptr, master_ptr, exp_avg
         bc2_sqrt = tl.sqrt(bc2).to(tl.float32)  # fp64 sqrt is correctly rounded
         p_scale = tl.where(decay != 0, decay_factor, 1.0)
         seed = (seed_hi.to(tl.int64) << 31) | seed_lo.to(tl.int64)
-        m_ptr = master_ptr + offset
-        ea_ptr = exp_avg_ptr + offset
-        eas_ptr = exp_avg_sq_ptr + offset
+        p_base = master_ptr + offset
+        m_base = exp_avg_ptr + offset
+        v_base = exp_avg_sq_ptr + offset
         if start + BLOCK <= numel:
-            _adamw_chunk(w_ptr, g_ptr, m_ptr, ea_ptr, eas_ptr, start, numel, offset, grad_scale, p_scale, beta2,
+            _adamw_chunk(w_ptr, g_ptr, p_base, m_base, v_base, start, numel, offset, grad_scale, p_scale, beta2,
                          one_minus_beta1, one_minus_beta2, eps, neg_step_size, bc2_sqrt, seed,
                          BLOCK, False, HAS_SCALE, W_DTYPE, STOCHASTIC)
         else:
-            _adamw_chunk(w_ptr, g_ptr, m_ptr, ea_ptr, eas_ptr, start, numel, offset, grad_scale, p_scale, beta2,
+            _adamw_chunk(w_ptr, g_ptr, p_base, m_base, v_base, start, numel, offset, grad_scale, p_scale, beta2,
                          one_minus_beta1, one_minus_beta2, eps, neg_step_size, bc2_sqrt, seed,
                          BLOCK, True, HAS_SCALE, W_DTYPE, STOCHASTIC)
 
