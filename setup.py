@@ -5,10 +5,16 @@ Build without isolation so the extension compiles against the torch already inst
 
     pip install --no-build-isolation -e .
 """
+import sys
+
 from setuptools import setup
 from torch.utils.cpp_extension import BuildExtension, CppExtension
 
 SOURCES = ["csrc/arena.cpp", "csrc/bindings.cpp"]
+# Link the shared libstdc++ by name: a relocated GCC whose lib dir holds only libstdc++.a would
+# otherwise embed a second, static libstdc++ in _C, and its iostreams crash inside the Python
+# process (seen on the GPU machine, whose CXX is such a toolchain).
+LINK_ARGS = ["-l:libstdc++.so.6"] if sys.platform.startswith("linux") else []
 
 setup(
     packages=[
@@ -25,6 +31,7 @@ setup(
             sources=SOURCES,
             include_dirs=["csrc"],
             extra_compile_args=["-O2", "-g0", "-fvisibility=hidden"],
+            extra_link_args=LINK_ARGS,
         )
     ],
     cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},

@@ -215,7 +215,7 @@ class BlockAdam(torch.optim.Optimizer):
             self._ops.reset_step_state(state)
         self.active_block = index
         if self._grad_sync is not None:
-            self._grad_sync.attach(params)
+            self._grad_sync.attach(params, names)
         if self.pruner is not None:
             self.pruner.on_switch(index)
         if self.verbose:
@@ -302,6 +302,11 @@ class BlockAdam(torch.optim.Optimizer):
             self._ops.grad_sq_norm(lg.tables, lg_grads, self._partials[start:start + n])
             start += n
         return self._partials[:total].sum().sqrt()
+
+    @property
+    def grad_sync(self):
+        """The data-parallel gradient synchroniser (None on a single process)."""
+        return self._grad_sync
 
     def no_sync(self):
         """Context manager for gradient accumulation under data parallel: no all-reduce inside."""

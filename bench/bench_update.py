@@ -33,7 +33,6 @@ from _common import (  # noqa: E402
     env_record,
     free_cuda_memory,
     gbs,
-    numel_of,
     pick_device,
     print_table,
     time_ms,

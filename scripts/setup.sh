@@ -23,8 +23,8 @@ else
   fi
 fi
 # --no-build-isolation: compile against the torch above, not a fresh one in an isolated build env.
-if ! "$PY" -c "import badam_ext._C" 2>/dev/null || [[ csrc -nt badam_ext ]]; then
+if ! "$PY" -c "import torch, badam_ext._C" 2>/dev/null || [[ csrc -nt badam_ext ]]; then
   "$PY" -m pip install -q --no-build-isolation --no-deps -e .
 fi
-"$PY" -c "import badam_ext._C, badam_ext.kernels" || { echo "badam_ext._C or badam_ext.kernels failed to import" >&2; exit 1; }
+"$PY" -c "import torch, badam_ext._C, badam_ext.kernels" || { echo "badam_ext._C or badam_ext.kernels failed to import" >&2; exit 1; }
 echo "$PY"

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime
-import inspect
+import sys
 import time
 import traceback
 from pathlib import Path
@@ -20,6 +20,7 @@ import torch.multiprocessing as mp
 from _tiny_models import tiny_batch, tiny_model
 from torch.utils.checkpoint import checkpoint
 
+from badam_ext import BlockAdam
 from badam_ext.distributed import GradSync, full_model_grad_bytes, reject_ddp
 
 WORLD = 2
@@ -214,16 +215,8 @@ def _check_reject_ddp(rank: int) -> None:
         reject_ddp(wrapped)
 
 
-def _blockadam_has_distributed() -> bool:
-    from badam_ext import BlockAdam
-
-    return "distributed" in inspect.signature(BlockAdam.__init__).parameters
-
-
 def _check_blockadam(rank: int) -> None:
     """BlockAdam(distributed=True) on 2 ranks equals the 1-process BlockAdam on the combined batch."""
-    from badam_ext import BlockAdam
-
     def run(model: torch.nn.Module, rows: list[slice], distributed: bool) -> BlockAdam:
         opt = BlockAdam(model, lr=LR, eps=EPS, weight_decay=0.01, switch_every=K, switch_mode="ascending",
                         backend="torch", distributed=distributed)
@@ -246,8 +239,30 @@ def _check_blockadam(rank: int) -> None:
         opt.check_replicas()  # the active block's fp32 masters
 
 
+def _check_bench_smoke(rank: int) -> None:
+    """bench/bench_dp.py's per-rank path (tiny model, CPU): DP run, 1-process baseline, identical ranks."""
+    bench_dir = str(Path(__file__).resolve().parent.parent / "bench")
+    if bench_dir not in sys.path:
+        sys.path.insert(0, bench_dir)
+    import bench_dp
+
+    args = bench_dp.parse_args(["--smoke", "--world1", "--steps", "2"])
+    records = bench_dp.run_rank(args, rank, WORLD, torch.device("cpu"))
+    if rank != 0:
+        assert records == []
+        return
+    by_kind = {(r["kind"], r["world_size"]): r for r in records}
+    dp, alone, scaling = by_kind[("dp", 2)], by_kind[("dp", 1)], by_kind[("dp_scaling", 2)]
+    assert dp["replicas_identical"] is True, dp["replicas_error"]
+    layer = bench_dp.build_model("tiny", "cpu", torch.bfloat16).model.model.layers[0]
+    assert dp["grad_bytes_per_step"] == sum(p.numel() * 2 for p in layer.parameters())
+    assert dp["ddp_full_grad_bytes"] > dp["grad_bytes_per_step"] > 0
+    assert len(dp["step_ms"]) == len(alone["step_ms"]) == 2
+    assert scaling["scaling"] == pytest.approx(dp["tokens_per_s"] / alone["tokens_per_s"])
+
+
 CHECKS = ["equivalence", "accumulation", "misuse_errors", "shared_weight", "check_replicas", "reject_ddp",
-          "blockadam"]
+          "blockadam", "bench_smoke"]
 
 
 def _worker(rank: int, init_file: str, out_dir: str) -> None:
@@ -265,9 +280,9 @@ def _worker(rank: int, init_file: str, out_dir: str) -> None:
             ("shared_weight", lambda: _check_shared_weight(rank)),
             ("check_replicas", lambda: _check_replicas_detects(rank)),
             ("reject_ddp", lambda: _check_reject_ddp(rank)),
+            ("blockadam", lambda: _check_blockadam(rank)),
+            ("bench_smoke", lambda: _check_bench_smoke(rank)),
         ]
-        if _blockadam_has_distributed():
-            steps.append(("blockadam", lambda: _check_blockadam(rank)))
         for name, check in steps:
             t0 = time.perf_counter()
             try:
@@ -297,8 +312,6 @@ def two_rank_results(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict[int
 
 @pytest.mark.parametrize("check", CHECKS)
 def test_two_ranks(two_rank_results: tuple[dict[int, str], str], check: str) -> None:
-    if check == "blockadam" and not _blockadam_has_distributed():
-        pytest.skip("BlockAdam has no distributed= argument yet")
     logs, error = two_rank_results
     for rank, log in logs.items():
         assert f"ok {check} " in log, f"rank {rank}: check {check!r} did not pass.\n{log}\n{error}"

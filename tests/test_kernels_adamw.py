@@ -127,6 +127,34 @@ def test_grad_scale_and_found_inf(kdevice):
     _check_block(block, ref, "after skip")
 
 
+def test_unaligned_weights_and_grads(kdevice):
+    """Weights and grads that are views at odd element offsets: no vector-width promise, same results."""
+    block = make_block([(4097,), (300,)], torch.bfloat16, kdevice, seed=37)
+    storage = [torch.empty(w.numel() + 1, dtype=w.dtype, device=kdevice) for w in block.weights]
+    for i, (buf, w) in enumerate(zip(storage, block.weights)):
+        buf[1:].copy_(w.flatten())
+        block.weights[i] = buf[1:].view(w.shape)
+    tables = K.BlockTables.build(block.weights, block.offsets, block.decay, block_size=1024)
+    assert not tables.weights_aligned
+    K.block_load(tables, *block.regions)
+    for w, master in zip(block.weights, block.region_views(block.master)):
+        assert torch.equal(master, w.float())
+    randomize_state(block, seed=38)
+    ref = Float64Block(block)
+    grads = [torch.empty(g.numel() + 3, dtype=g.dtype, device=kdevice)[3:].view(g.shape).copy_(g)
+             for g in random_grads(block, seed=39)]
+    assert tables.gather_grads(grads)[2] is False
+    partials = torch.empty(tables.num_chunks, device=kdevice)
+    K.grad_sq_norm(tables, grads, partials)
+    ref_sq = sum(float(g.double().square().sum()) for g in grads)
+    assert abs(float(partials.double().sum()) - ref_sq) <= 1e-6 * ref_sq
+    state = K.new_step_state(kdevice)
+    K.advance_step(state, HYPER["beta1"], HYPER["beta2"])
+    _step(K, tables, grads, block, state, 1e-3)
+    ref.step(grads, 1, 1e-3)
+    _check_block(block, ref, "unaligned")
+
+
 def test_weight_decay_flags_are_per_tensor(kdevice):
     """Zero gradients and zero moments: only the decay moves a master, and only where flagged."""
     block = make_block([(7,), (7,)], torch.float32, kdevice, decay=[True, False], seed=21)

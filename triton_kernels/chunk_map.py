@@ -5,9 +5,13 @@ import triton
 import triton.language as tl
 
 from .contract import OFFSET_ALIGN
-from .tables import META_COLS
+from .tables import META_COLS, META_DECAY, META_NUMEL, META_OFFSET, META_WEIGHT
 
 _META_COLS = tl.constexpr(META_COLS)
+_WEIGHT = tl.constexpr(META_WEIGHT)
+_OFFSET = tl.constexpr(META_OFFSET)
+_NUMEL = tl.constexpr(META_NUMEL)
+_DECAY = tl.constexpr(META_DECAY)
 _OFFSET_ALIGN = tl.constexpr(OFFSET_ALIGN)
 
 
@@ -21,10 +25,10 @@ def program_chunk(meta_ptr, chunk_ptr, BLOCK: tl.constexpr):
     tid = tl.load(chunk_ptr + 2 * pid).to(tl.int64)
     start = tl.load(chunk_ptr + 2 * pid + 1).to(tl.int64) * BLOCK
     row = meta_ptr + tid * _META_COLS
-    w_addr = tl.load(row)
-    offset = tl.multiple_of(tl.load(row + 1), _OFFSET_ALIGN)
-    numel = tl.load(row + 2)
-    decay = tl.load(row + 3)
+    w_addr = tl.load(row + _WEIGHT)
+    offset = tl.multiple_of(tl.load(row + _OFFSET), _OFFSET_ALIGN)
+    numel = tl.load(row + _NUMEL)
+    decay = tl.load(row + _DECAY)
     return tid, start, w_addr, offset, numel, decay
 
 

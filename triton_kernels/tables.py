@@ -56,7 +56,7 @@ def align_hint(aligned: bool, dtype: torch.dtype, vector_elems: int = 4) -> int:
     """
     if not aligned:
         return 0
-    return min(VECTOR_BYTES, vector_elems * torch.empty((), dtype=dtype).element_size())
+    return min(VECTOR_BYTES, vector_elems * dtype.itemsize)
 
 
 class BlockTables:
