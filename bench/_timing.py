@@ -6,15 +6,20 @@
   after each phase), host peak RSS.
 * :func:`run_guarded` — run one variant and turn an OOM or any other exception into a result record.
 * :func:`dispatch` — run a variant in a fresh subprocess (the script re-invokes itself; the child
-  prints one ``RESULT_PREFIX`` JSON line on stdout) or in this process (``inline``, for CPU smoke runs).
+  prints one ``RESULT_PREFIX`` JSON line on stdout), in a forked child (``fork``: also a fresh process
+  with its own CUDA context, without re-importing torch / transformers; the parent never touches
+  CUDA) or in this process (``inline``, for CPU smoke runs).
+* :class:`GcWatch` — Python garbage-collector pauses during the measured steps.
 * :func:`env_info`, :func:`device_for`, :func:`append_jsonl`, :func:`print_table` (thin layers over
   ``_common``), :class:`ScriptPhases`.
 """
 from __future__ import annotations
 
+import gc
 import importlib.metadata
 import json
 import math
+import multiprocessing
 import os
 import platform
 import statistics
@@ -31,7 +36,9 @@ import _common
 
 RESULT_PREFIX = "@@BENCH_RESULT@@ "
 GIB = float(2**30)
-ISOLATIONS = ("subprocess", "inline")
+ISOLATIONS = ("subprocess", "fork", "inline")
+# Set in a forked child: its imports were the parent's, so it reports no import time of its own.
+_FORKED = False
 
 
 # ------------------------------------------------------------------------------------ environment
@@ -133,6 +140,61 @@ def cpu_threads(smoke: bool) -> Iterator[None]:
         yield
     finally:
         torch.set_num_threads(before)
+
+
+def import_seconds(script_start: float) -> float:
+    """Seconds this process spent before its variant started (0 in a forked child: no imports of its own)."""
+    return 0.0 if _FORKED else round(time.perf_counter() - script_start, 3)
+
+
+class GcWatch:
+    """Count and host time of Python garbage collections while registered (a context manager).
+
+    A full (generation 2) collection in a process holding torch + transformers takes hundreds of
+    milliseconds; when one lands inside a timed phase, this says so.
+    """
+
+    def __init__(self) -> None:
+        self.count = [0, 0, 0]
+        self.ms = [0.0, 0.0, 0.0]
+        self._t0: float | None = None
+
+    def _callback(self, phase: str, info: dict[str, Any]) -> None:
+        if phase == "start":
+            self._t0 = time.perf_counter()
+        elif self._t0 is not None:
+            gen = min(int(info.get("generation", 2)), 2)
+            self.count[gen] += 1
+            self.ms[gen] += (time.perf_counter() - self._t0) * 1e3
+            self._t0 = None
+
+    def reset(self) -> None:
+        self.count = [0, 0, 0]
+        self.ms = [0.0, 0.0, 0.0]
+
+    def __enter__(self) -> "GcWatch":
+        gc.callbacks.append(self._callback)
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        gc.callbacks.remove(self._callback)
+
+    def summary(self) -> dict[str, Any]:
+        return {"gc_collections": sum(self.count), "gc_full_collections": self.count[2],
+                "gc_ms": round(sum(self.ms), 3), "gc_full_ms": round(self.ms[2], 3)}
+
+
+def csv_choices(choices: Sequence[str]) -> Callable[[str], list[str]]:
+    """An argparse type: a comma-separated, non-empty list of items from ``choices``."""
+    import argparse
+
+    def parse(text: str) -> list[str]:
+        items = [t.strip() for t in text.split(",") if t.strip()]
+        bad = [t for t in items if t not in choices]
+        if bad or not items:
+            raise argparse.ArgumentTypeError(f"choose from {','.join(choices)}; got {text!r}")
+        return items
+    return parse
 
 
 def log(msg: str) -> None:
@@ -288,13 +350,64 @@ def run_subprocess(script: str, argv: list[str], timeout_s: float) -> dict[str, 
     return record
 
 
+def _forked_entry(conn: Any, fn: Callable[[list[str]], dict[str, Any]], argv: list[str]) -> None:
+    global _FORKED
+    _FORKED = True
+    try:
+        record = fn(argv)
+    except BaseException as exc:  # noqa: BLE001 - the parent must get an answer
+        record = {"status": "error", "error": f"{type(exc).__name__}: {first_line(str(exc))}"}
+    conn.send(jsonable(record))
+    conn.close()
+
+
+def run_forked(fn: Callable[[list[str]], dict[str, Any]], argv: list[str], timeout_s: float) -> dict[str, Any]:
+    """``fn(argv)`` in a forked child process; its record comes back through a pipe.
+
+    The parent must not have initialised CUDA (a forked child cannot use an inherited CUDA context).
+    """
+    if torch.cuda.is_initialized():
+        raise RuntimeError("fork isolation needs a parent that has not initialised CUDA")
+    mp = multiprocessing.get_context("fork")
+    recv, send = mp.Pipe(duplex=False)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    proc = mp.Process(target=_forked_entry, args=(send, fn, argv))
+    start = time.perf_counter()
+    proc.start()
+    send.close()
+    record = None
+    if recv.poll(timeout_s):
+        try:
+            record = recv.recv()
+        except EOFError:  # the child died before answering
+            record = None
+        timed_out = False
+    else:
+        timed_out = True
+    proc.join(timeout=60 if record is not None else 5)
+    if proc.is_alive():
+        proc.kill()
+        proc.join()
+    if record is None:
+        why = f"timed out after {timeout_s:.0f} s" if timed_out else f"exited with code {proc.exitcode} and no result"
+        record = {"status": "error", "error": f"forked child {why}"}
+    record["child_returncode"] = proc.exitcode
+    record["child_wall_s"] = round(time.perf_counter() - start, 3)
+    return record
+
+
 def dispatch(script: str, argv: list[str], isolation: str, run_inline: Callable[[list[str]], dict[str, Any]],
              timeout_s: float = 600.0) -> dict[str, Any]:
-    """One variant: in a fresh subprocess, or in this process via ``run_inline(argv)``."""
+    """One variant: in a fresh subprocess, a forked child or this process (``run_inline(argv)``)."""
     if isolation not in ISOLATIONS:
         raise ValueError(f"isolation must be one of {ISOLATIONS}, got {isolation!r}")
     if isolation == "subprocess":
         return run_subprocess(script, argv, timeout_s)
+    if isolation == "fork":
+        record = run_forked(run_inline, argv, timeout_s)
+        record["child_command"] = ["<fork>", script, *argv]
+        return record
     start = time.perf_counter()
     record = run_inline(argv)
     record["child_wall_s"] = round(time.perf_counter() - start, 3)

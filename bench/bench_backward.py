@@ -2,7 +2,7 @@
 """Backward time by the depth of the one trainable layer (the BAdam paper's Table 4).
 
 Rows: the first, middle or last layer trainable, lm_head + last layer, everything trainable.
-Variants (each in a fresh subprocess, so peaks do not mix):
+Variants (each in a fresh process, so peaks do not mix; see ``--isolation``):
 
 * ``no_gc`` — no gradient checkpointing: autograd stops at the lowest trainable layer by itself.
 * ``gc_default`` — Hugging Face ``gradient_checkpointing_enable()`` defaults. transformers 5.x also
@@ -20,6 +20,7 @@ reported beside it. Each row checks that every trainable parameter received a gr
 from __future__ import annotations
 
 import argparse
+import gc
 import os
 import sys
 import time
@@ -47,32 +48,25 @@ warnings.filterwarnings("ignore", message=r".*gradient_checkpointing_enable.*", 
 warnings.filterwarnings("ignore", message=r"None of the inputs have requires_grad=True")
 
 
-def _csv(choices: tuple[str, ...]):
-    def parse(text: str) -> list[str]:
-        items = [t.strip() for t in text.split(",") if t.strip()]
-        bad = [t for t in items if t not in choices]
-        if bad or not items:
-            raise argparse.ArgumentTypeError(f"choose from {','.join(choices)}; got {text!r}")
-        return items
-    return parse
-
-
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--smoke", action="store_true", help="tiny Llama on CPU, seq 16: every code path in seconds")
+    p.add_argument("--smoke", action="store_true",
+                   help="tiny Llama, seq 16 (on CPU without a GPU): every code path in seconds")
     p.add_argument("--model", choices=MODEL_NAMES, default=None, help="model shape (default 8b; smoke: tiny)")
     p.add_argument("--batch", type=int, default=2)
     p.add_argument("--seq", type=int, default=None, help="tokens per sequence (default 1024; smoke: 16)")
     p.add_argument("--warmup", type=int, default=None, help="untimed repetitions per row (default 2; smoke: 1)")
     p.add_argument("--reps", type=int, default=None, help="timed repetitions per row (default 5; smoke: 2)")
-    p.add_argument("--variants", type=_csv(VARIANTS), default=list(VARIANTS))
-    p.add_argument("--depths", type=_csv(DEPTHS), default=list(DEPTHS))
+    p.add_argument("--variants", type=T.csv_choices(VARIANTS), default=list(VARIANTS))
+    p.add_argument("--depths", type=T.csv_choices(DEPTHS), default=list(DEPTHS))
     p.add_argument("--isolation", choices=T.ISOLATIONS, default=None,
-                   help="run each variant in a fresh subprocess (default) or inline (smoke default)")
+                   help="each variant in a fresh process: forked (default; no re-imports, the parent never "
+                        "touches CUDA) or a re-invoked subprocess (--variant X); inline: in this process "
+                        "(smoke default)")
     p.add_argument("--device", default=None, help="torch device (default cuda; smoke without a GPU: cpu)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--child-timeout", type=float, default=600.0, help="seconds per variant subprocess")
+    p.add_argument("--child-timeout", type=float, default=600.0, help="seconds per variant process")
     p.add_argument("--out", default=None, help="append JSON lines to this file")
     p.add_argument("--variant", choices=VARIANTS, default=None, help=argparse.SUPPRESS)  # child mode
     args = p.parse_args(argv)
@@ -81,7 +75,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args.seq = args.seq or (16 if smoke else 1024)
     args.warmup = args.warmup if args.warmup is not None else (1 if smoke else 2)
     args.reps = args.reps or (2 if smoke else 5)
-    args.isolation = args.isolation or ("inline" if smoke else "subprocess")
+    args.isolation = args.isolation or ("inline" if smoke else "fork")
     if args.batch < 1 or args.seq < 2 or args.reps < 1 or args.warmup < 0:
         p.error("need --batch >= 1, --seq >= 2, --reps >= 1, --warmup >= 0")
     return args
@@ -175,7 +169,7 @@ def measure_depth(model: torch.nn.Module, batch: dict, params: list[torch.nn.Par
 
 def run_variant(args: argparse.Namespace) -> dict[str, Any]:
     phases = T.ScriptPhases(f"backward/{args.variant}")
-    phases.seconds["import"] = round(time.perf_counter() - _START, 3)
+    phases.seconds["import"] = T.import_seconds(_START)
     device = T.device_for(args.smoke, args.device)
     with phases.phase("device_init"):
         T.init_device(device)
@@ -186,6 +180,7 @@ def run_variant(args: argparse.Namespace) -> dict[str, Any]:
         pruner = configure(model, args.variant)
     batch = random_batch(model.config.vocab_size, args.batch, args.seq, device, seed=args.seed)
     clock, watch = T.Clock(device), T.MemoryWatch(device)
+    gc.collect()  # settle import / build garbage before timing
     watch.reset()
     record: dict[str, Any] = {"kind": "backward_by_depth", "variant": args.variant, **built.describe(),
                               "bsz": args.batch, "seqlen": args.seq, "warmup": args.warmup, "reps": args.reps}

@@ -4,9 +4,10 @@
 torch's caching allocator is capped at ``--budget-gib`` (23 GiB by default, what a 24 GB card leaves
 after the CUDA context) with ``torch.cuda.set_per_process_memory_fraction``. For each optimizer
 (``ours``: BlockAdam; ``ref``: the reference BAdam with HF checkpointing) on the Llama-3-8B shape,
-batch 2, sequence lengths are tried in ascending order, each attempt in a fresh subprocess (an OOM
-leaves allocator state behind) running ``--steps`` training steps that include a block switch. The
-search stops at the first OOM and then tries one length half-way back (``--no-bisect`` to skip).
+batch 2, sequence lengths are tried in ascending order, each attempt in a fresh process (an OOM
+leaves allocator state behind; forked by default, ``--isolation subprocess`` re-invokes the script)
+running ``--steps`` training steps that include a block switch. The search stops at the first OOM
+and then tries one length half-way back (``--no-bisect`` to skip).
 
 ``--chunked-loss`` adds a second search per optimizer with the chunked cross-entropy (no full fp32
 logits), reported apart from the like-for-like Hugging Face loss.
@@ -32,7 +33,7 @@ enable_interpreter_if_cpu_smoke(sys.argv)  # before anything imports triton
 import torch  # noqa: E402
 
 import _timing as T  # noqa: E402
-from bench_e2e import (SETUPS, _csv, add_common_args, common_child_argv, finish_common_args,  # noqa: E402
+from bench_e2e import (SETUPS, add_common_args, common_child_argv, finish_common_args,  # noqa: E402
                        reference_missing, summarize, train_steps)
 from models import MODEL_NAMES, build_model, random_batch  # noqa: E402
 
@@ -61,7 +62,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--lengths", type=_lengths, default=None,
                    help=f"ascending sequence lengths (default {','.join(map(str, DEFAULT_LENGTHS))})")
     p.add_argument("--steps", type=int, default=3, help="training steps per attempt (a switch must happen)")
-    p.add_argument("--optimizers", type=_csv(OPTIMIZERS), default=list(OPTIMIZERS))
+    p.add_argument("--optimizers", type=T.csv_choices(OPTIMIZERS), default=list(OPTIMIZERS))
     p.add_argument("--chunked-loss", action="store_true",
                    help="also search with the chunked cross-entropy (reported separately)")
     p.add_argument("--no-bisect", dest="bisect", action="store_false",
@@ -110,7 +111,7 @@ def apply_budget(device: torch.device, budget_gib: float) -> dict[str, Any]:
 
 def run_attempt(args: argparse.Namespace, ctx: dict[str, Any]) -> dict[str, Any]:
     phases = T.ScriptPhases(f"budget/{args.variant}/{args.loss}/{args.seq}")
-    phases.seconds["import"] = round(time.perf_counter() - _START, 3)
+    phases.seconds["import"] = T.import_seconds(_START)
     record: dict[str, Any] = {"phases_s": phases.seconds}
     if args.variant == "ref" and (why := reference_missing()):
         record.update(status="not_installed", error=why)
@@ -233,7 +234,8 @@ def print_summary(records: list[dict[str, Any]]) -> None:
     rows = []
     for s in summaries:
         base = ref.get(s["loss"])
-        rows.append([s["variant"], s["loss"], s["max_fit_seq"], s["first_oom_seq"] or ("none" if s["all_lengths_fit"] else "-"),
+        first_oom = s["first_oom_seq"] or ("none" if s["all_lengths_fit"] else "-")
+        rows.append([s["variant"], s["loss"], s["max_fit_seq"], first_oom,
                      s["peak_alloc_gib_at_max"], s["peak_reserved_gib_at_max"], s["nvml_peak_gib_at_max"],
                      T.fmt_ratio(s["max_fit_seq"], base["max_fit_seq"] if base else None)])
     T.print_table("Longest sequence within the budget (ratio vs the reference with the same loss)",

@@ -4,7 +4,7 @@
 Llama shapes in bf16 with gradient checkpointing, random tokens, batch 2 x 1024 by default. Per step:
 forward / backward / optimizer step time (CUDA events; a block switch happens inside ``step()`` and
 switching steps are reported apart), peak allocated / reserved (torch) and NVML used memory (max of
-samples taken after each phase). Variants, each in a fresh subprocess:
+samples taken after each phase). Variants, each in a fresh process (``--isolation``):
 
 * ``ours`` — ``BlockAdam(model, switch_every=K, switch_mode="ascending")``: fused kernels, arena,
   backward pruning, HF gradient checkpointing.
@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import gc
 import importlib.util
 import os
 import sys
@@ -50,19 +51,10 @@ REFERENCE_VARIANTS = ("ref", "ref_patched")
 warnings.filterwarnings("ignore", message=r".*gradient_checkpointing_enable.*", category=FutureWarning)
 
 
-def _csv(choices: tuple[str, ...]) -> Callable[[str], list[str]]:
-    def parse(text: str) -> list[str]:
-        items = [t.strip() for t in text.split(",") if t.strip()]
-        bad = [t for t in items if t not in choices]
-        if bad or not items:
-            raise argparse.ArgumentTypeError(f"choose from {','.join(choices)}; got {text!r}")
-        return items
-    return parse
-
-
 def add_common_args(p: argparse.ArgumentParser) -> None:
     """Options shared with bench_budget.py."""
-    p.add_argument("--smoke", action="store_true", help="tiny Llama on CPU, seq 16: every code path in seconds")
+    p.add_argument("--smoke", action="store_true",
+                   help="tiny Llama, seq 16 (on CPU without a GPU): every code path in seconds")
     p.add_argument("--batch", type=int, default=2)
     p.add_argument("--switch-every", type=int, default=2, help="K: optimizer steps per block")
     p.add_argument("--lr", type=float, default=1e-5)
@@ -72,15 +64,17 @@ def add_common_args(p: argparse.ArgumentParser) -> None:
                    help="hf: the model's own loss (full fp32 logits); chunked: chunked cross-entropy")
     p.add_argument("--loss-chunk", type=int, default=512, help="tokens per chunk for --loss chunked")
     p.add_argument("--isolation", choices=T.ISOLATIONS, default=None,
-                   help="each variant in a fresh subprocess (default) or inline (smoke default)")
+                   help="each variant in a fresh process: forked (default; no re-imports, the parent never "
+                        "touches CUDA) or a re-invoked subprocess (--variant X); inline: in this process "
+                        "(smoke default)")
     p.add_argument("--device", default=None, help="torch device (default cuda; smoke without a GPU: cpu)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--child-timeout", type=float, default=600.0, help="seconds per subprocess")
+    p.add_argument("--child-timeout", type=float, default=600.0, help="seconds per variant process")
     p.add_argument("--out", default=None, help="append JSON lines to this file")
 
 
 def finish_common_args(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
-    args.isolation = args.isolation or ("inline" if args.smoke else "subprocess")
+    args.isolation = args.isolation or ("inline" if args.smoke else "fork")
     if args.batch < 1 or args.switch_every < 1 or args.loss_chunk < 1:
         p.error("need --batch >= 1, --switch-every >= 1, --loss-chunk >= 1")
 
@@ -104,8 +98,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--seq", type=int, default=None, help="tokens per sequence (default 1024; smoke: 16)")
     p.add_argument("--steps", type=int, default=None,
                    help="measured steps (default: one block epoch, blocks x K)")
-    p.add_argument("--warmup", type=int, default=None, help="untimed steps first (default K: includes a switch)")
-    p.add_argument("--variants", type=_csv(VARIANTS), default=list(VARIANTS))
+    p.add_argument("--warmup", type=int, default=None,
+                   help="untimed steps first (default K + 1: a switch and a forward on the next block, whose "
+                        "first pruned forward pays one-time kernel set-up)")
+    p.add_argument("--variants", type=T.csv_choices(VARIANTS), default=list(VARIANTS))
     p.add_argument("--variant", choices=VARIANTS, default=None, help=argparse.SUPPRESS)  # child mode
     args = p.parse_args(argv)
     finish_common_args(p, args)
@@ -114,7 +110,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     blocks = config_for(args.model).num_hidden_layers
     args.epoch_steps = blocks * args.switch_every
     args.steps = args.steps or args.epoch_steps
-    args.warmup = args.warmup if args.warmup is not None else args.switch_every
+    args.warmup = args.warmup if args.warmup is not None else args.switch_every + 1
     if args.seq < 2 or args.steps < 1 or args.warmup < 0:
         p.error("need --seq >= 2, --steps >= 1, --warmup >= 0")
     return args
@@ -197,45 +193,54 @@ def train_steps(model: torch.nn.Module, h: Harness, batch: dict[str, torch.Tenso
                 warmup: int, steps: int, clock: T.Clock, watch: T.MemoryWatch, ctx: dict[str, Any],
                 fail_before_forward: Callable[[], None] | None = None) -> dict[str, Any]:
     """``warmup + steps`` training steps; per-step phase times of the measured ones, and switch flags."""
-    marks = []
-    last_loss = None
+    marks: list[tuple] = []
     device_type = next(model.parameters()).device.type
-    for i in range(warmup + steps):
-        ctx["step"] = i
-        before = h.block_of()
-        ctx["phase"] = "forward"
-        if fail_before_forward is not None:
-            fail_before_forward()
-        e0 = clock.mark()
-        amp = (torch.autocast(device_type, dtype=h.autocast) if h.autocast is not None
-               else contextlib.nullcontext())
-        with amp:
-            loss = causal_lm_loss(model, batch, args.loss, args.loss_chunk)
-        e1 = clock.mark()
-        watch.sample()
-        ctx["phase"] = "backward"
-        loss.backward()
-        e2 = clock.mark()
-        watch.sample()
-        ctx["phase"] = "step"
-        h.optimizer.step()
-        e3 = clock.mark()
-        watch.sample()
-        h.optimizer.zero_grad(set_to_none=True)
-        model.zero_grad(set_to_none=True)
-        after = h.block_of()
-        if i >= warmup:
-            marks.append((e0, e1, e2, e3, before != after))
-        last_loss = loss.detach()
-        del loss
+    gc.collect()  # settle what imports, build and setup left behind, so no full collection is due at once
+    gcw = T.GcWatch()
+    with gcw:
+        for i in range(warmup + steps):
+            if i == warmup:
+                gcw.reset()  # count the measured steps only
+            _one_step(model, h, batch, args, i, i >= warmup, marks, clock, watch, ctx, device_type,
+                      fail_before_forward)
     ctx["phase"] = "resolve"
-    fwd = [clock.ms(a, b) for a, b, _, _, _ in marks]
-    bwd = [clock.ms(b, c) for _, b, c, _, _ in marks]
-    opt = [clock.ms(c, d) for _, _, c, d, _ in marks]
-    step = [clock.ms(a, d) for a, _, _, d, _ in marks]
-    switch = [s for *_, s in marks]
-    return {"fwd": fwd, "bwd": bwd, "opt": opt, "step": step, "switch": switch,
+    last_loss = marks[-1][5] if marks else None
+    fwd = [clock.ms(a, b) for a, b, _, _, _, _ in marks]
+    bwd = [clock.ms(b, c) for _, b, c, _, _, _ in marks]
+    opt = [clock.ms(c, d) for _, _, c, d, _, _ in marks]
+    step = [clock.ms(a, d) for a, _, _, d, _, _ in marks]
+    switch = [m[4] for m in marks]
+    return {"fwd": fwd, "bwd": bwd, "opt": opt, "step": step, "switch": switch, **gcw.summary(),
             "final_loss": None if last_loss is None else float(last_loss.float().item())}
+
+
+def _one_step(model: torch.nn.Module, h: Harness, batch: dict[str, torch.Tensor], args: argparse.Namespace,
+              i: int, measured: bool, marks: list, clock: T.Clock, watch: T.MemoryWatch, ctx: dict[str, Any],
+              device_type: str, fail_before_forward: Callable[[], None] | None) -> None:
+    """Forward, backward, optimizer step; appends ``(e0, e1, e2, e3, switched, loss)`` when measured."""
+    ctx["step"] = i
+    before = h.block_of()
+    ctx["phase"] = "forward"
+    if fail_before_forward is not None:
+        fail_before_forward()
+    e0 = clock.mark()
+    amp = torch.autocast(device_type, dtype=h.autocast) if h.autocast is not None else contextlib.nullcontext()
+    with amp:
+        loss = causal_lm_loss(model, batch, args.loss, args.loss_chunk)
+    e1 = clock.mark()
+    watch.sample()
+    ctx["phase"] = "backward"
+    loss.backward()
+    e2 = clock.mark()
+    watch.sample()
+    ctx["phase"] = "step"
+    h.optimizer.step()
+    e3 = clock.mark()
+    watch.sample()
+    h.optimizer.zero_grad(set_to_none=True)
+    model.zero_grad(set_to_none=True)
+    if measured:
+        marks.append((e0, e1, e2, e3, before != h.block_of(), loss.detach()))
 
 
 def summarize(t: dict[str, Any], args: argparse.Namespace, num_blocks: int) -> dict[str, Any]:
@@ -258,6 +263,7 @@ def summarize(t: dict[str, Any], args: argparse.Namespace, num_blocks: int) -> d
         "epoch_measured": len(t["step"]) >= epoch_steps,
         "tokens_per_s": None if not mean_step else args.batch * args.seq * 1e3 / mean_step,
         "final_loss": t["final_loss"],
+        **{k: t[k] for k in ("gc_collections", "gc_full_collections", "gc_ms", "gc_full_ms")},
         "per_step": {k: t[k] for k in ("fwd", "bwd", "opt", "step", "switch")},
     }
     if out["opt_ms"] is not None and out["opt_switch_ms"] is not None:
@@ -268,7 +274,7 @@ def summarize(t: dict[str, Any], args: argparse.Namespace, num_blocks: int) -> d
 def run_variant(args: argparse.Namespace, ctx: dict[str, Any]) -> dict[str, Any]:
     variant = args.variant
     phases = T.ScriptPhases(f"e2e/{args.model}/{variant}")
-    phases.seconds["import"] = round(time.perf_counter() - _START, 3)
+    phases.seconds["import"] = T.import_seconds(_START)
     record: dict[str, Any] = {"kind": "e2e", "variant": variant, "model": args.model, "bsz": args.batch,
                               "seqlen": args.seq, "loss": args.loss, "phases_s": phases.seconds}
     if variant in REFERENCE_VARIANTS and (why := reference_missing()):
@@ -322,11 +328,12 @@ def print_summary(records: list[dict[str, Any]]) -> None:
     first = next((r for r in records if "env" in r), records[0] if records else {})
     title = (f"End to end: {first.get('model')} bsz {first.get('bsz')} x {first.get('seqlen')}, "
              f"loss {first.get('loss')}, on {first.get('env', {}).get('device', '?')}")
-    cols = ["variant", "status", "step ms", "fwd", "bwd", "opt", "opt (switch)", "alloc GiB", "reserved GiB",
-            "NVML GiB", "epoch s", "tokens/s"]
-    rows = [[r["variant"], r.get("status"), r.get("mean_step_ms"), r.get("fwd_ms"), r.get("bwd_ms"),
-             r.get("opt_ms"), r.get("opt_switch_ms"), r.get("peak_alloc_gib"), r.get("peak_reserved_gib"),
-             r.get("nvml_peak_gib"), r.get("epoch_s"), r.get("tokens_per_s")] for r in records]
+    cols = ["variant", "status", "step ms", "switch step ms", "fwd", "bwd", "opt", "opt (switch)", "alloc GiB",
+            "reserved GiB", "NVML GiB", "epoch s", "tokens/s"]
+    rows = [[r["variant"], r.get("status"), r.get("mean_step_ms"), r.get("step_ms_switch"), r.get("fwd_ms"),
+             r.get("bwd_ms"), r.get("opt_ms"), r.get("opt_switch_ms"), r.get("peak_alloc_gib"),
+             r.get("peak_reserved_gib"), r.get("nvml_peak_gib"), r.get("epoch_s"), r.get("tokens_per_s")]
+            for r in records]
     T.print_table(title, cols, rows)
     base = next((r for r in records if r["variant"] == "ref" and r.get("status") == "ok"), None)
     if base is not None:

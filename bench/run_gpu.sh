@@ -3,7 +3,8 @@
 # benchmarks, write every log and JSON line under $OUT (default ./out).
 #   bash bench/run_gpu.sh tests    # build + GPU tests (-m gpu)
 #   bash bench/run_gpu.sh micro    # update / switch / backward-by-depth benchmarks
-#   bash bench/run_gpu.sh e2e      # end to end (8B, 1B) and the 24 GB budget search
+#   bash bench/run_gpu.sh e2e      # end to end (8B, 1B)
+#   bash bench/run_gpu.sh budget   # the 24 GB budget search (like for like, then with a chunked loss)
 #   bash bench/run_gpu.sh dp       # data parallel on 2 GPUs (torchrun)
 # Stages may be combined: bash bench/run_gpu.sh tests micro
 set -uo pipefail
@@ -38,15 +39,16 @@ run() {  # run NAME CMD...: log to $OUT/NAME.log, keep going on failure
 
 for stage in "$@"; do
   case $stage in
-    tests) run gpu_tests python3 -m pytest -m gpu -q -x --timeout=600 -p no:cacheprovider tests ;;
+    tests) run gpu_tests python3 -m pytest -m gpu -q --timeout=300 -p no:cacheprovider tests ;;
     micro)
       run bench_update python3 bench/bench_update.py --out "$OUT/results.jsonl"
       run bench_switch python3 bench/bench_switch.py --out "$OUT/results.jsonl"
       run bench_backward python3 bench/bench_backward.py --out "$OUT/results.jsonl" ;;
     e2e)
-      run bench_e2e_1b python3 bench/bench_e2e.py --model 1b --out "$OUT/results.jsonl"
       run bench_e2e_8b python3 bench/bench_e2e.py --model 8b --out "$OUT/results.jsonl"
-      run bench_budget python3 bench/bench_budget.py --out "$OUT/results.jsonl" ;;
+      run bench_e2e_1b python3 bench/bench_e2e.py --model 1b --out "$OUT/results.jsonl" ;;
+    budget)
+      run bench_budget python3 bench/bench_budget.py --chunked-loss --no-bisect --out "$OUT/results.jsonl" ;;
     dp) run bench_dp torchrun --standalone --nproc_per_node 2 bench/bench_dp.py --out "$OUT/results.jsonl" ;;
     *) echo "unknown stage $stage"; exit 2 ;;
   esac

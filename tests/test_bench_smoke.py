@@ -152,6 +152,7 @@ def test_e2e_smoke(tmp_path):
             assert _positive(r[key]), (name, key, r[key])
         assert math.isfinite(r["final_loss"])
         assert len(r["per_step"]["step"]) == 4 and ENV_KEYS <= set(r["env"]) and PEAK_KEYS <= set(r)
+        assert r["gc_full_collections"] >= 0 and r["gc_ms"] >= 0
     # K=2 over 2 blocks: 2 warm-up steps, then 4 measured steps holding 2 switches.
     for name in ("ours", "ref"):
         assert by[name]["switches"] == 2 and _positive(by[name]["opt_switch_ms"])
@@ -208,3 +209,16 @@ def test_variant_runs_in_a_fresh_subprocess():
     assert record["child_returncode"] == 0, record
     assert record["status"] == "ok" and record["variant"] == "full_adamw" and record["steps"] == 1
     assert record["child_command"][1] == bench_e2e.SCRIPT and _positive(record["child_wall_s"])
+
+
+def test_variant_runs_in_a_forked_child():
+    records = bench_e2e.main(["--smoke", "--isolation", "fork", "--variants", "ours", "--steps", "2"])
+    (r,) = records
+    assert r["status"] == "ok" and r["steps"] == 2 and r["child_returncode"] == 0
+    assert r["child_command"][0] == "<fork>" and r["phases_s"]["import"] == 0.0
+
+
+def test_a_forked_child_that_dies_is_an_error_record():
+    record = T.run_forked(lambda argv: os._exit(3), [], timeout_s=60)
+    assert record["status"] == "error" and "exited with code 3" in record["error"]
+    assert record["child_returncode"] == 3
