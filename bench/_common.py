@@ -2,6 +2,7 @@
 records, JSON-lines output and a rich table. Nothing here is specific to one benchmark."""
 from __future__ import annotations
 
+import argparse
 import datetime as _dt
 import json
 import os
@@ -147,3 +148,35 @@ def free_cuda_memory() -> None:
     if torch.cuda.is_available():
         torch.cuda.synchronize()
         torch.cuda.empty_cache()
+
+
+def layer_bench_parser(description: Optional[str], layer_names: Sequence[str]) -> argparse.ArgumentParser:
+    """The arguments every per-layer kernel benchmark takes (layers, smoke mode, timing, output)."""
+    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--layers", default="llama3-8b,llama3.2-1b", help="comma-separated: " + ", ".join(layer_names))
+    parser.add_argument("--smoke", action="store_true", help="tiny layer; runs on CPU via the Triton interpreter")
+    parser.add_argument("--out", help="append JSON lines here")
+    parser.add_argument("--warmup", type=float, default=50, help="do_bench warm-up, ms")
+    parser.add_argument("--rep", type=float, default=300, help="do_bench repetition time, ms")
+    parser.add_argument("--cpu-reps", type=int, default=3)
+    return parser
+
+
+def layer_bench_setup(parser: argparse.ArgumentParser, argv: Optional[Sequence[str]], layer_names: Sequence[str]):
+    """Parse, validate the layers, pick the device and measure its copy bandwidth.
+
+    Returns ``(args, layers, device, env, copy_gbs)``.
+    """
+    args = parser.parse_args(argv)
+    layers = ["smoke"] if args.smoke else [x for x in args.layers.split(",") if x]
+    for name in layers:
+        if name not in layer_names:
+            parser.error(f"unknown layer {name!r}; choose from {', '.join(layer_names)}")
+    if args.smoke:
+        args.cpu_reps = 1
+    device = pick_device(args.smoke)
+    env = env_record()
+    copy_gbs = copy_bandwidth_gbs(device, nbytes=(8 << 20) if args.smoke else (2 << 30),
+                                  warmup_ms=args.warmup, rep_ms=args.rep, cpu_reps=args.cpu_reps)
+    print(f"{env['device']}: copy bandwidth {copy_gbs:.0f} GB/s (read + write)")
+    return args, layers, device, env, copy_gbs

@@ -16,7 +16,6 @@ write fp32 master / m / v) for every path.
 """
 from __future__ import annotations
 
-import argparse
 import statistics
 import sys
 import time
@@ -30,11 +29,10 @@ import torch  # noqa: E402
 from _common import (  # noqa: E402
     LAYER_SHAPES,
     append_jsonl,
-    copy_bandwidth_gbs,
-    env_record,
     free_cuda_memory,
     gbs,
-    pick_device,
+    layer_bench_parser,
+    layer_bench_setup,
     print_table,
     time_ms,
 )
@@ -111,25 +109,8 @@ def run_layer(name: str, device: torch.device, args, copy_gbs: float, env: dict)
 
 
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--layers", default="llama3-8b,llama3.2-1b", help="comma-separated: " + ", ".join(LAYER_SHAPES))
-    parser.add_argument("--smoke", action="store_true", help="tiny layer; runs on CPU via the Triton interpreter")
-    parser.add_argument("--out", help="append JSON lines here")
-    parser.add_argument("--warmup", type=float, default=50, help="do_bench warm-up, ms")
-    parser.add_argument("--rep", type=float, default=300, help="do_bench repetition time, ms")
-    parser.add_argument("--cpu-reps", type=int, default=3)
-    args = parser.parse_args(argv)
-    layers = ["smoke"] if args.smoke else [x for x in args.layers.split(",") if x]
-    for name in layers:
-        if name not in LAYER_SHAPES:
-            parser.error(f"unknown layer {name!r}; choose from {', '.join(LAYER_SHAPES)}")
-    if args.smoke:
-        args.cpu_reps = 1
-    device = pick_device(args.smoke)
-    env = env_record()
-    copy_gbs = copy_bandwidth_gbs(device, nbytes=(8 << 20) if args.smoke else (2 << 30),
-                                  warmup_ms=args.warmup, rep_ms=args.rep, cpu_reps=args.cpu_reps)
-    print(f"{env['device']}: copy bandwidth {copy_gbs:.0f} GB/s (read + write)")
+    parser = layer_bench_parser(__doc__, LAYER_SHAPES)
+    args, layers, device, env, copy_gbs = layer_bench_setup(parser, argv, LAYER_SHAPES)
     records = []
     for name in layers:
         records += run_layer(name, device, args, copy_gbs, env)

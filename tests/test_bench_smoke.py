@@ -222,3 +222,21 @@ def test_a_forked_child_that_dies_is_an_error_record():
     record = T.run_forked(lambda argv: os._exit(3), [], timeout_s=60)
     assert record["status"] == "error" and "exited with code 3" in record["error"]
     assert record["child_returncode"] == 3
+
+
+# ------------------------------------------------------------------------------ update / switch
+@pytest.mark.parametrize("script", ["bench_update", "bench_switch"])
+def test_kernel_benchmarks_smoke(script, tmp_path):
+    """--smoke times every path (ours and the reference's) on a tiny layer and writes JSON lines."""
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("the smoke mode runs the kernels in the Triton interpreter")
+    module = __import__(script)
+    out = tmp_path / "r.jsonl"
+    module.main(["--smoke", "--out", str(out)])
+    records = _lines(out)
+    paths = {r["path"] for r in records}
+    assert {"ref-foreach" if script == "bench_update" else "ref-switch"} <= paths
+    assert len(paths) >= 3
+    for r in records:
+        assert {"device", "torch", "triton", "date", "command"} <= set(r)
+        assert _positive(float(r["ms"])) and r["frac_copy_bw"] > 0
