@@ -144,7 +144,6 @@ class BlockAdam(torch.optim.Optimizer):
         self.max_grad_norm = max_grad_norm
         self.stochastic_rounding = stochastic_rounding
         self.verbose = verbose
-        self.backend_name = backend
         self._ops = get_backend(backend, self.device)
         self.schedule = BlockSchedule(
             len(self.partition), switch_mode, switch_every, start_block=start_block, seed=seed
@@ -173,7 +172,7 @@ class BlockAdam(torch.optim.Optimizer):
             self.pruner = BackwardPruner(module, self.partition)
             # Re-checked before every forward: HF Trainer enables gradient checkpointing (and with it
             # enable_input_require_grads) after the optimizer exists; the check is a module walk.
-            module.register_forward_pre_hook(lambda *_: self.pruner.on_switch(self.active_block))
+            self._prune_hook = module.register_forward_pre_hook(lambda *_: self.pruner.on_switch(self.active_block))
 
         self.active_block: int = -1
         self._launch_groups: list[LaunchGroup] = []
@@ -201,7 +200,6 @@ class BlockAdam(torch.optim.Optimizer):
         layout = self.arena.layout([p.numel() for p in params])
         self.arena.check_tensors(layout, [p.detach() for p in params])
         self._views = self.arena.views(layout, [list(p.shape) for p in params])
-        self._layout = layout
         self._launch_groups = build_launch_groups(
             names, params, list(layout.offsets),
             group_of=lambda p: self._group_of[id(p)],
