@@ -53,3 +53,13 @@ def test_profile_runs_one_block_epoch(tmp_path):
 def test_bench_subcommand_rejects_unknown_names():
     with pytest.raises(SystemExit):
         cli.main(["bench", "nonexistent"])
+
+
+def test_bench_subcommand_runs_a_script_from_the_source_tree(tmp_path):
+    import os
+
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("the smoke mode runs the kernels in the Triton interpreter")
+    out = tmp_path / "switch.jsonl"
+    assert cli.main(["bench", "switch", "--smoke", "--out", str(out)]) == 0
+    assert len(out.read_text().splitlines()) >= 3
