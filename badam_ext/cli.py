@@ -85,9 +85,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = parser.parse_args(argv)
     if args.command == "bench":
         script = bench_dir() / f"bench_{args.name}.py"
+        saved_argv, saved_path = sys.argv, list(sys.path)
         sys.argv = [str(script), *args.args]
-        sys.path.insert(0, str(script.parent))
-        runpy.run_path(str(script), run_name="__main__")
+        sys.path.insert(0, str(script.parent))  # the scripts import their siblings (_common, models)
+        try:
+            runpy.run_path(str(script), run_name="__main__")
+        finally:
+            sys.argv, sys.path[:] = saved_argv, saved_path
         return 0
 
     from .train import run
