@@ -17,6 +17,7 @@ def _add_train_args(p: argparse.ArgumentParser, *, steps_help: str) -> None:
     p.add_argument("--steps", type=int, help=steps_help)
     p.add_argument("--switch-every", type=int, default=5, help="K: optimizer steps per block")
     p.add_argument("--switch-mode", default="ascending", choices=["ascending", "descending", "random", "fixed"])
+    p.add_argument("--start-block", type=int, help="first active block (required by --switch-mode fixed)")
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--weight-decay", type=float, default=0.01)
     p.add_argument("--batch-size", type=int, default=8)
@@ -25,7 +26,7 @@ def _add_train_args(p: argparse.ArgumentParser, *, steps_help: str) -> None:
     p.add_argument("--device", help="cpu, cuda, cuda:1 (default: cuda if available)")
     p.add_argument("--backend", default="auto", choices=["auto", "triton", "torch"])
     p.add_argument("--gradient-checkpointing", action="store_true")
-    p.add_argument("--max-grad-norm", type=float, default=1.0)
+    p.add_argument("--max-grad-norm", type=float, default=1.0, help="clip by global norm (0: off)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--sample-interval", dest="sample_interval_s", type=float, default=0.05,
                    help="seconds between background memory samples (0: off)")
@@ -37,8 +38,9 @@ def _train_config(args: argparse.Namespace, out: str):
 
     fields = {k: getattr(args, k) for k in TrainConfig.__dataclass_fields__ if hasattr(args, k)}
     fields["out"] = args.out or out
-    if fields.get("sample_interval_s") == 0:
-        fields["sample_interval_s"] = None
+    for key in ("sample_interval_s", "max_grad_norm"):  # 0 switches these off
+        if fields.get(key) == 0:
+            fields[key] = None
     return TrainConfig(**fields)
 
 

@@ -34,6 +34,7 @@ def BlockOptimizer(  # noqa: N802 - mirrors the reference's class name on purpos
     verbose: int = 1,
     log_fn: Optional[Callable] = None,
     ds_zero3_enabled: Optional[bool] = None,
+    model: Optional[nn.Module] = None,
     **block_adam_kwargs,
 ) -> BlockAdam:
     """Build a :class:`BlockAdam` from the reference BAdam's arguments (defaults as the reference's).
@@ -41,7 +42,9 @@ def BlockOptimizer(  # noqa: N802 - mirrors the reference's class name on purpos
     Differences from the reference, by design: every block gets exactly ``switch_block_every`` steps
     (the reference gives the first block one fewer); per-group weight decay is honoured and biases and
     norm weights get none; the state_dict holds the schedule, so resuming continues the same run.
-    Extra keyword arguments go to :class:`BlockAdam` (``max_grad_norm``, ``backend``, ...).
+    Pass ``model=`` (the module whose parameters ``named_parameters_list`` holds) to get backward
+    pruning, which needs the module structure. Extra keyword arguments go to :class:`BlockAdam`
+    (``max_grad_norm``, ``backend``, ...).
     """
     lr, betas, eps, weight_decay, groups = _read_base_optimizer(base_optimizer)
     if ds_zero3_enabled is not None:
@@ -49,13 +52,15 @@ def BlockOptimizer(  # noqa: N802 - mirrors the reference's class name on purpos
     if log_fn is not None:
         logger.info("BlockOptimizer: log_fn is not used; badam_ext logs through the 'badam_ext' logger")
     named = list(named_parameters_list)
+    if model is not None and {id(p) for _, p in named} != {id(p) for p in model.parameters()}:
+        raise ValueError("model= must be the module whose parameters named_parameters_list holds")
     if any("lora" in n for n, _ in named):
         raise ValueError(
             "LoRA parameters found: badam_ext trains full parameters block by block; "
             "merge the adapters or train them with a plain optimizer"
         )
     return BlockAdam(
-        named,
+        model if model is not None else named,
         lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
         switch_every=int(switch_block_every),
         switch_mode=switch_mode,

@@ -141,7 +141,7 @@ class BlockSchedule:
         position, in_block = int(state["position"]), int(state["steps_in_block"])
         if not 0 <= position < len(order) or not 0 <= in_block < self.switch_every:
             raise ValueError(f"schedule state_dict has position {position} / steps_in_block {in_block} out of range")
-        self._gen.set_state(state["generator"])
+        self._gen.set_state(state["generator"].to("cpu"))  # accelerate moves state_dicts to the GPU
         self.order = order
         self.position = position
         self.steps_in_block = in_block

@@ -44,6 +44,7 @@ class TrainConfig:
     block_epochs: int = 2
     switch_every: int = 5
     switch_mode: str = "ascending"
+    start_block: Optional[int] = None
     lr: float = 1e-3
     weight_decay: float = 0.01
     batch_size: int = 8
@@ -111,7 +112,8 @@ def run(cfg: TrainConfig) -> dict:
     eval_data = TokenBlocks(encode(arithmetic_text(2_000, seed=cfg.seed + 1)), cfg.seq_len)
 
     opt = BlockAdam(model, lr=cfg.lr, weight_decay=cfg.weight_decay, switch_every=cfg.switch_every,
-                    switch_mode=cfg.switch_mode, backend=cfg.backend, max_grad_norm=cfg.max_grad_norm,
+                    switch_mode=cfg.switch_mode, start_block=cfg.start_block, backend=cfg.backend,
+                    max_grad_norm=cfg.max_grad_norm,
                     include_embedding=True, include_lm_head=True, seed=cfg.seed)
     steps = cfg.steps or cfg.block_epochs * len(opt.partition) * cfg.switch_every
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps)))

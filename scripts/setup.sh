@@ -23,7 +23,9 @@ else
   fi
 fi
 # --no-build-isolation: compile against the torch above, not a fresh one in an isolated build env.
-if ! "$PY" -c "import torch, badam_ext._C" 2>/dev/null || [[ csrc -nt badam_ext ]]; then
+# Rebuild when _C is missing or older than any C++ source.
+if ! "$PY" -c "import torch, badam_ext._C" 2>/dev/null \
+   || [[ -n "$(find csrc setup.py -newer "$(ls badam_ext/_C*.so 2>/dev/null | head -n 1)" 2>/dev/null | head -n 1)" ]]; then
   "$PY" -m pip install -q --no-build-isolation --no-deps -e .
 fi
 "$PY" -c "import torch, badam_ext._C, badam_ext.kernels" || { echo "badam_ext._C or badam_ext.kernels failed to import" >&2; exit 1; }

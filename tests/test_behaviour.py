@@ -264,3 +264,13 @@ def test_backward_stops_at_active_block_when_checkpointing_is_enabled_after_cons
         assert record == set(range(active, 4)), f"block {active}: backward ran through layers {sorted(record)}"
         assert all(p.grad is not None for p in opt.active_params)
         opt.step()
+
+
+def test_compat_constructor_with_model_gets_backward_pruning():
+    model = tiny_model("llama", num_layers=2)
+    named = list(model.named_parameters())
+    base = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    assert BlockOptimizer(base, named, backend="torch").pruner is None
+    assert BlockOptimizer(base, named, backend="torch", model=model).pruner is not None
+    with pytest.raises(ValueError, match="model= must be the module"):
+        BlockOptimizer(base, named, backend="torch", model=tiny_model("llama", num_layers=2))

@@ -63,3 +63,12 @@ def test_bench_subcommand_runs_a_script_from_the_source_tree(tmp_path):
     out = tmp_path / "switch.jsonl"
     assert cli.main(["bench", "switch", "--smoke", "--out", str(out)]) == 0
     assert len(out.read_text().splitlines()) >= 3
+
+
+def test_train_fixed_mode_needs_and_takes_a_start_block(tmp_path):
+    args = ["train", "--steps", "2", "--switch-mode", "fixed", "--batch-size", "2", "--seq-len", "16",
+            "--out", str(tmp_path), "--no-progress", "--sample-interval", "0", "--max-grad-norm", "0"]
+    with pytest.raises(ValueError, match="start_block"):
+        cli.main(args)
+    assert cli.main([*args, "--start-block", "3"]) == 0
+    assert json.loads((tmp_path / "summary.json").read_text())["config"]["max_grad_norm"] is None
