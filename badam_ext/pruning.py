@@ -172,8 +172,30 @@ class BackwardPruner:
         self.lowest_layer: int | None = None
         self.input_grad_layer: int | None = None
         self._wrapped: tuple[nn.Module, _InputGradCheckpoint] | None = None
+        self._key: tuple | None = None
         if active_index is not None:
             self.on_switch(active_index)
+
+    def _state_key(self) -> tuple:
+        """What on_switch depends on, cheaply: the top model's input-grad hooks and each layer's
+        checkpointing flag and function (a new function means checkpointing was re-enabled)."""
+        top = self.model
+        layers = self.container.layers if self.container is not None else ()
+        return (
+            bool(getattr(top, "_require_grads_hooks", None)),
+            getattr(top, "_require_grads_hook", None) is not None,
+            tuple((getattr(m, "gradient_checkpointing", None), id(m.__dict__.get("_gradient_checkpointing_func")))
+                  for m in layers),
+        )
+
+    def refresh(self) -> None:
+        """Re-prune only if checkpointing or the input-grad hooks changed since the last switch.
+
+        Meant to run before every forward (e.g. HF Trainer enables checkpointing after the optimizer
+        exists); costs one pass over the layer list instead of a walk over every module.
+        """
+        if self.active_index is not None and self._state_key() != self._key:
+            self.on_switch(self.active_index)
 
     def on_switch(self, active_index: int) -> None:
         """Re-inspect the model and prune for block ``active_index``."""
@@ -188,6 +210,7 @@ class BackwardPruner:
         if self.lowest_layer is not None and self.checkpointing.enabled and self.checkpointing.reentrant is not False:
             assert self.container is not None  # a lowest layer implies a layer stack
             self._wrap_layer(self.container.layers[self.lowest_layer], self.lowest_layer)
+        self._key = self._state_key()
 
     def _wrap_layer(self, layer: nn.Module, index: int) -> None:
         inner = layer.__dict__.get("_gradient_checkpointing_func")

@@ -232,3 +232,23 @@ def test_pruner_validation() -> None:
         BackwardPruner(list(model.parameters()), part)  # type: ignore[arg-type]
     with pytest.raises(IndexError):
         BackwardPruner(model, part, active_index=LAYERS)
+
+
+@pytest.mark.parametrize("reentrant", [False, True])
+def test_refresh_reprunes_only_when_checkpointing_changes(reentrant: bool, monkeypatch) -> None:
+    model, part = setup()
+    apply_requires_grad(part, 2)
+    pruner = BackwardPruner(model, part, active_index=2)
+    calls = []
+    original = pruner.on_switch
+    monkeypatch.setattr(pruner, "on_switch", lambda i: (calls.append(i), original(i)))
+    pruner.refresh()
+    assert calls == []  # nothing changed
+    enable_checkpointing(model, reentrant=reentrant)  # HF's gradient_checkpointing_enable (input-grad hook on)
+    pruner.refresh()
+    assert calls == [2]
+    pruner.refresh()
+    assert calls == [2]  # stable after re-pruning
+    record = add_probes(model)
+    model(**tiny_batch(model)).loss.backward()
+    assert record == {2, 3}
