@@ -3,10 +3,11 @@
 Every rank holds the whole model and runs the same block schedule; only the active block has
 gradients, so only its gradients cross the network (one layer's worth, against the whole model for
 DDP). :class:`GradSync` hooks the active parameters (``register_post_accumulate_grad_hook``) and
-launches an async in-place SUM all-reduce of ``p.grad`` as soon as that gradient is final, while
-backward carries on below it. The optimizer calls :meth:`GradSync.wait` before its fused step and folds
-:meth:`GradSync.grad_scale` (``1 / world_size``) into the step's gradient multiplier, so averaging costs
-no extra pass (gloo has no AVG op either).
+launches an async in-place all-reduce of ``p.grad`` as soon as that gradient is final, while
+backward carries on below it. :meth:`GradSync.synchronize` completes the reductions and leaves the
+mean over ranks in ``.grad`` (``AVG`` on NCCL; gloo has no AVG, so SUM and one in-place scale); the
+optimizer calls it at the start of its step, and a user who inspects or clips gradients between
+backward and step (``clip_grad_norm_``, ``GradScaler``) calls it first (``BlockAdam.synchronize_grads()``).
 
 When is a gradient final? Normally a parameter's hook fires once per backward. It fires several
 times when a parameter takes part in several nested backward passes (e.g. one weight used inside two
@@ -61,6 +62,8 @@ class GradSync:
         self._fires: dict[int, int] = {}  # id(param) -> synced hook firings this step
         self._expected: dict[int, int] = {}  # id(param) -> learned firings per synced backward
         self._pending: dict[int, tuple[torch.Tensor, dist.Work]] = {}  # id(param) -> (reduced grad, work)
+        self._synced = False  # this step's gradients are reduced and averaged
+        self._avg = dist.get_backend(self.group) == "nccl"  # NCCL averages in the collective
 
     # ----------------------------------------------------------------- hooks
     def attach(self, params: Sequence[nn.Parameter], names: Optional[Sequence[str]] = None) -> None:
@@ -91,7 +94,7 @@ class GradSync:
 
     def _on_grad_ready(self, param: torch.Tensor) -> None:
         key = id(param)
-        if key in self._pending:
+        if key in self._pending or self._synced:
             raise RuntimeError(
                 f"GradSync: {self._label(param)} received more gradient after its all-reduce was launched "
                 "in this step: backward ran more than once outside no_sync() (with gradient accumulation run "
@@ -107,7 +110,8 @@ class GradSync:
 
     def _launch(self, param: torch.Tensor) -> None:
         grad = param.grad
-        work = dist.all_reduce(grad, op=dist.ReduceOp.SUM, group=self.group, async_op=True)
+        op = dist.ReduceOp.AVG if self._avg else dist.ReduceOp.SUM
+        work = dist.all_reduce(grad, op=op, group=self.group, async_op=True)
         self._pending[id(param)] = (grad, work)
         self.num_reductions += 1
 
@@ -122,14 +126,13 @@ class GradSync:
             self._syncing = previous
 
     # ------------------------------------------------------------------ step
-    def wait(self) -> None:
-        """Finish this step's all-reduces (called by the optimizer step, before it reads the grads).
+    def synchronize(self) -> None:
+        """Finish this step's all-reduces: afterwards every active ``.grad`` holds the mean over ranks.
 
         Parameters whose firing count is not known yet (their first synced step) are reduced here.
-        Raises if an active parameter has a gradient that was never reduced in this step.
+        Idempotent within a step. Raises if an active parameter has a gradient that was never reduced.
         """
-        if self.world_size == 1:
-            self._reset_step()
+        if self.world_size == 1 or self._synced:
             return
         for p in self._params:  # attach order: identical on every rank
             key = id(p)
@@ -148,7 +151,12 @@ class GradSync:
                 work.wait()
                 if p.grad is not grad:
                     replaced.append(self._label(p))
-        finally:
+                elif not self._avg:
+                    grad.mul_(1.0 / self.world_size)
+        except BaseException:
+            self._reset_step()
+            raise
+        if unreduced or replaced:
             self._reset_step()
         if unreduced:
             raise RuntimeError(
@@ -161,6 +169,19 @@ class GradSync:
                 f"GradSync: .grad of {', '.join(replaced[:4])} was replaced by a new tensor after its all-reduce "
                 "was launched; modify gradients in place between backward() and step()"
             )
+        self._synced = True
+
+    @property
+    def synchronized(self) -> bool:
+        """True between :meth:`synchronize` and the end of the step (:meth:`wait`)."""
+        return self._synced or self.world_size == 1
+
+    def wait(self) -> None:
+        """Called by the optimizer's step: :meth:`synchronize`, then start the next step afresh."""
+        try:
+            self.synchronize()
+        finally:
+            self._reset_step()
 
     def _drain(self) -> None:
         for _grad, work in self._pending.values():
@@ -170,10 +191,7 @@ class GradSync:
     def _reset_step(self) -> None:
         self._pending = {}
         self._fires = {}
-
-    def grad_scale(self) -> float:
-        """Multiplier that turns the summed gradients into the mean over ranks."""
-        return 1.0 / self.world_size
+        self._synced = False
 
     def bytes_per_step(self) -> int:
         """Gradient bytes all-reduced per optimizer step for the attached block (0 when alone)."""

@@ -11,6 +11,10 @@ from typing import Any, Callable, Sequence
 import torch
 
 
+def _identity(tensor: torch.Tensor) -> torch.Tensor:
+    return tensor
+
+
 @dataclass
 class LaunchGroup:
     """Tensors of the active block that share a param group and a weight dtype."""
@@ -19,6 +23,25 @@ class LaunchGroup:
     names: list[str]
     params: list[torch.nn.Parameter]
     tables: Any
+    # parameter or gradient -> the tensor the kernels see (FSDP2: this rank's local shard)
+    local: Callable[[torch.Tensor], torch.Tensor] = _identity
+    # (address, dtype) of each weight when the tables were built: the kernels write there
+    storage: list[tuple[int, torch.dtype]] = None  # type: ignore[assignment]
+
+    def __post_init__(self) -> None:
+        if self.storage is None:
+            self.storage = [(self.local(p).data_ptr(), p.dtype) for p in self.params]
+
+    def check_storage(self) -> None:
+        """Raise if a weight was re-allocated since the tables were built (the step would write to
+        orphaned memory): e.g. ``model.to(dtype)`` or ``model.half()`` after the optimizer was made."""
+        for name, param, (ptr, dtype) in zip(self.names, self.params, self.storage):
+            if self.local(param).data_ptr() != ptr or param.dtype != dtype:
+                raise RuntimeError(
+                    f"parameter {name} was re-allocated after BlockAdam was built (its storage or dtype "
+                    "changed, e.g. by model.to(...) or model.half()): move or cast the model first, then "
+                    "build the optimizer"
+                )
 
     def grads(self) -> list[torch.Tensor]:
         """The current gradients, in table order; a missing one is an error, never skipped."""
@@ -27,7 +50,7 @@ class LaunchGroup:
         for name, param in zip(self.names, self.params):
             if param.grad is None:
                 missing.append(name)
-            grads.append(param.grad)
+            grads.append(None if param.grad is None else self.local(param.grad))
         if missing:
             raise RuntimeError(
                 f"no gradient for {len(missing)} parameter(s) of the active block: {missing[:5]}"
@@ -44,8 +67,12 @@ def build_launch_groups(
     group_of: Callable[[torch.nn.Parameter], int],
     decays: Callable[[str, torch.nn.Parameter], bool],
     build_tables: Callable[..., Any],
+    local: Callable[[torch.Tensor], torch.Tensor] = _identity,
 ) -> list[LaunchGroup]:
-    """Split the active tensors by (param group, dtype) and build each group's tables."""
+    """Split the active tensors by (param group, dtype) and build each group's tables.
+
+    ``local`` maps a parameter (and its gradient) to the tensor the kernels work on.
+    """
     buckets: dict[tuple[int, torch.dtype], list[int]] = {}
     for i, param in enumerate(params):
         buckets.setdefault((group_of(param), param.dtype), []).append(i)
@@ -54,9 +81,9 @@ def build_launch_groups(
         sel_params = [params[i] for i in idx]
         sel_names = [names[i] for i in idx]
         tables = build_tables(
-            [p.detach() for p in sel_params],
+            [local(p).detach() for p in sel_params],
             [offsets[i] for i in idx],
             [decays(n, p) for n, p in zip(sel_names, sel_params)],
         )
-        groups.append(LaunchGroup(group_index, sel_names, sel_params, tables))
+        groups.append(LaunchGroup(group_index, sel_names, sel_params, tables, local))
     return groups

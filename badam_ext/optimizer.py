@@ -9,12 +9,14 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import weakref
 from typing import Any, Callable, Iterable, Optional, Sequence, Union
 
 import torch
 from torch import nn
 
 from .arena import BlockArena, required_capacity
+from .fsdp import local_tensor, sharding_of
 from .launch_groups import LaunchGroup, build_launch_groups
 from .ops import get_backend
 from .partition import (
@@ -78,6 +80,9 @@ class BlockAdam(torch.optim.Optimizer):
             than one rank is initialised): every rank holds the whole model and the same active block,
             and only the active block's gradients are all-reduced, overlapped with backward.
         process_group: the data-parallel group (default: the world).
+
+    FSDP2: build BlockAdam on a model after ``fully_shard`` (see :mod:`badam_ext.fsdp`); each rank's
+    arena then holds its local shard of the active block and FSDP2 reduces the gradients.
     """
 
     _step_supports_amp_scaling = True  # torch GradScaler hands us grad_scale / found_inf (fp16 path)
@@ -132,6 +137,7 @@ class BlockAdam(torch.optim.Optimizer):
         if len(devices) != 1:
             raise ValueError(f"all block parameters must be on one device; found {sorted(map(str, devices))}")
         self.device = devices.pop()
+        self._sharding = sharding_of(managed)  # FSDP2: the arena and the step see local shards only
 
         defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay)
         groups = _resolve_param_groups(param_groups, [p for _, p in managed])
@@ -152,27 +158,26 @@ class BlockAdam(torch.optim.Optimizer):
         self._sr_counter = 0
         self._switch_hooks: list[SwitchHook] = []
 
-        capacity = max(
-            required_capacity([p.numel() for _, p in self._active_named(i)]) for i in range(len(self.partition))
-        )
-        self.arena = BlockArena(capacity, self.device)
+        capacity = max(self._local_capacity(i) for i in range(len(self.partition)))
+        # a rank whose shards of every block are empty still needs an arena to exist
+        self.arena = BlockArena(capacity or required_capacity([1]), self.device)
         self._step_states = [self._ops.new_step_state(self.device) for _ in self.param_groups]
         self._partials: Optional[torch.Tensor] = None
         self.last_grad_norm: Optional[torch.Tensor] = None
 
-        self._grad_sync = _make_grad_sync(distributed, process_group)
-        self._world_scale = None
-        if self._grad_sync is not None:
-            self._world_scale = torch.full((), self._grad_sync.grad_scale(), dtype=torch.float32, device=self.device)
+        self._grad_sync = _make_grad_sync(distributed, process_group, sharded=self._sharding is not None)
 
         self.pruner = None
+        self._prune_hook = None
         if module is not None and prune_backward:
             from .pruning import BackwardPruner
 
             self.pruner = BackwardPruner(module, self.partition)
             # Re-checked before every forward: HF Trainer enables gradient checkpointing (and with it
-            # enable_input_require_grads) after the optimizer exists; the check is a module walk.
-            self._prune_hook = module.register_forward_pre_hook(lambda *_: self.pruner.on_switch(self.active_block))
+            # enable_input_require_grads) after the optimizer exists. Weak: the model must not keep a
+            # discarded optimizer (and its arena) alive.
+            self._prune_hook = module.register_forward_pre_hook(_refresh_pruner_hook(self))
+            weakref.finalize(self, self._prune_hook.remove)  # a collected optimizer leaves no hook behind
 
         self.active_block: int = -1
         self._launch_groups: list[LaunchGroup] = []
@@ -182,6 +187,24 @@ class BlockAdam(torch.optim.Optimizer):
     # ------------------------------------------------------------------ blocks
     def _active_named(self, index: int) -> list[tuple[str, nn.Parameter]]:
         return self.partition.trainable_params(index)
+
+    def _local_named(self, index: int) -> list[tuple[str, nn.Parameter, torch.Tensor]]:
+        """``(name, param, local tensor)`` of block ``index`` as laid out in this rank's arena.
+
+        Without FSDP the local tensor is the parameter itself. Under FSDP2 it is the rank's shard, and
+        empty shards are left out (the arena and the kernels take no empty tensors).
+        """
+        named = self._active_named(index)
+        if self._sharding is None:
+            return [(n, p, p) for n, p in named]
+        held = [(n, p, local_tensor(p)) for n, p in named]
+        return [(n, p, t) for n, p, t in held if t.numel() > 0]
+
+    def _local_capacity(self, index: int) -> int:
+        numels = [t.numel() for _, _, t in self._local_named(index)]
+        if not numels and self._sharding is not None:  # every shard of the block is empty on this rank
+            return 0
+        return required_capacity(numels)
 
     @property
     def active_params(self) -> list[nn.Parameter]:
@@ -197,14 +220,21 @@ class BlockAdam(torch.optim.Optimizer):
         named = self._active_named(index)
         names = [n for n, _ in named]
         params = [p for _, p in named]
-        layout = self.arena.layout([p.numel() for p in params])
-        self.arena.check_tensors(layout, [p.detach() for p in params])
-        self._views = self.arena.views(layout, [list(p.shape) for p in params])
+        self._trainable = params
+        held = self._local_named(index)
+        offsets: list[int] = []
+        self._views = ([], [], [])
+        if held or self._sharding is None:  # FSDP2: a rank may hold no element of the block
+            layout = self.arena.layout([t.numel() for _, _, t in held])
+            self.arena.check_tensors(layout, [t.detach() for _, _, t in held])
+            self._views = self.arena.views(layout, [list(t.shape) for _, _, t in held])
+            offsets = list(layout.offsets)
         self._launch_groups = build_launch_groups(
-            names, params, list(layout.offsets),
+            [n for n, _, _ in held], [p for _, p, _ in held], offsets,
             group_of=lambda p: self._group_of[id(p)],
             decays=lambda n, p: not self.no_decay(n, p),
             build_tables=self._ops.BlockTables.build,
+            local=local_tensor,
         )
         master, exp_avg, exp_avg_sq = (self.arena.flat(r) for r in ("master", "exp_avg", "exp_avg_sq"))
         for lg in self._launch_groups:
@@ -231,8 +261,8 @@ class BlockAdam(torch.optim.Optimizer):
             "index": index,
             "name": self.partition.blocks[index].name,
             "num_params": numel,
-            "arena_bytes": 3 * 4 * required_capacity([p.numel() for _, p in named]),
-            "grad_bytes": sum(p.numel() * p.element_size() for _, p in named),
+            "arena_bytes": 3 * 4 * self._local_capacity(index),
+            "grad_bytes": sum(t.numel() * t.element_size() for _, _, t in self._local_named(index)),
         }
 
     def add_switch_hook(self, hook: SwitchHook) -> _HookHandle:
@@ -252,14 +282,20 @@ class BlockAdam(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        if self._grad_sync is not None:
-            self._grad_sync.wait()  # the active block's grads, summed over ranks
-        grads = [lg.grads() for lg in self._launch_groups]
         found_inf = getattr(self, "found_inf", None)
+        if self._grad_sync is not None:
+            if found_inf is not None and not self._grad_sync.synchronized:
+                raise RuntimeError(
+                    "GradScaler under data parallel checked this rank's gradients before they were "
+                    "all-reduced, so ranks could disagree on skipping the step: call "
+                    "opt.synchronize_grads() after backward and before scaler.step(opt)"
+                )
+            self._grad_sync.wait()  # the active block's grads, averaged over ranks
+        for lg in self._launch_groups:
+            lg.check_storage()
+        grads = [lg.grads() for lg in self._launch_groups]
         loss_scale = getattr(self, "grad_scale", None)  # set by torch GradScaler (fp16)
         grad_scale = None if loss_scale is None else loss_scale.float().reciprocal()
-        if self._world_scale is not None:  # sum over ranks -> mean, folded into the fused step
-            grad_scale = self._world_scale if grad_scale is None else grad_scale * self._world_scale
         if self.max_grad_norm is not None:
             norm = self._grad_norm(grads)
             if grad_scale is not None:
@@ -283,7 +319,7 @@ class BlockAdam(torch.optim.Optimizer):
                 stochastic_rounding=self.stochastic_rounding, seed=self._seed * 1_000_003 + self._sr_counter,
             )
         self._sr_counter += 1
-        for p in self.active_params:
+        for p in self._trainable:
             p.grad = None
         if self.schedule.step():
             self._activate(self.schedule.active)
@@ -299,12 +335,36 @@ class BlockAdam(torch.optim.Optimizer):
             n = lg.tables.num_chunks
             self._ops.grad_sq_norm(lg.tables, lg_grads, self._partials[start:start + n])
             start += n
-        return self._partials[:total].sum().sqrt()
+        sq = self._partials[:total].sum()
+        if self._sharding is not None:  # local shards: the global norm sums every rank's squares
+            self._sharding.all_reduce_sum(sq)
+        return sq.sqrt()
 
     @property
     def grad_sync(self):
         """The data-parallel gradient synchroniser (None on a single process)."""
         return self._grad_sync
+
+    def synchronize_grads(self) -> None:
+        """Data parallel: finish the all-reduce now, so ``.grad`` holds the mean over ranks.
+
+        ``step()`` does this itself; call it first only to read or change gradients between backward and
+        step (``clip_grad_norm_`` on the model, ``GradScaler``). A no-op on a single process.
+        """
+        if self._grad_sync is not None:
+            self._grad_sync.synchronize()
+
+    def close(self) -> None:
+        """Detach from the model (pruning hook, data-parallel hooks) and free the arena."""
+        if self._prune_hook is not None:
+            self._prune_hook.remove()
+            self._prune_hook = None
+        if self.pruner is not None:
+            self.pruner.remove()
+        if self._grad_sync is not None:
+            self._grad_sync.attach([])
+        if not self.arena.released:
+            self.arena.release()
 
     def no_sync(self):
         """Context manager for gradient accumulation under data parallel: no all-reduce inside."""
@@ -340,9 +400,10 @@ class BlockAdam(torch.optim.Optimizer):
             "schedule": self.schedule.state_dict(),
             "param_groups": [{k: v for k, v in g.items() if k != "params"} for g in self.param_groups],
             "step_states": [s.detach().cpu().clone() for s in self._step_states],
-            "master": [t.detach().clone() for t in master],
-            "exp_avg": [t.detach().clone() for t in exp_avg],
-            "exp_avg_sq": [t.detach().clone() for t in exp_avg_sq],
+            # on the host: a checkpoint must not double the active block's state in device memory
+            "master": [t.detach().to("cpu", copy=True) for t in master],
+            "exp_avg": [t.detach().to("cpu", copy=True) for t in exp_avg],
+            "exp_avg_sq": [t.detach().to("cpu", copy=True) for t in exp_avg_sq],
             "sr_counter": self._sr_counter,
             "seed": self._seed,
         }
@@ -363,13 +424,15 @@ class BlockAdam(torch.optim.Optimizer):
             raise ValueError(
                 f"state has {len(state_dict['param_groups'])} param groups, this optimizer has {len(self.param_groups)}"
             )
+        active = state_dict["active_block"]
+        if not isinstance(active, int) or not 0 <= active < len(self.partition):
+            raise ValueError(f"state's active block {active!r} is out of range for {len(self.partition)} blocks")
+        if [n for n, _ in self._active_named(active)] != state_dict["active_param_names"]:
+            raise ValueError("active block parameters in the state do not match this model's block")
+        self.schedule.load_state_dict(state_dict["schedule"])  # validates its own configuration first
         for group, saved in zip(self.param_groups, state_dict["param_groups"]):
             group.update(saved)
-        self.schedule.load_state_dict(state_dict["schedule"])
-        self._activate(state_dict["active_block"])
-        names = [n for n, _ in self._active_named(self.active_block)]
-        if names != state_dict["active_param_names"]:
-            raise ValueError("active block parameters in the state do not match this model's block")
+        self._activate(active)
         for views, saved in zip(self._views[:3], (state_dict[k] for k in ("master", "exp_avg", "exp_avg_sq"))):
             for view, tensor in zip(views, saved):
                 view.copy_(tensor)
@@ -391,10 +454,33 @@ class BlockAdam(torch.optim.Optimizer):
         )
 
 
-def _make_grad_sync(distributed: Optional[bool], process_group: Any):
-    """A GradSync when data parallel is asked for, or (None) found initialised with > 1 rank."""
+def _refresh_pruner_hook(opt: "BlockAdam"):
+    """A forward pre-hook that re-checks pruning through a weak reference to the optimizer."""
+    ref = weakref.ref(opt)
+
+    def hook(*_: Any) -> None:
+        live = ref()
+        if live is not None and live.pruner is not None:
+            live.pruner.refresh()
+
+    return hook
+
+
+def _make_grad_sync(distributed: Optional[bool], process_group: Any, sharded: bool = False):
+    """A GradSync when data parallel is asked for, or (None) found initialised with > 1 rank.
+
+    None under FSDP2 (``sharded``): FSDP2 reduce-scatters the gradients itself.
+    """
     import torch.distributed as dist
 
+    if sharded:
+        if distributed or process_group is not None:
+            raise ValueError(
+                "the block parameters are FSDP2-sharded DTensors: FSDP2 reduce-scatters their gradients "
+                "itself, so BlockAdam's data-parallel gradient sync must stay off; leave distributed and "
+                "process_group unset (or pass distributed=False)"
+            )
+        return None
     if distributed is False:
         return None
     ready = dist.is_available() and dist.is_initialized()

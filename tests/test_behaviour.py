@@ -107,10 +107,14 @@ def test_weight_decay_skips_biases_and_norms():
             torch.testing.assert_close(p, before[n] * (1 - 0.1 * 0.5))
 
 
-@pytest.mark.parametrize("backend", ["torch", "triton"])
-def test_resume_from_state_dict_is_bit_identical(backend, tmp_path):
+@pytest.mark.parametrize("backend, extra", [
+    ("torch", {}),
+    ("triton", {}),
+    ("triton", {"stochastic_rounding": True, "max_grad_norm": 0.05}),  # the SR stream and clipping resume too
+])
+def test_resume_from_state_dict_is_bit_identical(backend, extra, tmp_path):
     batches = _batches(12)
-    kwargs = dict(lr=1e-2, weight_decay=0.01, switch_every=2, switch_mode="random", backend=backend, seed=3)
+    kwargs = dict(lr=1e-2, weight_decay=0.01, switch_every=2, switch_mode="random", backend=backend, seed=3, **extra)
 
     model = tiny_model("llama", dtype=torch.bfloat16, num_layers=3)
     opt = BlockAdam(model, **kwargs)
@@ -274,3 +278,44 @@ def test_compat_constructor_with_model_gets_backward_pruning():
     assert BlockOptimizer(base, named, backend="torch", model=model).pruner is not None
     with pytest.raises(ValueError, match="model= must be the module"):
         BlockOptimizer(base, named, backend="torch", model=tiny_model("llama", num_layers=2))
+
+
+def test_refused_state_dict_leaves_the_optimizer_unchanged():
+    opt = BlockAdam(tiny_model("llama", num_layers=3), lr=1e-3, backend="torch", switch_mode="ascending")
+    state = opt.state_dict()
+    state["param_groups"][0]["lr"] = 123.0
+    state["schedule"]["global_step"] = 999
+    state["active_param_names"] = ["not.a.param"]
+    with pytest.raises(ValueError, match="do not match"):
+        opt.load_state_dict(state)
+    assert opt.param_groups[0]["lr"] == 1e-3 and opt.schedule.global_step == 0
+
+
+def test_state_dict_holds_host_copies():
+    opt = BlockAdam(tiny_model("llama", num_layers=2), backend="torch")
+    state = opt.state_dict()
+    for key in ("master", "exp_avg", "exp_avg_sq"):
+        for saved, view in zip(state[key], opt._views[("master", "exp_avg", "exp_avg_sq").index(key)]):
+            assert saved.device.type == "cpu" and saved.data_ptr() != view.data_ptr()
+
+
+def test_step_refuses_weights_reallocated_after_construction():
+    model = tiny_model("llama", num_layers=2)
+    opt = BlockAdam(model, backend="torch")
+    model.to(torch.float64)  # new storage: the optimizer's tables point at the old tensors
+    _loss(model, _batches(1)[0]).backward()
+    with pytest.raises(RuntimeError, match="re-allocated after BlockAdam was built"):
+        opt.step()
+
+
+def test_discarded_optimizer_is_freed_and_close_detaches():
+    import gc
+    import weakref
+
+    model = tiny_model("llama", num_layers=2)
+    ref = weakref.ref(BlockAdam(model, backend="torch"))
+    gc.collect()
+    assert ref() is None, "the model's forward hook kept a discarded optimizer alive"
+    opt = BlockAdam(model, backend="torch")
+    opt.close()
+    assert opt.arena.released and not model._forward_pre_hooks

@@ -73,9 +73,9 @@ def _train(model: torch.nn.Module, micro_batches: Callable[[int], list[dict]],
                 (model(**mb).loss / len(batches)).backward()
         if sync is not None:
             launched_in_backward.append(sync.num_reductions - before)
+            sync.synchronize()
+            assert sync.synchronized
             sync.wait()
-            for p in params:
-                p.grad.mul_(sync.grad_scale())
         grads.append([p.grad.clone() for p in params])
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -100,7 +100,7 @@ def _check_equivalence(rank: int, ref: torch.nn.Module, ref_grads: list[list[tor
     """Each rank trains on its half of the batch; weights equal the 1-process run on the whole batch."""
     model = tiny_model("llama", num_layers=2)
     sync = GradSync()
-    assert sync.world_size == WORLD and sync.grad_scale() == 0.5
+    assert sync.world_size == WORLD
     launched, grads = _train(model, lambda s: [_rows(_combined_batch(model, s), slice(2 * rank, 2 * rank + 2))],
                              sync)
     n = len(list(model.model.layers[0].parameters()))
@@ -180,7 +180,7 @@ def _check_shared_weight(rank: int) -> None:
         assert seen == ([base, base] if step == 0 else [base, base + 1]), (step, seen, base)
         sync.wait()
         assert sync.num_reductions == base + 1
-        torch.testing.assert_close(weight.grad, expected, rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(weight.grad, expected / WORLD, rtol=1e-6, atol=1e-6)  # the mean over ranks
         weight.grad = None
 
 
@@ -217,7 +217,7 @@ def _check_reject_ddp(rank: int) -> None:
 
 def _check_blockadam(rank: int) -> None:
     """BlockAdam(distributed=True) on 2 ranks equals the 1-process BlockAdam on the combined batch."""
-    def run(model: torch.nn.Module, rows: list[slice], distributed: bool) -> BlockAdam:
+    def run(model: torch.nn.Module, rows: list[slice], distributed: bool, clip: bool = False) -> BlockAdam:
         opt = BlockAdam(model, lr=LR, eps=EPS, weight_decay=0.01, switch_every=K, switch_mode="ascending",
                         backend="torch", distributed=distributed)
         for step in range(STEPS + 2):  # blocks 0, 0, 1, 1, 0, 0, 1, 1
@@ -225,6 +225,9 @@ def _check_blockadam(rank: int) -> None:
             for j, sl in enumerate(rows):
                 with opt.no_sync() if j < len(rows) - 1 else contextlib.nullcontext():
                     (model(**_rows(full, sl)).loss / len(rows)).backward()
+            if clip:  # user-side clipping sees the mean over ranks once synchronised
+                opt.synchronize_grads()
+                torch.nn.utils.clip_grad_norm_(model.parameters(), 0.05)
             opt.step()
         return opt
 
@@ -237,6 +240,26 @@ def _check_blockadam(rank: int) -> None:
         _assert_same_weights(model, ref)
         checker.check_replicas(list(model.parameters()))
         opt.check_replicas()  # the active block's fp32 masters
+
+    ref = tiny_model("llama", num_layers=2)
+    run(ref, [slice(0, 4)], distributed=False, clip=True)
+    model = tiny_model("llama", num_layers=2)
+    run(model, [slice(2 * rank, 2 * rank + 2)], distributed=True, clip=True)
+    _assert_same_weights(model, ref)
+    checker.check_replicas(list(model.parameters()))
+
+    # GradScaler's found-inf check must see synchronised grads, or ranks could disagree: refused.
+    opt = BlockAdam(model, lr=LR, switch_every=K, backend="torch", distributed=True)
+    full = _combined_batch(model, 0)
+    model(**_rows(full, slice(2 * rank, 2 * rank + 2))).loss.backward()
+    opt.found_inf = torch.zeros(())
+    try:
+        opt.step()
+        raise AssertionError("step with found_inf before synchronize_grads() was not refused")
+    except RuntimeError as err:
+        assert "synchronize_grads" in str(err)
+    opt.synchronize_grads()
+    opt.step()  # now fine
 
 
 def _check_bench_smoke(rank: int) -> None:
@@ -352,7 +375,7 @@ def test_world_of_one_is_a_no_op(world_of_one: None) -> None:
     with sync.no_sync():
         model(**batch).loss.backward()
     sync.wait()  # nothing to reduce alone, so no error for a last backward under no_sync
-    assert sync.num_reductions == 0 and sync.grad_scale() == 1.0 and sync.bytes_per_step() == 0
+    assert sync.num_reductions == 0 and sync.synchronized and sync.bytes_per_step() == 0
     sync.check_replicas([p.detach() for p in model.parameters()])
 
 
