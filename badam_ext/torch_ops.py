@@ -2,7 +2,9 @@
 
 The same entry points as :mod:`badam_ext.kernels` (``BlockTables`` here is :class:`TorchTables`),
 with the same arithmetic in the same order, so on CPU the two agree bit for bit (stochastic
-rounding aside, which draws from torch's generator instead of Triton's Philox stream). It serves
+rounding aside, which draws from torch's generator instead of Triton's Philox stream; and the
+gradient norm, summed per tensor here and per chunk there, which can move a clipped step by one
+fp32 ulp). It serves
 CPU users and is the oracle the Triton kernels are tested against. No triton import, no host sync.
 """
 from __future__ import annotations
