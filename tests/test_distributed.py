@@ -8,15 +8,13 @@ from __future__ import annotations
 import contextlib
 import datetime
 import sys
-import time
-import traceback
 from pathlib import Path
 from typing import Callable, Optional
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
+from _multiproc import run_logged, spawn_and_collect
 from _tiny_models import tiny_batch, tiny_model
 from torch.utils.checkpoint import checkpoint
 
@@ -306,16 +304,7 @@ def _worker(rank: int, init_file: str, out_dir: str) -> None:
             ("blockadam", lambda: _check_blockadam(rank)),
             ("bench_smoke", lambda: _check_bench_smoke(rank)),
         ]
-        for name, check in steps:
-            t0 = time.perf_counter()
-            try:
-                check()
-            except BaseException:
-                with log.open("a") as f:
-                    f.write(f"FAILED {name}\n{traceback.format_exc()}\n")
-                raise
-            with log.open("a") as f:
-                f.write(f"ok {name} {time.perf_counter() - t0:.2f}\n")
+        run_logged(log, steps)
     finally:
         dist.destroy_process_group()
 
@@ -323,14 +312,7 @@ def _worker(rank: int, init_file: str, out_dir: str) -> None:
 @pytest.fixture(scope="module")
 def two_rank_results(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict[int, str], str]:
     """Run every two-rank check once; per rank the log of passed checks, and the spawn error if any."""
-    out = tmp_path_factory.mktemp("dist")
-    error = ""
-    try:
-        mp.spawn(_worker, args=(str(out / "init"), str(out)), nprocs=WORLD, join=True)
-    except Exception as exc:  # the failing check is in the logs; keep the message for the report
-        error = str(exc)
-    logs = {r: (out / f"rank{r}.txt").read_text() if (out / f"rank{r}.txt").exists() else "" for r in range(WORLD)}
-    return logs, error
+    return spawn_and_collect(_worker, tmp_path_factory.mktemp("dist"), WORLD)
 
 
 @pytest.mark.parametrize("check", CHECKS)
