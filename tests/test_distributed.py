@@ -6,7 +6,6 @@ below asserts on its own check, so a failure names the check (and shows the work
 from __future__ import annotations
 
 import contextlib
-import datetime
 import sys
 from pathlib import Path
 from typing import Callable, Optional
@@ -14,7 +13,7 @@ from typing import Callable, Optional
 import pytest
 import torch
 import torch.distributed as dist
-from _multiproc import run_logged, spawn_and_collect
+from _multiproc import spawn_and_collect
 from _tiny_models import tiny_batch, tiny_model
 from torch.utils.checkpoint import checkpoint
 
@@ -286,33 +285,25 @@ CHECKS = ["equivalence", "accumulation", "misuse_errors", "shared_weight", "chec
           "blockadam", "bench_smoke"]
 
 
-def _worker(rank: int, init_file: str, out_dir: str) -> None:
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD,
-                            timeout=datetime.timedelta(seconds=60))
-    torch.set_num_threads(1)
-    log = Path(out_dir) / f"rank{rank}.txt"
-    try:
-        ref = tiny_model("llama", num_layers=2)
-        _, ref_grads = _train(ref, lambda s: [_combined_batch(ref, s)])  # 1 process, the combined batch
-        steps = [
-            ("equivalence", lambda: _check_equivalence(rank, ref, ref_grads)),
-            ("accumulation", lambda: _check_accumulation(rank, ref, ref_grads)),
-            ("misuse_errors", lambda: _check_misuse_errors(rank)),
-            ("shared_weight", lambda: _check_shared_weight(rank)),
-            ("check_replicas", lambda: _check_replicas_detects(rank)),
-            ("reject_ddp", lambda: _check_reject_ddp(rank)),
-            ("blockadam", lambda: _check_blockadam(rank)),
-            ("bench_smoke", lambda: _check_bench_smoke(rank)),
-        ]
-        run_logged(log, steps)
-    finally:
-        dist.destroy_process_group()
+def _checks(rank: int) -> list[tuple[str, Callable[[], None]]]:
+    ref = tiny_model("llama", num_layers=2)
+    _, ref_grads = _train(ref, lambda s: [_combined_batch(ref, s)])  # 1 process, the combined batch
+    return [
+        ("equivalence", lambda: _check_equivalence(rank, ref, ref_grads)),
+        ("accumulation", lambda: _check_accumulation(rank, ref, ref_grads)),
+        ("misuse_errors", lambda: _check_misuse_errors(rank)),
+        ("shared_weight", lambda: _check_shared_weight(rank)),
+        ("check_replicas", lambda: _check_replicas_detects(rank)),
+        ("reject_ddp", lambda: _check_reject_ddp(rank)),
+        ("blockadam", lambda: _check_blockadam(rank)),
+        ("bench_smoke", lambda: _check_bench_smoke(rank)),
+    ]
 
 
 @pytest.fixture(scope="module")
 def two_rank_results(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict[int, str], str]:
     """Run every two-rank check once; per rank the log of passed checks, and the spawn error if any."""
-    return spawn_and_collect(_worker, tmp_path_factory.mktemp("dist"), WORLD)
+    return spawn_and_collect(_checks, tmp_path_factory.mktemp("dist"), WORLD)
 
 
 @pytest.mark.parametrize("check", CHECKS)

@@ -6,15 +6,13 @@ in sequence and logs the ones that passed; each test below asserts on its own ch
 """
 from __future__ import annotations
 
-import datetime
 import functools
-from pathlib import Path
 from typing import Any, Callable
 
 import pytest
 import torch
 import torch.distributed as dist
-from _multiproc import run_logged, spawn_and_collect
+from _multiproc import spawn_and_collect
 from _tiny_models import tiny_batch, tiny_model
 from torch import nn
 
@@ -264,21 +262,14 @@ CHECKS: dict[str, Callable[[int], None]] = {
 }
 
 
-def _worker(rank: int, init_file: str, out_dir: str) -> None:
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD,
-                            timeout=datetime.timedelta(seconds=60))
-    torch.set_num_threads(1)
-    log = Path(out_dir) / f"rank{rank}.txt"
-    try:
-        run_logged(log, [(name, functools.partial(check, rank)) for name, check in CHECKS.items()])
-    finally:
-        dist.destroy_process_group()
+def _checks(rank: int) -> list[tuple[str, Callable[[], None]]]:
+    return [(name, functools.partial(check, rank)) for name, check in CHECKS.items()]
 
 
 @pytest.fixture(scope="module")
 def two_rank_results(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict[int, str], str]:
     """Run every two-rank check once; per rank the log of passed checks, and the spawn error if any."""
-    return spawn_and_collect(_worker, tmp_path_factory.mktemp("fsdp"), WORLD)
+    return spawn_and_collect(_checks, tmp_path_factory.mktemp("fsdp"), WORLD)
 
 
 @pytest.mark.parametrize("check", list(CHECKS))
