@@ -106,3 +106,22 @@ def test_llama3_8b_shape_full_block_epoch():
     assert not torch.equal(model.model.layers[0].mlp.down_proj.weight, before)
     # one 8B layer: 218.1M params; arena holds 3 fp32 copies of the largest block
     assert opt.arena.capacity_bytes < 3 * 4 * 219_000_000 + 4096
+
+
+def test_state_dict_moved_to_the_gpu_loads():
+    """accelerate (HF Trainer) moves optimizer state_dicts to the device before loading them."""
+    model = tiny_model("llama", dtype=torch.bfloat16, num_layers=2).cuda()
+    opt = BlockAdam(model, switch_every=1, switch_mode="random")
+    state = opt.state_dict()
+
+    def to_cuda(x):
+        if isinstance(x, torch.Tensor):
+            return x.cuda()
+        if isinstance(x, dict):
+            return {k: to_cuda(v) for k, v in x.items()}
+        if isinstance(x, (list, tuple)):
+            return type(x)(to_cuda(v) for v in x)
+        return x
+
+    opt.load_state_dict(to_cuda(state))
+    assert opt.schedule.state_dict()["order"] == state["schedule"]["order"]
