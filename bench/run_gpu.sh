@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# One GPU session: build the extension against the machine's torch, run the GPU tests and the
+# One GPU run: build the extension against the machine's torch, run the GPU tests and the
 # benchmarks, write every log and JSON line under $OUT (default ./out).
 #   bash bench/run_gpu.sh tests    # build + GPU tests (-m gpu)
 #   bash bench/run_gpu.sh micro    # update / switch / backward-by-depth benchmarks
