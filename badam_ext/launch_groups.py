@@ -5,7 +5,7 @@ per step. The tables (pointers, arena offsets, chunk map) are built once per blo
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 
 import torch
@@ -26,11 +26,10 @@ class LaunchGroup:
     # parameter or gradient -> the tensor the kernels see (FSDP2: this rank's local shard)
     local: Callable[[torch.Tensor], torch.Tensor] = _identity
     # (address, dtype) of each weight when the tables were built: the kernels write there
-    storage: list[tuple[int, torch.dtype]] = None  # type: ignore[assignment]
+    storage: list[tuple[int, torch.dtype]] = field(init=False)
 
     def __post_init__(self) -> None:
-        if self.storage is None:
-            self.storage = [(self.local(p).data_ptr(), p.dtype) for p in self.params]
+        self.storage = [(self.local(p).data_ptr(), p.dtype) for p in self.params]
 
     def check_storage(self) -> None:
         """Raise if a weight was re-allocated since the tables were built (the step would write to

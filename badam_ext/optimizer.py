@@ -10,10 +10,12 @@ from __future__ import annotations
 import contextlib
 import logging
 import weakref
+from collections import OrderedDict
 from typing import Any, Callable, Iterable, Optional, Sequence, Union
 
 import torch
 from torch import nn
+from torch.utils.hooks import RemovableHandle
 
 from .arena import BlockArena, required_capacity
 from .fsdp import local_tensor, sharding_of
@@ -39,15 +41,6 @@ STATE_FORMAT = "badam_ext.BlockAdam/1"
 def default_no_decay(name: str, param: torch.Tensor) -> bool:
     """Biases and normalization weights (1-D tensors) get no weight decay."""
     return param.dim() <= 1 or name.endswith(".bias")
-
-
-class _HookHandle:
-    def __init__(self, hooks: list, hook: Any) -> None:
-        self._hooks, self._hook = hooks, hook
-
-    def remove(self) -> None:
-        if self._hook in self._hooks:
-            self._hooks.remove(self._hook)
 
 
 class BlockAdam(torch.optim.Optimizer):
@@ -156,7 +149,7 @@ class BlockAdam(torch.optim.Optimizer):
         )
         self._seed = seed
         self._sr_counter = 0
-        self._switch_hooks: list[SwitchHook] = []
+        self._switch_hooks: OrderedDict[int, SwitchHook] = OrderedDict()  # RemovableHandle needs a weakref-able dict
 
         capacity = max(self._local_capacity(i) for i in range(len(self.partition)))
         # a rank whose shards of every block are empty still needs an arena to exist
@@ -250,7 +243,7 @@ class BlockAdam(torch.optim.Optimizer):
             logger.info("BlockAdam: block %d (%s) active, %d tensors, %s parameters", index,
                         self.partition.blocks[index].name, len(params), f"{sum(p.numel() for p in params):,}")
         info = self.block_info(index)
-        for hook in list(self._switch_hooks):
+        for hook in list(self._switch_hooks.values()):
             hook(old, index, info)
 
     def block_info(self, index: int) -> dict:
@@ -265,14 +258,15 @@ class BlockAdam(torch.optim.Optimizer):
             "grad_bytes": sum(t.numel() * t.element_size() for _, _, t in self._local_named(index)),
         }
 
-    def add_switch_hook(self, hook: SwitchHook) -> _HookHandle:
+    def add_switch_hook(self, hook: SwitchHook) -> RemovableHandle:
         """Call ``hook(old_index, new_index, info)`` after every block switch; returns a removable handle.
 
         The hook is called once at registration with ``old_index=None`` and the active block.
         """
-        self._switch_hooks.append(hook)
+        handle = RemovableHandle(self._switch_hooks)
+        self._switch_hooks[handle.id] = hook
         hook(None, self.active_block, self.block_info(self.active_block))
-        return _HookHandle(self._switch_hooks, hook)
+        return handle
 
     # -------------------------------------------------------------------- step
     @torch.no_grad()
@@ -376,17 +370,6 @@ class BlockAdam(torch.optim.Optimizer):
         """Debug: raise if the ranks' active-block masters differ (data parallel only)."""
         if self._grad_sync is not None:
             self._grad_sync.check_replicas(list(self._views[0]), what="fp32 master weights")
-
-    def zero_grad(self, set_to_none: bool = True) -> None:
-        """Drop the gradients of every managed parameter (only the active block has any)."""
-        for group in self.param_groups:
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                if set_to_none:
-                    p.grad = None
-                else:
-                    p.grad.zero_()
 
     # ------------------------------------------------------------------- state
     def state_dict(self) -> dict[str, Any]:
