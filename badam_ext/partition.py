@@ -12,6 +12,10 @@ of always-trainable parameters (``active_modules``) and the frozen rest. Builder
 
 A prefix ``p`` matches a parameter name ``n`` when ``n == p`` or ``n`` starts with ``p + "."``
 (a prefix ending in ``"."`` must start ``n``): ``model.layers.1`` never matches ``model.layers.10.x``.
+
+Names never contain the ``_orig_mod`` component that ``torch.compile``'s wrapper module adds
+(``torch.compile(model)``, or a compiled module put in place of a layer): a partition, and a
+checkpoint keyed by it, are the same whether or not the model was compiled.
 """
 from __future__ import annotations
 
@@ -19,6 +23,7 @@ import hashlib
 import json
 import logging
 import re
+import warnings
 from dataclasses import dataclass
 from types import MappingProxyType
 from typing import Any, Iterable, Literal, Mapping, Sequence
@@ -43,6 +48,20 @@ HEAD_NAMES = frozenset({"lm_head", "embed_out", "cls", "score", "classifier", "q
 _LAYER_NAME_RE = re.compile(r"^((?:.*?\.)?(?:layers|h|layer|block|blocks))\.(\d+)\.")
 
 NamedParams = Iterable[tuple[str, torch.Tensor]]
+
+#: The attribute under which ``torch.compile`` wraps a module (``OptimizedModule._orig_mod``).
+COMPILE_WRAPPER = "_orig_mod"
+
+
+def strip_compile_prefix(name: str) -> str:
+    """``name`` without the ``_orig_mod`` components of ``torch.compile`` wrappers.
+
+    ``_orig_mod.model.layers.0.mlp.weight`` and ``model.layers.0._orig_mod.mlp.weight`` both become
+    ``model.layers.0.mlp.weight``.
+    """
+    if COMPILE_WRAPPER not in name:
+        return name
+    return ".".join(part for part in name.split(".") if part != COMPILE_WRAPPER)
 
 
 @dataclass(frozen=True)
@@ -249,7 +268,7 @@ def find_layer_container(model: nn.Module) -> LayerContainer | None:
         return sum(p.numel() for p in m.parameters())
 
     best_name, best = max(top, key=lambda nm: size(nm[1]))  # max keeps the first of equals
-    return LayerContainer(prefix=best_name, layers=tuple(best))
+    return LayerContainer(prefix=strip_compile_prefix(best_name), layers=tuple(best))
 
 
 def _layer_groups_from_names(params: Mapping[str, torch.Tensor]) -> tuple[str, list[int]] | None:
@@ -285,6 +304,7 @@ def _collect(model_or_named_params: nn.Module | NamedParams) -> tuple[dict[str, 
     if isinstance(model_or_named_params, nn.Module):
         module: nn.Module | None = model_or_named_params
         pairs: Iterable[Any] = model_or_named_params.named_parameters()
+        _warn_if_compiled_whole(module)
     elif isinstance(model_or_named_params, (str, bytes, Mapping)):
         raise TypeError("expected an nn.Module or an iterable of (name, parameter) pairs, "
                         f"got {type(model_or_named_params).__name__}")
@@ -299,6 +319,7 @@ def _collect(model_or_named_params: nn.Module | NamedParams) -> tuple[dict[str, 
         name, p = item
         if not isinstance(name, str):
             raise TypeError(f"parameter names must be strings, got {type(name).__name__}")
+        name = strip_compile_prefix(name)
         if not isinstance(p, torch.Tensor):
             raise TypeError(f"{name!r} is a {type(p).__name__}, not a tensor")
         if not p.is_leaf:
@@ -315,6 +336,17 @@ def _collect(model_or_named_params: nn.Module | NamedParams) -> tuple[dict[str, 
     return params, module
 
 
+def _warn_if_compiled_whole(module: nn.Module) -> None:
+    """Whole-model compilation recompiles at every block switch: say so, and what to do instead."""
+    if isinstance(getattr(module, COMPILE_WRAPPER, None), nn.Module) or \
+            getattr(module, "_compiled_call_impl", None) is not None:
+        warnings.warn(
+            "the model is torch.compile'd as a whole: every BAdam block switch changes requires_grad and "
+            "recompiles the whole graph, and past torch's recompile limit (8) it runs eagerly. Compile "
+            "the layers instead (recompiles stay bounded): badam_ext.compile_layers(model) on the "
+            "uncompiled model", stacklevel=4)
+
+
 def _check_stray(stray: str) -> None:
     if stray not in STRAY_POLICIES:
         raise ValueError(f"stray must be one of {STRAY_POLICIES}, got {stray!r}")
@@ -327,6 +359,7 @@ def _resolve(params: Mapping[str, torch.Tensor], entries: Sequence[str], what: s
     bad = [e for e in entries if not isinstance(e, str) or not e]
     if bad:
         raise TypeError(f"{what} entries must be non-empty strings, got {bad!r}")
+    entries = [strip_compile_prefix(e) for e in entries]
     unmatched = [e for e in entries if not any(_matches(n, e) for n in params)]
     if unmatched:
         raise ValueError(f"{what} names matching no parameter: {_short(unmatched)}")
@@ -347,7 +380,7 @@ def _prefix_blocks(params: Mapping[str, torch.Tensor], block_prefixes: Sequence[
             if n in owner:
                 raise ValueError(f"parameter {n!r} matches block_prefixes[{owner[n]}] and block_prefixes[{i}]")
             owner[n] = i
-        label = "+".join(p.rstrip(".") for p in prefixes)
+        label = "+".join(strip_compile_prefix(p).rstrip(".") for p in prefixes)
         blocks.append(Block(label, tuple(names)))
     return blocks
 
@@ -379,7 +412,7 @@ def _module_prefix(model: nn.Module, target: Any) -> str | None:
         return None
     for name, m in model.named_modules():
         if m is target:
-            return name
+            return strip_compile_prefix(name)
     return None
 
 
@@ -541,7 +574,8 @@ def partition_from_blocks(
     for i, entry in enumerate(blocks):
         if isinstance(entry, str):
             raise TypeError(f"blocks[{i}] is a string; each block is a list of parameter names")
-        built.append(Block(names[i] if names is not None else f"block{i}", tuple(entry)))
+        built.append(Block(names[i] if names is not None else f"block{i}",
+                           tuple(strip_compile_prefix(n) if isinstance(n, str) else n for n in entry)))
     return _explicit(params, built, active_modules, stray)
 
 

@@ -1,0 +1,101 @@
+"""torch.compile under BAdam: regional compilation keeps the graphs few across block switches, and
+block names (so checkpoints) do not depend on compilation."""
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+from _tiny_models import enable_checkpointing, tiny_batch, tiny_model
+
+from badam_ext import BlockAdam, compile_layers
+from badam_ext.partition import strip_compile_prefix
+
+pytest.importorskip("transformers")
+
+
+def _graphs() -> int:
+    from torch._dynamo.utils import counters
+
+    return int(counters["stats"]["unique_graphs"])
+
+
+def _train(num_layers: int, compiled: bool, checkpointing: str | None, steps: int) -> tuple[list[float], list[int]]:
+    """Losses and the running graph count of ``steps`` BlockAdam steps, one block per step."""
+    torch._dynamo.reset()
+    model = tiny_model("llama", num_layers=num_layers, use_cache=False)
+    if checkpointing is not None:
+        enable_checkpointing(model, reentrant=checkpointing == "reentrant")
+    if compiled:
+        # aot_eager: dynamo's guards and AOTAutograd's graphs as with inductor, without C++ code generation
+        assert compile_layers(model, backend="aot_eager") == num_layers
+    opt = BlockAdam(model, lr=1e-3, switch_every=1, switch_mode="ascending", backend="torch")
+    batch = tiny_batch(model)
+    losses, graphs = [], []
+    before = _graphs()  # the counter is per process
+    for _ in range(steps):
+        loss = model(**batch).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        losses.append(loss.item())
+        graphs.append(_graphs() - before)
+    return losses, graphs
+
+
+@pytest.mark.parametrize("checkpointing", [None, "reentrant", "non_reentrant"])
+def test_regional_compilation_graphs_stay_bounded_across_block_switches(checkpointing):
+    layers = 5
+    compiled_losses, graphs = _train(layers, True, checkpointing, steps=2 * layers)  # two block epochs
+    after_first_epoch = graphs[layers - 1]
+    # A layer's graph depends on its role (below / active / above the active block), not on which block
+    # is active: a few graphs in all, none added by the second block epoch (a whole-model compile adds
+    # one per block and stops compiling after 8).
+    assert after_first_epoch <= 4 < layers
+    assert graphs[-1] == after_first_epoch
+    eager_losses, _ = _train(layers, False, checkpointing, steps=2 * layers)
+    assert compiled_losses == pytest.approx(eager_losses, rel=1e-5)
+
+
+def test_names_do_not_carry_the_compile_wrapper():
+    model = tiny_model("llama", num_layers=2)
+    with pytest.warns(UserWarning, match="compile_layers"):
+        opt = BlockAdam(torch.compile(model), backend="torch", switch_every=1)
+    assert [b.name for b in opt.partition.blocks] == ["model.layers.0", "model.layers.1"]
+    assert not any("_orig_mod" in n for n in opt.partition.params)
+    assert opt.pruner is not None and opt.pruner.container.prefix == "model.layers"
+    assert strip_compile_prefix("model.layers.0._orig_mod.mlp.up_proj.weight") == "model.layers.0.mlp.up_proj.weight"
+
+
+def test_state_saved_from_a_compiled_model_loads_into_an_uncompiled_one():
+    model = tiny_model("llama", num_layers=3)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # the whole-model compile advice
+        opt = BlockAdam(torch.compile(model), lr=1e-2, backend="torch", switch_every=2, switch_mode="random", seed=3)
+    batch = tiny_batch(model)
+    for _ in range(3):  # into the second block, mid-way
+        model(**batch).loss.backward()  # eager forward: the wrapper shares the parameters
+        opt.step()
+    state = opt.state_dict()
+    assert not any("_orig_mod" in n for n in state["active_param_names"])
+
+    plain = tiny_model("llama", num_layers=3)
+    plain.load_state_dict(model.state_dict())
+    resumed = BlockAdam(plain, lr=1e-2, backend="torch", switch_every=2, switch_mode="random", seed=3)
+    resumed.load_state_dict(state)  # same fingerprint: the names match
+    assert resumed.active_block == opt.active_block
+    for m, o in ((model, opt), (plain, resumed)):
+        m(**batch).loss.backward()
+        o.step()
+    for (n, p), (_, q) in zip(model.named_parameters(), plain.named_parameters()):
+        assert torch.equal(p, q), n
+
+
+def test_compile_layers_refuses_what_it_cannot_compile_per_layer():
+    model = tiny_model("llama", num_layers=2)
+    with pytest.raises(ValueError, match="uncompiled model"):
+        compile_layers(torch.compile(model))
+    with pytest.raises(ValueError, match="no repeated layer stack"):
+        compile_layers(torch.nn.Sequential(torch.nn.Linear(2, 2)))
+    with pytest.warns(UserWarning, match="use_cache"):
+        compile_layers(tiny_model("llama", num_layers=2, use_cache=True), backend="eager")
