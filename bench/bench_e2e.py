@@ -8,6 +8,11 @@ samples taken after each phase). Variants, each in a fresh process (``--isolatio
 
 * ``ours`` — ``BlockAdam(model, switch_every=K, switch_mode="ascending")``: fused kernels, arena,
   backward pruning, HF gradient checkpointing.
+* ``ours_compiled`` — ``ours`` with the decoder layers compiled one by one
+  (``badam_ext.compile_layers(model)``, i.e. ``layer.compile()`` per layer: regional compilation, whose
+  graphs stay few whatever the number of blocks); not in the default set. The record's ``compile``
+  entry counts the graphs dynamo built in total and during the measured steps (0 there: no recompile
+  after the warm-up).
 * ``ref`` — reference ``badam`` 1.4 as its README shows it (``BlockOptimizer`` over
   ``torch.optim.AdamW``) with plain HF ``gradient_checkpointing_enable()`` (no pruning).
 * ``ref_patched`` — the reference with its gradient-checkpointing patch (``BAdamCallback``); on
@@ -17,6 +22,7 @@ samples taken after each phase). Variants, each in a fresh process (``--isolatio
   an OOM (the 8B shape on 80 GB) is recorded as the result.
 
     python bench/bench_e2e.py --model 8b --out results.jsonl
+    python bench/bench_e2e.py --model 8b --variants ours,ours_compiled --steps 64 --out results.jsonl
     python bench/bench_e2e.py --smoke
 """
 from __future__ import annotations
@@ -45,7 +51,8 @@ import _timing as T  # noqa: E402
 from models import LOSS_MODES, MODEL_NAMES, build_model, causal_lm_loss, config_for, random_batch  # noqa: E402
 
 SCRIPT = os.path.abspath(__file__)
-VARIANTS = ("ours", "ref", "ref_patched", "full_adamw")
+VARIANTS = ("ours", "ref", "ref_patched", "full_adamw")  # the default set
+ALL_VARIANTS = (*VARIANTS, "ours_compiled")
 REFERENCE_VARIANTS = ("ref", "ref_patched")
 
 warnings.filterwarnings("ignore", message=r".*gradient_checkpointing_enable.*", category=FutureWarning)
@@ -101,8 +108,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--warmup", type=int, default=None,
                    help="untimed steps first (default K + 1: a switch and a forward on the next block, whose "
                         "first pruned forward pays one-time kernel set-up)")
-    p.add_argument("--variants", type=T.csv_choices(VARIANTS), default=list(VARIANTS))
-    p.add_argument("--variant", choices=VARIANTS, default=None, help=argparse.SUPPRESS)  # child mode
+    p.add_argument("--variants", type=T.csv_choices(ALL_VARIANTS), default=list(VARIANTS),
+                   help=f"comma-separated, of {','.join(ALL_VARIANTS)} (default: {','.join(VARIANTS)})")
+    p.add_argument("--compile-backend", default="inductor",
+                   help="torch.compile backend of ours_compiled (aot_eager: CPU smoke runs without C++ codegen)")
+    p.add_argument("--variant", choices=ALL_VARIANTS, default=None, help=argparse.SUPPRESS)  # child mode
     args = p.parse_args(argv)
     finish_common_args(p, args)
     args.model = args.model or ("tiny" if args.smoke else "8b")
@@ -118,7 +128,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def child_argv(args: argparse.Namespace, variant: str) -> list[str]:
     return common_child_argv(args) + ["--model", args.model, "--seq", str(args.seq), "--steps", str(args.steps),
-                                      "--warmup", str(args.warmup), "--variant", variant]
+                                      "--warmup", str(args.warmup), "--compile-backend", args.compile_backend,
+                                      "--variant", variant]
 
 
 # ------------------------------------------------------------------------------ variant harness
@@ -149,6 +160,17 @@ def setup_ours(model: torch.nn.Module, args: argparse.Namespace) -> Harness:
     notes = {"arena_bytes": int(opt.arena.capacity_bytes), "backend": getattr(opt._ops, "name", args.backend),
              "pruner": opt.pruner.describe() if opt.pruner is not None else None}
     return Harness(opt, lambda: opt.active_block, len(opt.partition), notes=notes)
+
+
+def setup_ours_compiled(model: torch.nn.Module, args: argparse.Namespace) -> Harness:
+    from badam_ext import compile_layers
+
+    model.config.use_cache = False  # a KV cache built in training forwards would specialise every layer
+    model.gradient_checkpointing_enable()
+    layers = compile_layers(model, backend=args.compile_backend)
+    harness = setup_ours(model, args)
+    harness.notes.update(compiled_layers=layers, compile_backend=args.compile_backend)
+    return harness
 
 
 def _reference_optimizer(model: torch.nn.Module, args: argparse.Namespace) -> Any:
@@ -186,6 +208,7 @@ def setup_full_adamw(model: torch.nn.Module, args: argparse.Namespace) -> Harnes
 
 SETUPS: dict[str, Callable[[torch.nn.Module, argparse.Namespace], Harness]] = {
     "ours": setup_ours, "ref": setup_ref, "ref_patched": setup_ref_patched, "full_adamw": setup_full_adamw,
+    "ours_compiled": setup_ours_compiled,
 }
 
 
@@ -197,12 +220,15 @@ def train_steps(model: torch.nn.Module, h: Harness, batch: dict[str, torch.Tenso
     device_type = next(model.parameters()).device.type
     gc.collect()  # settle what imports, build and setup left behind, so no full collection is due at once
     gcw = T.GcWatch()
+    graphs_at_warmup_end = compiled_graphs()
     with gcw:
         for i in range(warmup + steps):
             if i == warmup:
                 gcw.reset()  # count the measured steps only
+                graphs_at_warmup_end = compiled_graphs()
             _one_step(model, h, batch, args, i, i >= warmup, marks, clock, watch, ctx, device_type,
                       fail_before_forward)
+    graphs = compiled_graphs()
     ctx["phase"] = "resolve"
     last_loss = marks[-1][5] if marks else None
     fwd = [clock.ms(a, b) for a, b, _, _, _, _ in marks]
@@ -211,7 +237,15 @@ def train_steps(model: torch.nn.Module, h: Harness, batch: dict[str, torch.Tenso
     step = [clock.ms(a, d) for a, _, _, d, _, _ in marks]
     switch = [m[4] for m in marks]
     return {"fwd": fwd, "bwd": bwd, "opt": opt, "step": step, "switch": switch, **gcw.summary(),
+            "compile": {"graphs": graphs, "graphs_during_measured_steps": graphs - graphs_at_warmup_end},
             "final_loss": None if last_loss is None else float(last_loss.float().item())}
+
+
+def compiled_graphs() -> int:
+    """Graphs torch.compile (dynamo) has built in this process so far; every recompile adds one."""
+    from torch._dynamo.utils import counters
+
+    return int(counters["stats"]["unique_graphs"])
 
 
 def _one_step(model: torch.nn.Module, h: Harness, batch: dict[str, torch.Tensor], args: argparse.Namespace,
@@ -263,6 +297,7 @@ def summarize(t: dict[str, Any], args: argparse.Namespace, num_blocks: int) -> d
         "epoch_measured": len(t["step"]) >= epoch_steps,
         "tokens_per_s": None if not mean_step else args.batch * args.seq * 1e3 / mean_step,
         "final_loss": t["final_loss"],
+        "compile": t.get("compile"),
         **{k: t[k] for k in ("gc_collections", "gc_full_collections", "gc_ms", "gc_full_ms")},
         "per_step": {k: t[k] for k in ("fwd", "bwd", "opt", "step", "switch")},
     }
@@ -346,10 +381,26 @@ def print_summary(records: list[dict[str, Any]]) -> None:
                       ["variant"] + [name for _, name in keys], rows)
     else:
         print("no successful `ref` run: ratios vs the reference not available")
+    print_compiled_comparison(records)
     for r in records:
         if r.get("status") != "ok":
             print(f"{r['variant']}: {r.get('status')}: {r.get('error')}"
                   + (f" (in {r['failed_in']}, step {r.get('failed_at_step')})" if r.get("failed_in") else ""))
+
+
+def print_compiled_comparison(records: list[dict[str, Any]]) -> None:
+    """Eager against regionally compiled BlockAdam, and the compiled run's graph counts."""
+    ok = {r["variant"]: r for r in records if r.get("status") == "ok"}
+    compiled = ok.get("ours_compiled")
+    if compiled is None:
+        return
+    graphs = compiled.get("compile") or {}
+    print(f"ours_compiled: {graphs.get('graphs')} graphs compiled in all, "
+          f"{graphs.get('graphs_during_measured_steps')} during the measured steps (recompiles after warm-up)")
+    eager = ok.get("ours")
+    if eager is not None and eager.get("mean_step_ms") and compiled.get("mean_step_ms"):
+        print(f"step: compiled {compiled['mean_step_ms']:.1f} ms against eager {eager['mean_step_ms']:.1f} ms "
+              f"({eager['mean_step_ms'] / compiled['mean_step_ms']:.2f}x)")
 
 
 def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
