@@ -20,7 +20,9 @@ from torch.utils.hooks import RemovableHandle
 from .arena import BlockArena, required_capacity
 from .fsdp import local_tensor, sharding_of
 from .launch_groups import LaunchGroup, build_launch_groups
+from .logs import show_info
 from .ops import get_backend
+from .param_groups import named_parameter_pairs
 from .partition import (
     BlockPartition,
     apply_requires_grad,
@@ -114,7 +116,7 @@ class BlockAdam(torch.optim.Optimizer):
             from .distributed import reject_ddp
 
             reject_ddp(module)
-        named = list(params.named_parameters() if module is not None else params)
+        named = list(params.named_parameters()) if module is not None else named_parameter_pairs(params)
         if not named:
             raise ValueError("BlockAdam got no parameters")
         if any(not isinstance(n, str) or not isinstance(p, torch.Tensor) for n, p in named):
@@ -143,6 +145,8 @@ class BlockAdam(torch.optim.Optimizer):
         self.max_grad_norm = max_grad_norm
         self.stochastic_rounding = stochastic_rounding
         self.verbose = verbose
+        if verbose:
+            show_info(logger)  # an unconfigured logger would drop the INFO lines verbose asks for
         self._ops = get_backend(backend, self.device)
         self.schedule = BlockSchedule(
             len(self.partition), switch_mode, switch_every, start_block=start_block, seed=seed
