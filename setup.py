@@ -10,7 +10,7 @@ import sys
 from setuptools import setup
 from torch.utils.cpp_extension import BuildExtension, CppExtension
 
-SOURCES = ["csrc/arena.cpp", "csrc/bindings.cpp"]
+SOURCES = ["csrc/arena.cpp", "csrc/host_buffer.cpp", "csrc/bindings.cpp", "csrc/host_buffer_bindings.cpp"]
 # Link the shared libstdc++ by name: a relocated GCC whose lib dir holds only libstdc++.a would
 # otherwise embed a second, static libstdc++ in _C, and its iostreams crash inside the Python
 # process (seen on the GPU machine, whose CXX is such a toolchain).

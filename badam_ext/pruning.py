@@ -88,7 +88,8 @@ def _unwrap(fn: Any) -> Any:
 
 
 def _is_reentrant(fn: Any) -> bool | None:
-    fn = _unwrap(fn)
+    while getattr(fn, "wraps_checkpoint", False):  # ours and other wrappers (checkpoint offload)
+        fn = fn.inner
     if isinstance(fn, functools.partial):
         value = fn.keywords.get("use_reentrant")
         # torch.utils.checkpoint treats a missing use_reentrant as True (with a warning).
@@ -120,6 +121,8 @@ def checkpointing_info(model: nn.Module) -> CheckpointingInfo:
 
 class _InputGradCheckpoint:
     """A checkpoint function whose first positional tensor is made to require grad when it does not."""
+
+    wraps_checkpoint = True
 
     def __init__(self, inner: Callable[..., Any]) -> None:
         self.inner = inner

@@ -1,0 +1,365 @@
+"""Predict a BAdam training step's peak device memory from a model config alone.
+
+The model is built on the meta device (shapes, no weights) and partitioned as BlockAdam would. For
+every block the peak allocated memory is the largest of three moments of a step:
+
+* end of forward: weights + arena + the checkpointed layer inputs + the loss's working set;
+* backward of the lowest trainable layer: weights + arena + the block's gradients + that layer's
+  input + one layer's recompute working set (every activation the layer saves for its backward);
+* the embedding or head backward, for blocks that hold them (their gradients are vocab x hidden).
+
+Terms (bytes, ``T = batch x seq`` tokens, ``a`` the activation dtype's size):
+
+* checkpoints: ``T x hidden x a`` for every layer at or above the lowest trainable one; with offload,
+  two layers' worth (one being recomputed, one in flight);
+* recompute: ``T x (RECOMPUTE_PER_HIDDEN x hidden + RECOMPUTE_PER_INTERMEDIATE x intermediate) x a/2``
+  -- coefficients measured for Hugging Face's Llama-style layers (see bench/RESULTS.md);
+* loss: Hugging Face's loss keeps the bf16 logits, their fp32 copy and the fp32 gradient
+  (``T x vocab x (a + 8)``); the fused loss keeps its gradient for the hidden states and a chunk.
+
+Nothing here reads weights; :func:`plan_memory` takes a ``PretrainedConfig``, a ``config.json`` path,
+a checkpoint folder or a dict.
+"""
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Optional, Union
+
+import torch
+
+GIB = 2 ** 30
+# Per-token bytes of one decoder layer's recompute working set, per unit of hidden / intermediate
+# size, for 2-byte activations (calibrated against peak allocated on an H200, bench/RESULTS.md).
+RECOMPUTE_PER_HIDDEN = 24.0
+RECOMPUTE_PER_INTERMEDIATE = 10.0
+# A frozen layer above the active one saves less (no inputs of its weight gradients).
+FROZEN_RECOMPUTE_FRACTION = 0.75
+# Allocator slack between allocated and reserved memory that a fit must leave inside the budget.
+DEFAULT_FRAGMENTATION_GIB = 0.75
+# cuBLAS workspaces, rotary tables, masks and other step-independent buffers.
+RUNTIME_BYTES = 64 * 2 ** 20
+ARENA_BYTES_PER_ELEMENT = 12  # fp32 master, exp_avg, exp_avg_sq
+
+
+@dataclass
+class ModelShape:
+    """What the planner needs from a config."""
+
+    model_type: str
+    num_layers: int
+    hidden: int
+    intermediate: int
+    vocab: int
+    tied: bool
+    param_bytes: int
+    dtype_bytes: int
+    layer_numels: list[list[int]]  # per block: the numels of its tensors
+    block_names: list[str]
+    block_layers: list[Optional[int]]  # the lowest layer each block trains (None: no layer)
+    block_kinds: list[str]  # "layer", "embedding", "lm_head", "other"
+
+
+@dataclass
+class BlockPlan:
+    """The predicted peak of one block as active block, split into its parts (bytes)."""
+
+    index: int
+    name: str
+    weights: int
+    arena: int
+    grads: int
+    checkpoints: int
+    recompute: int
+    loss: int
+    runtime: int
+    peak: int
+    peak_at: str
+
+    def gib(self) -> dict[str, Any]:
+        out = asdict(self)
+        for key in ("weights", "arena", "grads", "checkpoints", "recompute", "loss", "runtime", "peak"):
+            out[key] = round(out[key] / GIB, 3)
+        return out
+
+
+@dataclass
+class MemoryPlan:
+    """The plan of one configuration: per-block peaks, the worst block, fits and limits."""
+
+    model_type: str
+    batch_size: int
+    seq_len: int
+    fused_loss: bool
+    offload: bool
+    budget_bytes: Optional[int]
+    fragmentation_bytes: int
+    blocks: list[BlockPlan]
+    limits: dict[str, Any] = field(default_factory=dict)
+    auto_offload: Optional[bool] = None
+
+    @property
+    def worst(self) -> BlockPlan:
+        return max(self.blocks, key=lambda b: b.peak)
+
+    @property
+    def peak_bytes(self) -> int:
+        return self.worst.peak
+
+    @property
+    def fits(self) -> Optional[bool]:
+        if self.budget_bytes is None:
+            return None
+        return self.peak_bytes + self.fragmentation_bytes <= self.budget_bytes
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "model_type": self.model_type, "batch_size": self.batch_size, "seq_len": self.seq_len,
+            "fused_loss": self.fused_loss, "offload": self.offload,
+            "budget_gib": None if self.budget_bytes is None else self.budget_bytes / GIB,
+            "fragmentation_gib": self.fragmentation_bytes / GIB,
+            "peak_gib": round(self.peak_bytes / GIB, 3), "worst_block": self.worst.index, "fits": self.fits,
+            "auto_offload": self.auto_offload, "limits": self.limits,
+            "blocks": [b.gib() for b in self.blocks],
+        }
+
+
+# ------------------------------------------------------------------------------------ the model
+def load_config(config: Any):
+    """A ``PretrainedConfig`` from a config object, a dict, a ``config.json`` path or a folder."""
+    import transformers
+
+    if isinstance(config, transformers.PretrainedConfig):
+        return config
+    if isinstance(config, dict):
+        data = dict(config)
+    elif isinstance(config, (str, Path)):
+        path = Path(config)
+        if path.is_dir():
+            path = path / "config.json"
+        if not path.is_file():
+            raise FileNotFoundError(f"no model config at {path}")
+        try:
+            data = json.loads(path.read_text())
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"{path} is not valid JSON: {exc}") from None
+    else:
+        raise TypeError(f"config must be a PretrainedConfig, a dict or a path, got {type(config).__name__}")
+    if not isinstance(data, dict) or "model_type" not in data:
+        raise ValueError(f"config {config!r} has no 'model_type': not a Hugging Face model config")
+    model_type = data.pop("model_type")
+    try:
+        return transformers.AutoConfig.for_model(model_type, **data)
+    except (ValueError, KeyError) as exc:
+        raise ValueError(f"transformers cannot read a config of model_type {model_type!r}: {exc}") from None
+
+
+def _text_config(config):
+    get = getattr(config, "get_text_config", None)
+    return get() if callable(get) else config
+
+
+def model_shape(config: Any, *, dtype: torch.dtype = torch.bfloat16, include_embedding: bool = False,
+                include_lm_head: bool = False) -> ModelShape:
+    """Build the model on the meta device and partition it as BlockAdam does by default."""
+    import transformers
+
+    from ..partition import find_layer_container, infer_partition, layer_index_map
+
+    config = load_config(config)
+    with torch.device("meta"):
+        model = transformers.AutoModelForCausalLM.from_config(config, dtype=dtype)
+    partition = infer_partition(model, include_embedding=include_embedding, include_lm_head=include_lm_head)
+    layer_of = layer_index_map(model, find_layer_container(model))
+    emb = model.get_input_embeddings().weight
+    head = model.get_output_embeddings()
+    head_weight = head.weight if head is not None else None
+    numels, names, lowest, kinds = [], [], [], []
+    for i, block in enumerate(partition.blocks):
+        tensors = [p for _, p in partition.trainable_params(i)]
+        numels.append([t.numel() for t in tensors])
+        names.append(block.name)
+        layers = [layer_of[id(t)] for t in tensors if id(t) in layer_of]
+        if any(t is emb for t in tensors):
+            lowest.append(-1)  # the embedding: backward runs through every layer
+            kinds.append("embedding")
+        elif layers:
+            lowest.append(min(layers))
+            kinds.append("layer")
+        else:
+            lowest.append(None)
+            kinds.append("lm_head" if any(t is head_weight for t in tensors) else "other")
+    text = _text_config(config)
+    return ModelShape(
+        model_type=str(config.model_type), num_layers=int(text.num_hidden_layers), hidden=int(text.hidden_size),
+        intermediate=int(getattr(text, "intermediate_size", 4 * text.hidden_size)), vocab=int(text.vocab_size),
+        tied=emb is head_weight, param_bytes=sum(p.numel() * p.element_size() for p in model.parameters()),
+        dtype_bytes=torch.empty((), dtype=dtype).element_size(), layer_numels=numels, block_names=names,
+        block_layers=lowest, block_kinds=kinds)
+
+
+# ------------------------------------------------------------------------------------- the terms
+def _align(n: int, to: int = 512) -> int:
+    return (n + to - 1) // to * to
+
+
+def arena_bytes(shape: ModelShape) -> int:
+    """BlockAdam's arena: the largest block, padded, times 12 bytes (fp32 master, m, v)."""
+    from ..arena import required_capacity
+
+    return max(required_capacity(n) for n in shape.layer_numels) * ARENA_BYTES_PER_ELEMENT
+
+
+def recompute_bytes(shape: ModelShape, tokens: int, trainable: bool) -> int:
+    """One layer's recompute working set during its backward."""
+    per_token = RECOMPUTE_PER_HIDDEN * shape.hidden + RECOMPUTE_PER_INTERMEDIATE * shape.intermediate
+    scale = shape.dtype_bytes / 2 * (1.0 if trainable else FROZEN_RECOMPUTE_FRACTION)
+    return int(tokens * per_token * scale)
+
+
+def loss_bytes(shape: ModelShape, tokens: int, fused: bool, head_trainable: bool) -> int:
+    """The loss's working set at the end of forward (its saved state and buffers)."""
+    a = shape.dtype_bytes
+    if not fused:
+        # bf16 logits, their fp32 upcast, and cross-entropy's fp32 softmax / gradient
+        return tokens * shape.vocab * (a + 8)
+    # the gradient for the hidden states (fp32), one chunk of logits, and (trainable head) its gradient
+    chunk_tokens = max(1, 2 ** math.ceil(math.log2(max(1, tokens / max(1, shape.vocab // shape.hidden)))) // 2)
+    work = tokens * shape.hidden * 4 + 3 * chunk_tokens * shape.vocab * 4
+    if head_trainable:
+        work += shape.vocab * shape.hidden * 4
+    return work
+
+
+def plan_block(shape: ModelShape, index: int, *, batch_size: int, seq_len: int, fused_loss: bool,
+               offload: bool, gradient_checkpointing: bool = True) -> BlockPlan:
+    """The predicted peak of block ``index`` as the active block."""
+    tokens = batch_size * seq_len
+    a = shape.dtype_bytes
+    layer_input = _align(tokens * shape.hidden * a)
+    weights = shape.param_bytes
+    arena = arena_bytes(shape)
+    grads = sum(_align(n * a) for n in shape.layer_numels[index])
+    lowest = shape.block_layers[index]
+    kind = shape.block_kinds[index]
+    saving_layers = 0 if lowest is None else shape.num_layers - max(lowest, 0)
+    if not gradient_checkpointing:
+        # every saving layer keeps its whole working set, not only its input
+        saved = saving_layers * recompute_bytes(shape, tokens, trainable=False)
+        ckpt_fwd = saved
+        ckpt_bwd = saved
+    elif offload:
+        ckpt_fwd = min(saving_layers, 1) * layer_input
+        ckpt_bwd = min(saving_layers, 2) * layer_input
+    else:
+        ckpt_fwd = saving_layers * layer_input
+        ckpt_bwd = min(saving_layers, 1) * layer_input
+    head_trainable = kind == "lm_head" or (kind == "embedding" and shape.tied)
+    loss = loss_bytes(shape, tokens, fused_loss, head_trainable)
+    final_norm = tokens * shape.hidden * (a + 4)  # final norm output and its fp32 input, saved for backward
+    static = weights + arena + RUNTIME_BYTES
+    moments = {"forward": ckpt_fwd + loss + final_norm}
+    if lowest is not None:
+        recompute = recompute_bytes(shape, tokens, trainable=kind == "layer")
+        moments["backward"] = grads + ckpt_bwd + recompute
+    else:
+        recompute = 0
+        moments["backward"] = grads + loss
+    at = max(moments, key=moments.get)
+    dynamic = moments[at]
+    return BlockPlan(index=index, name=shape.block_names[index], weights=weights, arena=arena,
+                     grads=grads if at == "backward" else 0,
+                     checkpoints=ckpt_fwd if at == "forward" else ckpt_bwd,
+                     recompute=recompute if at == "backward" else 0,
+                     loss=(loss + final_norm) if at == "forward" else (loss if lowest is None else 0),
+                     runtime=RUNTIME_BYTES, peak=static + dynamic, peak_at=at)
+
+
+def _plan(shape: ModelShape, batch_size: int, seq_len: int, fused_loss: bool, offload: bool,
+          gradient_checkpointing: bool) -> list[BlockPlan]:
+    return [plan_block(shape, i, batch_size=batch_size, seq_len=seq_len, fused_loss=fused_loss, offload=offload,
+                       gradient_checkpointing=gradient_checkpointing) for i in range(len(shape.block_names))]
+
+
+def _longest(shape: ModelShape, limit: int, *, batch_size: int, fused_loss: bool, offload: bool,
+             gradient_checkpointing: bool, granularity: int, max_value: int) -> int:
+    """The largest multiple of ``granularity`` (up to ``max_value``) whose worst block fits ``limit``."""
+    def fits(seq: int) -> bool:
+        return max(b.peak for b in _plan(shape, batch_size, seq, fused_loss, offload, gradient_checkpointing)) <= limit
+
+    lo, hi = 0, max_value // granularity
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        if fits(mid * granularity):
+            lo = mid
+        else:
+            hi = mid - 1
+    return lo * granularity
+
+
+def plan_memory(config: Any, *, batch_size: int = 1, seq_len: int = 2048, budget_gib: Optional[float] = None,
+                fused_loss: bool = True, offload: Union[bool, str] = "auto", gradient_checkpointing: bool = True,
+                include_embedding: bool = False, include_lm_head: bool = False,
+                dtype: torch.dtype = torch.bfloat16, fragmentation_gib: float = DEFAULT_FRAGMENTATION_GIB,
+                shape: Optional[ModelShape] = None) -> MemoryPlan:
+    """Plan a BlockAdam step of ``batch_size x seq_len`` tokens for the model of ``config``.
+
+    Args:
+        offload: True / False, or ``"auto"``: on only when the step does not fit ``budget_gib``
+            without it (off when no budget is given).
+        budget_gib: the memory the process may use (23 for a 24 GB card); enables ``fits``, the
+            longest-sequence and largest-batch limits and the ``"auto"`` choice.
+        fragmentation_gib: slack between allocated and reserved memory kept inside the budget.
+    """
+    if batch_size < 1 or seq_len < 2:
+        raise ValueError(f"need batch_size >= 1 and seq_len >= 2, got {batch_size} and {seq_len}")
+    if offload not in (True, False, "auto"):
+        raise ValueError(f"offload must be True, False or 'auto', got {offload!r}")
+    shape = shape or model_shape(config, dtype=dtype, include_embedding=include_embedding,
+                                 include_lm_head=include_lm_head)
+    budget = None if budget_gib is None else int(budget_gib * GIB)
+    frag = int(fragmentation_gib * GIB)
+    limits: dict[str, Any] = {}
+    auto_choice = None
+    if budget is not None:
+        limit = budget - frag
+        no_offload = _plan(shape, batch_size, seq_len, fused_loss, False, gradient_checkpointing)
+        auto_choice = max(b.peak for b in no_offload) > limit
+        variants = {"hf_loss": (False, False), "fused_loss": (True, False), "fused_loss+offload": (True, True)}
+        for label, (fused, off) in variants.items():
+            limits[label] = {
+                "longest_seq": _longest(shape, limit, batch_size=batch_size, fused_loss=fused, offload=off,
+                                        gradient_checkpointing=gradient_checkpointing, granularity=256,
+                                        max_value=1 << 20),
+                "largest_batch": _largest_batch(shape, limit, seq_len, fused, off, gradient_checkpointing),
+            }
+    use_offload = auto_choice if offload == "auto" else bool(offload)
+    blocks = _plan(shape, batch_size, seq_len, fused_loss, bool(use_offload), gradient_checkpointing)
+    return MemoryPlan(model_type=shape.model_type, batch_size=batch_size, seq_len=seq_len, fused_loss=fused_loss,
+                      offload=bool(use_offload), budget_bytes=budget, fragmentation_bytes=frag, blocks=blocks,
+                      limits=limits, auto_offload=auto_choice)
+
+
+def _largest_batch(shape: ModelShape, limit: int, seq_len: int, fused: bool, offload: bool, gc: bool) -> int:
+    """The largest batch of ``seq_len`` tokens whose worst block fits ``limit`` (0: none)."""
+    lo, hi = 0, 4096
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        if max(b.peak for b in _plan(shape, mid, seq_len, fused, offload, gc)) <= limit:
+            lo = mid
+        else:
+            hi = mid - 1
+    return lo
+
+
+def checkpoint_host_bytes(shape_or_model: Any, batch_size: int, seq_len: int) -> int:
+    """Host bytes the checkpoint offload needs for one step (every layer's input, block 0 active)."""
+    if isinstance(shape_or_model, ModelShape):
+        layers, hidden, a = shape_or_model.num_layers, shape_or_model.hidden, shape_or_model.dtype_bytes
+    else:
+        text = _text_config(shape_or_model.config)
+        layers, hidden = int(text.num_hidden_layers), int(text.hidden_size)
+        a = next(shape_or_model.parameters()).element_size()
+    return layers * _align(batch_size * seq_len * hidden * a, 256)

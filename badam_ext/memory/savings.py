@@ -1,0 +1,136 @@
+"""``apply_memory_savings``: a fused loss and BAdam-aware checkpoint offload on one model."""
+from __future__ import annotations
+
+import logging
+from typing import Any, Optional, Union
+
+import torch
+from torch import nn
+
+from .causal_lm import FusedLossPatch
+from .offload import DEFAULT_MIN_BYTES, CheckpointOffloader
+from .planner import GIB, checkpoint_host_bytes, model_shape, plan_memory
+
+logger = logging.getLogger("badam_ext")
+OFFLOAD_CHOICES = ("auto", True, False)
+
+
+def device_budget_gib(device: torch.device) -> Optional[float]:
+    """What torch may allocate on ``device``: its memory times the per-process fraction (None on CPU)."""
+    if device.type != "cuda":
+        return None
+    total = torch.cuda.get_device_properties(device).total_memory
+    get_fraction = getattr(torch.cuda, "get_per_process_memory_fraction", None)
+    fraction = float(get_fraction(device)) if callable(get_fraction) else 1.0
+    return total * min(fraction, 1.0) / GIB
+
+
+class MemorySavings:
+    """What :func:`apply_memory_savings` installed; :meth:`remove` undoes all of it.
+
+    Attributes:
+        loss: the fused-loss patch (None when off).
+        offloader: the checkpoint offloader (None when off).
+        decisions: ``(batch, seq) -> bool``, what ``"auto"`` chose per input shape.
+    """
+
+    def __init__(self, model: nn.Module, *, fused_loss: bool, offload_checkpoints: Union[bool, str],
+                 budget_gib: Optional[float], loss_backend: str, min_offload_bytes: int,
+                 batch_size: Optional[int], seq_len: Optional[int]) -> None:
+        if offload_checkpoints not in OFFLOAD_CHOICES:
+            raise ValueError(f"offload_checkpoints must be 'auto', True or False, got {offload_checkpoints!r}")
+        if budget_gib is not None and not budget_gib > 0:
+            raise ValueError(f"budget_gib must be > 0, got {budget_gib!r}")
+        self.model = model
+        self.device = next(model.parameters()).device
+        self.mode = offload_checkpoints
+        self.budget_gib = budget_gib if budget_gib is not None else device_budget_gib(self.device)
+        self.loss = FusedLossPatch(model, loss_backend) if fused_loss else None
+        self.decisions: dict[tuple[int, int], bool] = {}
+        self._shape = None
+        self.offloader: Optional[CheckpointOffloader] = None
+        if offload_checkpoints is not False:
+            reserve = 0
+            if batch_size and seq_len and self._wants_offload(batch_size, seq_len):
+                reserve = checkpoint_host_bytes(model, batch_size, seq_len)
+            self.offloader = CheckpointOffloader(model, reserve_bytes=reserve, min_bytes=min_offload_bytes)
+        self._hook = model.register_forward_pre_hook(self._before_forward, with_kwargs=True)
+
+    def _wants_offload(self, batch: int, seq: int) -> bool:
+        if self.mode != "auto":
+            return bool(self.mode)
+        key = (batch, seq)
+        if key not in self.decisions:
+            if self.budget_gib is None:
+                self.decisions[key] = False  # no device budget to protect (CPU)
+            else:
+                if self._shape is None:
+                    self._shape = model_shape(self.model.config, dtype=next(self.model.parameters()).dtype)
+                plan = plan_memory(self.model.config, batch_size=batch, seq_len=seq, budget_gib=self.budget_gib,
+                                   fused_loss=self.loss is not None, offload="auto", shape=self._shape)
+                self.decisions[key] = bool(plan.auto_offload)
+                logger.info("memory savings: %d x %d tokens, predicted peak %.2f GiB of %.2f: offload %s",
+                            batch, seq, plan.peak_bytes / GIB, self.budget_gib, "on" if plan.offload else "off")
+        return self.decisions[key]
+
+    def _before_forward(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        if self.offloader is None:
+            return
+        self.offloader.refresh()  # Trainer may have (re-)enabled checkpointing since
+        tokens = kwargs.get("input_ids", args[0] if args else None)
+        if tokens is None:
+            tokens = kwargs.get("inputs_embeds")
+        if not isinstance(tokens, torch.Tensor) or tokens.dim() < 2 or not (module.training and torch.is_grad_enabled()):
+            self.offloader.active = False
+            return
+        batch, seq = int(tokens.shape[0]), int(tokens.shape[1])
+        self.offloader.active = self._wants_offload(batch, seq)
+        if self.offloader.active:
+            self.offloader.begin_forward(checkpoint_host_bytes(self.model, batch, seq))
+
+    def stats(self) -> dict[str, Any]:
+        """Fused-loss calls and offload figures, for logs and the profiler."""
+        out: dict[str, Any] = {"fused_loss": self.loss is not None, "offload_mode": self.mode,
+                               "budget_gib": self.budget_gib}
+        if self.loss is not None:
+            out.update(loss_backend=self.loss.backend, fused_loss_calls=self.loss.calls)
+        if self.offloader is not None:
+            out.update(self.offloader.stats())
+        return out
+
+    def remove(self) -> None:
+        """Restore the model's forward and checkpoint functions; free the host buffer."""
+        self._hook.remove()
+        if self.loss is not None:
+            self.loss.remove()
+        if self.offloader is not None:
+            self.offloader.remove()
+
+
+def apply_memory_savings(model: nn.Module, *, fused_loss: bool = True,
+                         offload_checkpoints: Union[bool, str] = "auto", budget_gib: Optional[float] = None,
+                         loss_backend: str = "auto", min_offload_bytes: int = DEFAULT_MIN_BYTES,
+                         batch_size: Optional[int] = None, seq_len: Optional[int] = None) -> MemorySavings:
+    """Shrink a Hugging Face causal LM's training-step memory; returns a handle with ``.remove()``.
+
+    Args:
+        model: a ``*ForCausalLM`` (Llama, Mistral, Qwen2/3, Gemma 1/2/3, Phi-3, ...), tied or untied.
+        fused_loss: compute the training loss with a fused linear cross-entropy (no tokens x vocab
+            logits); gradients reach the lm_head only when it requires grad (its block is active).
+        offload_checkpoints: move gradient-checkpointed layer inputs to pinned host memory during
+            forward (``True``), never (``False``), or when the memory plan says the step would not fit
+            the budget otherwise (``"auto"``, decided once per input shape). Needs gradient
+            checkpointing to matter; layers below the active block save nothing either way.
+        budget_gib: the device memory the step may use (default: the device's memory times torch's
+            per-process fraction; none on CPU, where ``"auto"`` stays off).
+        loss_backend: ``"auto"`` (torch's ``linear_cross_entropy`` on torch >= 2.13, else
+            Liger-Kernel), ``"torch"`` or ``"liger"``.
+        min_offload_bytes: saved tensors below this size stay on the device.
+        batch_size, seq_len: the expected step shape, to allocate the host buffer now instead of at
+            the first offloaded step.
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"apply_memory_savings expects an nn.Module, got {type(model).__name__}")
+    return MemorySavings(model, fused_loss=fused_loss, offload_checkpoints=offload_checkpoints,
+                         budget_gib=budget_gib, loss_backend=loss_backend, min_offload_bytes=min_offload_bytes,
+                         batch_size=batch_size, seq_len=seq_len)
