@@ -83,9 +83,10 @@ int64_t round_up(int64_t n, int64_t multiple, const char* what) {
   return checked_add(n, (multiple - n % multiple) % multiple, what);
 }
 
-// Aligned offsets of consecutive parameters; returns the padded total.
+// Aligned offsets of consecutive parameters; returns the padded total. `data_end`, when given,
+// receives the end of the last parameter without the padding after it.
 int64_t place(const std::vector<int64_t>& numels, int64_t alignment_bytes,
-              std::vector<int64_t>* offsets) {
+              std::vector<int64_t>* offsets, int64_t* data_end = nullptr) {
   check_alignment(alignment_bytes);
   TORCH_CHECK_VALUE(!numels.empty(), "empty block: a block needs at least one parameter");
   const int64_t align_elems = alignment_bytes / kFloatBytes;
@@ -94,9 +95,17 @@ int64_t place(const std::vector<int64_t>& numels, int64_t alignment_bytes,
     TORCH_CHECK_VALUE(numels[i] > 0, "parameter ", i, " has numel ", numels[i],
                       "; every parameter of a block needs numel >= 1");
     if (offsets != nullptr) offsets->push_back(end);
-    end = round_up(checked_add(end, numels[i], "block size"), align_elems, "block size");
+    const int64_t unpadded = checked_add(end, numels[i], "block size");
+    if (data_end != nullptr) *data_end = unpadded;
+    end = round_up(unpadded, align_elems, "block size");
   }
   return end;
+}
+
+// End of a layout's last parameter: the elements of each region the layout actually uses. The
+// padding after it may lie past capacity_numel (it is never read or written by the kernels).
+int64_t data_end(const ArenaLayout& layout) {
+  return layout.size() == 0 ? 0 : layout.offsets.back() + layout.numels.back();
 }
 
 }  // namespace
@@ -154,9 +163,10 @@ BlockArena::BlockArena(int64_t capacity_numel, c10::Device device, bool with_gra
 void BlockArena::check_alive() const { TORCH_CHECK(!released_, kReleasedMessage); }
 
 void BlockArena::check_layout(const ArenaLayout& layout, const char* caller) const {
-  TORCH_CHECK_VALUE(layout.total_numel <= capacity_numel_, caller, ": the layout spans ",
+  TORCH_CHECK_VALUE(data_end(layout) <= capacity_numel_, caller, ": the layout spans ",
                     with_commas(layout.total_numel), " elements but this arena holds ",
-                    with_commas(capacity_numel_));
+                    with_commas(capacity_numel_), " (its last parameter ends at element ",
+                    with_commas(data_end(layout)), ")");
   TORCH_CHECK_VALUE(layout.arena_id == id_, caller,
                     ": the layout was made by another BlockArena; make it with this arena's "
                     "layout()");
@@ -170,12 +180,16 @@ at::Tensor BlockArena::region(int64_t index, int64_t length) const {
 ArenaLayout BlockArena::layout(const std::vector<int64_t>& numels) const {
   check_alive();
   ArenaLayout out;
-  out.total_numel = place(numels, alignment_bytes_, &out.offsets);
-  const int64_t over = out.total_numel - capacity_numel_;
-  TORCH_CHECK_VALUE(over <= 0, "block needs ", with_commas(out.total_numel),
-                    " elements (padded) but the arena holds ", with_commas(capacity_numel_), ": ",
-                    with_commas(over), " over; create the arena with capacity_numel >= ",
-                    out.total_numel);
+  int64_t end = 0;
+  out.total_numel = place(numels, alignment_bytes_, &out.offsets, &end);
+  // A block fits when its parameters do: the padding after the last one needs no room.
+  const int64_t over = end - capacity_numel_;
+  TORCH_CHECK_VALUE(over <= 0, "block needs ", with_commas(out.total_numel), " elements (padded)",
+                    end == out.total_numel
+                        ? std::string()
+                        : ", " + with_commas(end) + " up to the end of its last parameter,",
+                    " but the arena holds ", with_commas(capacity_numel_), ": ",
+                    with_commas(over), " over; create the arena with capacity_numel >= ", end);
   out.numels = numels;
   out.arena_id = id_;
   return out;

@@ -26,7 +26,8 @@ struct ArenaLayout {
 };
 
 // Padded element total of a block with these parameter sizes; an arena with
-// capacity_numel >= required_capacity(numels) can hold it. Validates like BlockArena::layout.
+// capacity_numel >= required_capacity(numels) can hold it (one whose capacity reaches the end of the
+// last parameter already does). Validates like BlockArena::layout.
 int64_t required_capacity(const std::vector<int64_t>& numels, int64_t alignment_bytes = 256);
 
 class BlockArena {
@@ -39,7 +40,8 @@ class BlockArena {
   BlockArena(int64_t capacity_numel, c10::Device device, bool with_grad = false,
              int64_t alignment_bytes = 256);
 
-  // Offsets for a block whose parameters have these numels (in order).
+  // Offsets for a block whose parameters have these numels (in order). The block fits when its
+  // last parameter ends within capacity_numel: the alignment padding after it needs no room.
   ArenaLayout layout(const std::vector<int64_t>& numels) const;
 
   // (master, exp_avg, exp_avg_sq[, grad]) views for the block, with the given shapes.

@@ -68,9 +68,14 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
                          "One device allocation holding the active block's fp32 master weights, "
                          "exp_avg, exp_avg_sq and (with_grad=True) fp32 gradients. Views handed "
                          "out before release() keep the memory alive while they live.")
-      .def(py::init([](int64_t capacity_numel, const py::object& device, bool with_grad,
+      .def(py::init([](const py::object& capacity_numel, const py::object& device, bool with_grad,
                        int64_t alignment_bytes) {
-             return new BlockArena(capacity_numel, to_device(device), with_grad, alignment_bytes);
+             // pybind11's int64_t would take True as 1: a capacity must be an int, never a bool
+             if (py::isinstance<py::bool_>(capacity_numel) || !PyIndex_Check(capacity_numel.ptr()))
+               throw py::type_error("capacity_numel must be an int, got " +
+                                    py::str(py::type::handle_of(capacity_numel)).cast<std::string>());
+             return new BlockArena(py::int_(capacity_numel).cast<int64_t>(), to_device(device),
+                                   with_grad, alignment_bytes);
            }),
            py::arg("capacity_numel"), py::arg("device"), py::arg("with_grad") = false,
            py::arg("alignment_bytes") = 256)

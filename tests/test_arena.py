@@ -183,6 +183,35 @@ def test_largest_fitting_block_fits() -> None:
     assert arena.layout([999_936, 64]).total_numel == 1_000_000
 
 
+def test_block_fits_when_its_last_parameter_does() -> None:
+    """The alignment padding after the last parameter needs no capacity: a 1000-element arena takes
+    a 1000-element block (padded to 1024, which the allocation holds), and not one element more."""
+    arena = BlockArena(1000, "cpu")
+    assert arena.capacity_padded == 1024
+    layout = arena.layout([1000])
+    assert layout.total_numel == 1024 and layout.offsets == [0]
+    master, exp_avg, exp_avg_sq = arena.views(layout, [[10, 100]])
+    assert master[0].numel() == arena.flat("master").numel() == 1000
+    arena.zero_state(layout)
+    assert arena.layout([900, 36]).offsets == [0, 960]  # ends at 996
+    with pytest.raises(ValueError, match=re.escape(
+            "block needs 1,024 elements (padded), 1,001 up to the end of its last parameter, but the arena "
+            "holds 1,000: 1 over; create the arena with capacity_numel >= 1001")):
+        arena.layout([1001])
+    with pytest.raises(ValueError, match=re.escape("capacity_numel >= 1025")):
+        arena.layout([999, 1])
+    with pytest.raises(ValueError, match=re.escape(
+            "views: the layout spans 1,024 elements but this arena holds 1,000 (its last parameter ends at "
+            "element 1,001)")):
+        arena.views(BlockArena(2000, "cpu").layout([1001]), [[1001]])
+
+
+@pytest.mark.parametrize("capacity", [True, False, 10.0, "10", None])
+def test_capacity_must_be_an_int(capacity) -> None:
+    with pytest.raises(TypeError, match="capacity_numel must be an int, got"):
+        BlockArena(capacity, "cpu")
+
+
 @pytest.mark.parametrize(
     "args, kwargs, exc, match",
     [

@@ -238,6 +238,26 @@ void test_errors(c10::Device device) {
   arena.check_tensors(layout, {at::empty({6}, f32), at::empty({5, 2}, f32)});
 }
 
+// A block fits when its parameters do: the padding after the last one needs no capacity.
+void test_capacity_is_the_end_of_the_last_parameter(c10::Device device) {
+  BlockArena arena(1000, device);
+  EXPECT(arena.capacity_padded() == 1024);
+  ArenaLayout layout = arena.layout({1000});
+  EXPECT(layout.total_numel == 1024);
+  auto views = arena.views(layout, {{10, 100}});
+  EXPECT(views[0][0].numel() == 1000);
+  arena.zero_state(layout);
+  EXPECT(arena.layout({900, 36}).total_numel == 1024);  // offsets 0, 960: ends at 996
+  EXPECT_THROWS(c10::ValueError, arena.layout({1001}),
+                "block needs 1,024 elements (padded), 1,001 up to the end of its last parameter, "
+                "but the arena holds 1,000: 1 over; create the arena with capacity_numel >= 1001");
+  EXPECT_THROWS(c10::ValueError, arena.layout({999, 1}), "capacity_numel >= 1025");
+  BlockArena bigger(2000, device);
+  EXPECT_THROWS(c10::ValueError, arena.views(bigger.layout({1001}), {{1001}}),
+                "spans 1,024 elements but this arena holds 1,000 (its last parameter ends at "
+                "element 1,001)");
+}
+
 void test_release(c10::Device device) {
   BlockArena arena(512, device, /*with_grad=*/true);
   ArenaLayout layout = arena.layout({100});
@@ -267,6 +287,7 @@ void run_all(c10::Device device) {
   test_switches_never_allocate(device);
   test_zero_state(device);
   test_errors(device);
+  test_capacity_is_the_end_of_the_last_parameter(device);
   test_release(device);
 }
 
