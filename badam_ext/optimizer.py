@@ -8,18 +8,25 @@ block, writing the low-precision weights in the same pass.
 from __future__ import annotations
 
 import contextlib
+import gc
 import logging
+import math
+import numbers
+import operator
+import warnings
 import weakref
 from collections import OrderedDict
-from typing import Any, Callable, Iterable, Optional, Sequence, Union
+from dataclasses import dataclass
+from typing import Any, Callable, Iterable, NamedTuple, Optional, Sequence, Union
 
 import torch
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
-from .arena import BlockArena, required_capacity
+from .arena import ArenaLayout, BlockArena, required_capacity
 from .fsdp import local_tensor, sharding_of
-from .launch_groups import LaunchGroup, build_launch_groups
+from .kernels.contract import SUPPORTED_DTYPES
+from .launch_groups import LaunchGroup, MissingGradError, build_launch_groups
 from .logs import show_info
 from .ops import get_backend
 from .param_groups import named_parameter_pairs
@@ -38,11 +45,44 @@ NamedParams = Iterable[tuple[str, nn.Parameter]]
 SwitchHook = Callable[[Optional[int], int, dict], None]
 
 STATE_FORMAT = "badam_ext.BlockAdam/1"
+#: every key of a state_dict(); load_state_dict() requires them all
+STATE_KEYS = ("format", "fingerprint", "active_block", "active_param_names", "schedule", "param_groups",
+              "step_states", "master", "exp_avg", "exp_avg_sq", "sr_counter", "seed")
+_REGIONS = ("master", "exp_avg", "exp_avg_sq")
+_GROUP_HYPER_KEYS = ("lr", "betas", "eps", "weight_decay")
+
+_NOT_COPYABLE = (
+    "a BlockAdam cannot be pickled or copied (pickle, copy, copy.deepcopy, torch.save(opt)): its state "
+    "lives in a C++ arena and its blocks are the model's own parameters. Save opt.state_dict() instead "
+    "(torch.save(opt.state_dict(), path)) and load it with load_state_dict() into a BlockAdam built on "
+    "the restored model"
+)
 
 
 def default_no_decay(name: str, param: torch.Tensor) -> bool:
     """Biases and normalization weights (1-D tensors) get no weight decay."""
     return param.dim() <= 1 or name.endswith(".bias")
+
+
+@dataclass
+class _PreparedBlock:
+    """A block checked, laid out and with its launch tables built, not yet active."""
+
+    index: int
+    named: list[tuple[str, nn.Parameter]]  # the trainable parameters (block + active_modules)
+    held: list[tuple[str, nn.Parameter, torch.Tensor]]  # what this rank lays out (see _local_named)
+    layout: Optional[ArenaLayout]  # None: this FSDP2 rank holds no element of the block
+    launch_groups: list[LaunchGroup]
+
+
+class _Hyper(NamedTuple):
+    """One param group's AdamW hyper-parameters for one step, checked."""
+
+    lr: float
+    beta1: float
+    beta2: float
+    eps: float
+    weight_decay: float
 
 
 class BlockAdam(torch.optim.Optimizer):
@@ -78,6 +118,15 @@ class BlockAdam(torch.optim.Optimizer):
 
     FSDP2: build BlockAdam on a model after ``fully_shard`` (see :mod:`badam_ext.fsdp`); each rank's
     arena then holds its local shard of the active block and FSDP2 reduces the gradients.
+
+    Integrity: weights written in place after construction (``model.load_state_dict``,
+    ``param.copy_``) are picked up at the next step (the active block's fp32 master is re-loaded from
+    them, moments kept); writes through ``param.data`` bypass torch's version counter and are not seen.
+    Every block is checked at construction; a refused ``step()`` or ``load_state_dict()`` changes
+    nothing. One open BlockAdam per parameter: building another on the same parameters closes this
+    one (with a warning; using it afterwards raises), and ``close()`` frees the arena and detaches from
+    the model. Blocks are fixed (no ``add_param_group``), and the optimizer cannot be pickled or
+    copied: checkpoint ``state_dict()``.
     """
 
     _step_supports_amp_scaling = True  # torch GradScaler hands us grad_scale / found_inf (fp16 path)
@@ -110,6 +159,8 @@ class BlockAdam(torch.optim.Optimizer):
         distributed: Optional[bool] = None,
         process_group: Any = None,
     ) -> None:
+        self._closed = False
+        self._closed_by = "close()"  # what closed it, for the error of a later use
         _check_hyper_parameters(lr, betas, eps, weight_decay, switch_every, max_grad_norm)
         module = params if isinstance(params, nn.Module) else None
         if module is not None:
@@ -133,10 +184,13 @@ class BlockAdam(torch.optim.Optimizer):
             raise ValueError(f"all block parameters must be on one device; found {sorted(map(str, devices))}")
         self.device = devices.pop()
         self._sharding = sharding_of(managed)  # FSDP2: the arena and the step see local shards only
+        for index in range(len(self.partition)):  # every block up front: a later switch must not fail
+            self._check_block_tensors(index)
 
         defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay)
         groups = _resolve_param_groups(param_groups, [p for _, p in managed])
         super().__init__(groups, defaults)
+        self._groups_fixed = True  # add_param_group() is refused from here on
         for group in self.param_groups:
             _check_hyper_parameters(group["lr"], group["betas"], group["eps"], group["weight_decay"], 1, None)
         self._group_of = {id(p): gi for gi, g in enumerate(self.param_groups) for p in g["params"]}
@@ -164,6 +218,9 @@ class BlockAdam(torch.optim.Optimizer):
 
         self._grad_sync = _make_grad_sync(distributed, process_group, sharded=self._sharding is not None)
 
+        # everything is checked: from here on the model is changed, so a BlockAdam still open on these
+        # parameters is closed first (two would overwrite each other's requires_grad and weights)
+        _close_other_owners(self.partition.params.items())
         self.pruner = None
         self._prune_hook = None
         if module is not None and prune_backward:
@@ -175,11 +232,15 @@ class BlockAdam(torch.optim.Optimizer):
             # discarded optimizer (and its arena) alive.
             self._prune_hook = module.register_forward_pre_hook(_refresh_pruner_hook(self))
             weakref.finalize(self, self._prune_hook.remove)  # a collected optimizer leaves no hook behind
+        # weak, like the hook: only to tell a replaced parameter from a missing gradient
+        self._module_ref = weakref.ref(module) if module is not None else None
 
         self.active_block: int = -1
+        self._trainable: list[nn.Parameter] = []
         self._launch_groups: list[LaunchGroup] = []
         self._views: tuple[list[torch.Tensor], ...] = ()
         self._activate(self.schedule.active)
+        self._claim = _claim_parameters(self, self.partition.params.items())
 
     # ------------------------------------------------------------------ blocks
     def _active_named(self, index: int) -> list[tuple[str, nn.Parameter]]:
@@ -207,35 +268,103 @@ class BlockAdam(torch.optim.Optimizer):
     def active_params(self) -> list[nn.Parameter]:
         return [p for lg in self._launch_groups for p in lg.params]
 
-    def _activate(self, index: int) -> None:
-        """Make block ``index`` trainable and load it into the arena (no allocation)."""
-        old = self.active_block if self.active_block >= 0 else None
-        for lg in self._launch_groups:
-            for p in lg.params:
-                p.grad = None
-        apply_requires_grad(self.partition, index)
-        named = self._active_named(index)
-        names = [n for n, _ in named]
-        params = [p for _, p in named]
-        self._trainable = params
+    def _check_block_tensors(self, index: int) -> None:
+        """Raise, naming the parameter, unless the fused step can run on every tensor of block ``index``.
+
+        Run for every block at construction, and again at each switch (cheap: a loop over the block).
+        """
+        block = f"block {index} ({self.partition.blocks[index].name})"
+        for name, param in self._active_named(index):
+            if param.dtype not in SUPPORTED_DTYPES:
+                raise TypeError(
+                    f"parameter {name!r} of {block} has dtype {param.dtype}: BlockAdam trains float32, "
+                    "float16 and bfloat16 weights. Cast the model first (e.g. model.to(torch.bfloat16)), or "
+                    "keep this parameter out of every block (blocks=... / block_param_names=...)"
+                )
+            if param.device != self.device:
+                raise ValueError(f"parameter {name!r} of {block} is on {param.device}, BlockAdam on {self.device}: "
+                                 "move the model first, then build the optimizer")
+        for name, _, held in self._local_named(index):
+            if held.layout != torch.strided or not held.is_contiguous():
+                raise ValueError(
+                    f"parameter {name!r} of {block} is not contiguous (shape {tuple(held.shape)}, stride "
+                    f"{held.stride()}): the fused step writes each weight in place as one dense array. Make it "
+                    "contiguous before building BlockAdam (with torch.no_grad(): param.data = param.data.contiguous())"
+                )
+
+    def _replaced(self, names: Sequence[str]) -> list[str]:
+        """Those of ``names`` whose parameter on the model is no longer the tensor BlockAdam holds."""
+        module = self._module_ref() if self._module_ref is not None else None
+        if module is None or self._sharding is not None:  # FSDP2 swaps module parameters itself
+            return []
+        replaced = []
+        for name in names:
+            try:
+                current = module.get_parameter(name)
+            except AttributeError:  # deleted, or no longer an nn.Parameter
+                current = None
+            if current is not self.partition.params[name]:
+                replaced.append(name)
+        return replaced
+
+    def _replaced_error(self, names: Sequence[str]) -> RuntimeError:
+        return RuntimeError(
+            f"parameter(s) {list(names[:5])}{' ...' if len(names) > 5 else ''} were replaced on the model after "
+            "BlockAdam was built (e.g. layer.weight = nn.Parameter(...)): the model now computes with tensors "
+            "BlockAdam does not hold, and the ones it holds get no gradient. Copy new values into the existing "
+            "parameters instead (with torch.no_grad(): param.copy_(new)), or build the optimizer after "
+            "replacing them"
+        )
+
+    def _prepare_block(self, index: int) -> "_PreparedBlock":
+        """Check block ``index``, lay it out and build its launch tables; changes nothing yet.
+
+        Everything that can fail in a switch happens here, so a failed switch leaves the optimizer on
+        its current block with its state intact; :meth:`_commit_block` then cannot fail.
+        """
+        self._check_block_tensors(index)
+        replaced = self._replaced([n for n, _ in self._active_named(index)])
+        if replaced:
+            raise self._replaced_error(replaced)
         held = self._local_named(index)
+        layout: Optional[ArenaLayout] = None
         offsets: list[int] = []
-        self._views = ([], [], [])
         if held or self._sharding is None:  # FSDP2: a rank may hold no element of the block
             layout = self.arena.layout([t.numel() for _, _, t in held])
             self.arena.check_tensors(layout, [t.detach() for _, _, t in held])
-            self._views = self.arena.views(layout, [list(t.shape) for _, _, t in held])
             offsets = list(layout.offsets)
-        self._launch_groups = build_launch_groups(
+        launch_groups = build_launch_groups(
             [n for n, _, _ in held], [p for _, p, _ in held], offsets,
             group_of=lambda p: self._group_of[id(p)],
             decays=lambda n, p: not self.no_decay(n, p),
             build_tables=self._ops.BlockTables.build,
             local=local_tensor,
         )
-        master, exp_avg, exp_avg_sq = (self.arena.flat(r) for r in ("master", "exp_avg", "exp_avg_sq"))
+        return _PreparedBlock(index, self._active_named(index), held, layout, launch_groups)
+
+    def _activate(self, index: int) -> None:
+        """Make block ``index`` trainable and load it into the arena (no allocation)."""
+        self._commit_block(self._prepare_block(index))
+
+    def _commit_block(self, block: "_PreparedBlock") -> None:
+        """Switch to a prepared block: requires_grad, arena views, fused load (m = v = 0), t = 0, hooks."""
+        index = block.index
+        old = self.active_block if self.active_block >= 0 else None
+        for lg in self._launch_groups:
+            for p in lg.params:
+                p.grad = None
+        apply_requires_grad(self.partition, index)
+        names = [n for n, _ in block.named]
+        params = [p for _, p in block.named]
+        self._trainable = params
+        self._views = ([], [], [])
+        if block.layout is not None:
+            self._views = self.arena.views(block.layout, [list(t.shape) for _, _, t in block.held])
+        self._launch_groups = block.launch_groups
+        master, exp_avg, exp_avg_sq = (self.arena.flat(r) for r in _REGIONS)
         for lg in self._launch_groups:
             self._ops.block_load(lg.tables, master, exp_avg, exp_avg_sq)
+            lg.record_versions()
         for state in self._step_states:
             self._ops.reset_step_state(state)
         self.active_block = index
@@ -275,11 +404,19 @@ class BlockAdam(torch.optim.Optimizer):
     # -------------------------------------------------------------------- step
     @torch.no_grad()
     def step(self, closure: Optional[Callable[[], Any]] = None) -> Any:
-        """One AdamW step on the active block; switches block after every K-th step."""
+        """One AdamW step on the active block; switches block after every K-th step.
+
+        Everything is checked before anything changes (hyper-parameters, weights, gradients, the next
+        block at a switch): a refused step leaves the step count, schedule and state as they were.
+        """
+        self._check_open("step")
         loss = None
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        hypers = {lg.group_index: self._group_hyper(lg.group_index) for lg in self._launch_groups}
+        if self.max_grad_norm is not None:
+            _check_max_grad_norm(self.max_grad_norm)
         found_inf = getattr(self, "found_inf", None)
         if self._grad_sync is not None:
             if found_inf is not None and not self._grad_sync.synchronized:
@@ -291,7 +428,9 @@ class BlockAdam(torch.optim.Optimizer):
             self._grad_sync.wait()  # the active block's grads, averaged over ranks
         for lg in self._launch_groups:
             lg.check_storage()
-        grads = [lg.grads() for lg in self._launch_groups]
+        grads = self._active_grads()
+        switch = self._count_step()  # the schedule's step; at a switch, the next block is prepared
+        self._sync_masters()
         loss_scale = getattr(self, "grad_scale", None)  # set by torch GradScaler (fp16)
         grad_scale = None if loss_scale is None else loss_scale.float().reciprocal()
         if self.max_grad_norm is not None:
@@ -301,27 +440,87 @@ class BlockAdam(torch.optim.Optimizer):
             self.last_grad_norm = norm
             coef = (self.max_grad_norm / (norm + 1e-6)).clamp_(max=1.0)
             grad_scale = coef if grad_scale is None else grad_scale * coef
-        master, exp_avg, exp_avg_sq = (self.arena.flat(r) for r in ("master", "exp_avg", "exp_avg_sq"))
+        master, exp_avg, exp_avg_sq = (self.arena.flat(r) for r in _REGIONS)
         stepped_groups = set()
         for lg, lg_grads in zip(self._launch_groups, grads):
-            group = self.param_groups[lg.group_index]
-            beta1, beta2 = group["betas"]
+            hyper = hypers[lg.group_index]
             state = self._step_states[lg.group_index]
             if lg.group_index not in stepped_groups:
-                self._ops.advance_step(state, beta1, beta2, found_inf)
+                self._ops.advance_step(state, hyper.beta1, hyper.beta2, found_inf)
                 stepped_groups.add(lg.group_index)
             self._ops.fused_adamw_step(
                 lg.tables, lg_grads, master, exp_avg, exp_avg_sq, state,
-                lr=float(group["lr"]), beta1=beta1, beta2=beta2, eps=group["eps"],
-                weight_decay=group["weight_decay"], grad_scale=grad_scale, found_inf=found_inf,
+                lr=hyper.lr, beta1=hyper.beta1, beta2=hyper.beta2, eps=hyper.eps,
+                weight_decay=hyper.weight_decay, grad_scale=grad_scale, found_inf=found_inf,
                 stochastic_rounding=self.stochastic_rounding, seed=self._seed * 1_000_003 + self._sr_counter,
             )
+            lg.record_versions()  # our own write: the Triton kernels bump no version counter
         self._sr_counter += 1
         for p in self._trainable:
             p.grad = None
-        if self.schedule.step():
-            self._activate(self.schedule.active)
+        if switch is not None:
+            self._commit_block(switch)
         return loss
+
+    def _group_hyper(self, group_index: int) -> _Hyper:
+        """Param group ``group_index``'s hyper-parameters, checked (a scheduler may have set a NaN lr)."""
+        group = self.param_groups[group_index]
+        lr = group["lr"]
+        if isinstance(lr, torch.Tensor):  # torch optimizers accept a tensor lr; the kernels take a float
+            lr = float(lr)
+        _check_hyper_parameters(lr, group["betas"], group["eps"], group["weight_decay"], 1, None,
+                                where=f"param group {group_index}")
+        beta1, beta2 = group["betas"]
+        return _Hyper(float(lr), float(beta1), float(beta2), float(group["eps"]), float(group["weight_decay"]))
+
+    def _active_grads(self) -> list[list[torch.Tensor]]:
+        """Each launch group's checked gradients; a missing one is explained (replaced parameter?)."""
+        try:
+            return [lg.grads() for lg in self._launch_groups]
+        except MissingGradError:
+            missing = [n for lg in self._launch_groups for n, p in zip(lg.names, lg.params) if p.grad is None]
+            replaced = self._replaced(missing)
+            if replaced:
+                raise self._replaced_error(replaced) from None
+            raise
+
+    def _count_step(self) -> Optional[_PreparedBlock]:
+        """Count this step in the schedule; when it ends the block, prepare the next one.
+
+        Preparing the next block checks it (dtypes, storage, replaced parameters): if that fails the
+        schedule is put back and the step refused, before any state changed.
+        """
+        schedule = self.schedule
+        ends_block = schedule.steps_in_block + 1 >= schedule.switch_every
+        snapshot = schedule.state_dict() if ends_block else None  # only every K-th step
+        if not schedule.step():
+            return None
+        try:
+            return self._prepare_block(schedule.active)
+        except BaseException:
+            schedule.load_state_dict(snapshot)
+            raise
+
+    def _sync_masters(self) -> None:
+        """Re-load the fp32 master of active weights written in place by someone else since our last write.
+
+        ``model.load_state_dict(...)`` (or any in-place copy into the active block) after the optimizer
+        was built would otherwise be reverted by the stale master at the next step. The moments are
+        kept, as torch AdamW keeps them. Detected from the weights' version counters: no device work
+        unless a weight was written.
+        """
+        master = None
+        for lg in self._launch_groups:
+            rewritten = lg.rewritten()
+            if not rewritten:
+                continue
+            if master is None:
+                master = self.arena.flat("master")
+            lg.resync_master(master, rewritten)
+            logger.info("BlockAdam: %d weight(s) of block %d were written in place since the last step (%s%s): "
+                        "their fp32 master is re-loaded from them, the moments are kept", len(rewritten),
+                        self.active_block, ", ".join(lg.names[i] for i in rewritten[:3]),
+                        " ..." if len(rewritten) > 3 else "")
 
     def _grad_norm(self, grads: list[list[torch.Tensor]]) -> torch.Tensor:
         """Global L2 norm of the active block's gradients, on device, deterministic."""
@@ -353,7 +552,16 @@ class BlockAdam(torch.optim.Optimizer):
             self._grad_sync.synchronize()
 
     def close(self) -> None:
-        """Detach from the model (pruning hook, data-parallel hooks) and free the arena."""
+        """Detach from the model (pruning hook, data-parallel hooks, the claim on its parameters) and
+        free the arena's memory. Any later step(), zero_grad(), state_dict() or load_state_dict()
+        raises; a second close() does nothing. Building another BlockAdam on the same parameters
+        closes this one."""
+        self._close("close()")
+
+    def _close(self, by: str) -> None:
+        if self._closed:
+            return
+        self._closed_by = by
         if self._prune_hook is not None:
             self._prune_hook.remove()
             self._prune_hook = None
@@ -361,8 +569,53 @@ class BlockAdam(torch.optim.Optimizer):
             self.pruner.remove()
         if self._grad_sync is not None:
             self._grad_sync.attach([])
+        # our own views of the arena would keep its buffer alive after release()
+        self._views = ()
+        self._launch_groups = []
+        self._trainable = []
+        self._partials = None
+        self.last_grad_norm = None
         if not self.arena.released:
             self.arena.release()
+        self._closed = True
+        self._claim()  # another BlockAdam may now be built on these parameters
+
+    @property
+    def closed(self) -> bool:
+        """True after :meth:`close`."""
+        return self._closed
+
+    def _check_open(self, what: str) -> None:
+        if self._closed:
+            raise RuntimeError(
+                f"BlockAdam.{what}() after {self._closed_by}: this optimizer has released its arena (the "
+                "active block's fp32 master weights and Adam moments). Use the BlockAdam built since, or build "
+                "a new one and load a state_dict() saved before"
+            )
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        self._check_open("zero_grad")
+        super().zero_grad(set_to_none)
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        """Refused once the optimizer exists: blocks, param groups and the arena's size are fixed then."""
+        if getattr(self, "_groups_fixed", False):
+            raise RuntimeError(
+                "BlockAdam does not support add_param_group(): its blocks, param groups and arena (sized for "
+                "the largest block) are fixed when it is built, so added parameters would never be trained. "
+                "Pass every parameter at construction (the model, or param_groups=[...] for per-group "
+                "hyper-parameters), or build a new BlockAdam"
+            )
+        super().add_param_group(param_group)
+
+    def __reduce_ex__(self, protocol: Any) -> Any:
+        raise TypeError(_NOT_COPYABLE)
+
+    def __getstate__(self) -> Any:
+        raise TypeError(_NOT_COPYABLE)
+
+    def __deepcopy__(self, memo: dict) -> Any:
+        raise TypeError(_NOT_COPYABLE)
 
     def no_sync(self):
         """Context manager for gradient accumulation under data parallel: no all-reduce inside."""
@@ -372,12 +625,16 @@ class BlockAdam(torch.optim.Optimizer):
 
     def check_replicas(self) -> None:
         """Debug: raise if the ranks' active-block masters differ (data parallel only)."""
+        self._check_open("check_replicas")
         if self._grad_sync is not None:
+            self._sync_masters()
             self._grad_sync.check_replicas(list(self._views[0]), what="fp32 master weights")
 
     # ------------------------------------------------------------------- state
     def state_dict(self) -> dict[str, Any]:
         """Everything needed to resume bit-identically: schedule, block, step counters, master/m/v."""
+        self._check_open("state_dict")
+        self._sync_masters()  # weights loaded since the last step: save the master that goes with them
         master, exp_avg, exp_avg_sq = self._views[:3]
         return {
             "format": STATE_FORMAT,
@@ -396,37 +653,90 @@ class BlockAdam(torch.optim.Optimizer):
         }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Restore a state saved by ``state_dict()`` of the same model and partition."""
+        """Restore a state saved by ``state_dict()`` of the same model and partition.
+
+        Everything is checked before anything is applied: a refused state leaves the optimizer as it was.
+        """
+        self._check_open("load_state_dict")
+        groups, block = self._check_state(state_dict)
+        self.schedule.load_state_dict(state_dict["schedule"])  # checked on a copy: cannot fail now
+        for group, saved in zip(self.param_groups, groups):
+            group.update(saved)
+        self._commit_block(block)
+        for views, key in zip(self._views[:3], _REGIONS):
+            for view, tensor in zip(views, state_dict[key]):
+                view.copy_(tensor)
+        for state, saved in zip(self._step_states, state_dict["step_states"]):
+            state.copy_(saved)
+        self._sr_counter = _state_count(state_dict, "sr_counter", minimum=0)
+        self._seed = _state_count(state_dict, "seed")
+
+    def _check_state(self, state_dict: Any) -> tuple[list[dict], _PreparedBlock]:
+        """Check every part of a state_dict against this optimizer; return the param-group settings to
+        apply and the prepared active block. Raises ValueError naming the offending key."""
         if not isinstance(state_dict, dict) or state_dict.get("format") != STATE_FORMAT:
             raise ValueError(
                 "not a BlockAdam state_dict (missing format tag "
                 f"{STATE_FORMAT!r}); was it saved by another optimizer?"
             )
+        missing = [k for k in STATE_KEYS if k not in state_dict]
+        if missing:
+            raise ValueError(f"BlockAdam state_dict lacks key(s) {missing}: it was truncated or edited; "
+                             "save a complete one with state_dict()")
         if state_dict["fingerprint"] != self.partition.fingerprint():
             raise ValueError(
                 "this BlockAdam state was saved for another model or block partition "
                 "(parameter names, shapes, dtypes or blocks differ); refusing to load it"
             )
-        if len(state_dict["param_groups"]) != len(self.param_groups):
-            raise ValueError(
-                f"state has {len(state_dict['param_groups'])} param groups, this optimizer has {len(self.param_groups)}"
-            )
+        groups = self._check_state_groups(state_dict["param_groups"])
         active = state_dict["active_block"]
-        if not isinstance(active, int) or not 0 <= active < len(self.partition):
+        if isinstance(active, bool) or not isinstance(active, int) or not 0 <= active < len(self.partition):
             raise ValueError(f"state's active block {active!r} is out of range for {len(self.partition)} blocks")
         if [n for n, _ in self._active_named(active)] != state_dict["active_param_names"]:
             raise ValueError("active block parameters in the state do not match this model's block")
-        self.schedule.load_state_dict(state_dict["schedule"])  # validates its own configuration first
-        for group, saved in zip(self.param_groups, state_dict["param_groups"]):
-            group.update(saved)
-        self._activate(active)
-        for views, saved in zip(self._views[:3], (state_dict[k] for k in ("master", "exp_avg", "exp_avg_sq"))):
-            for view, tensor in zip(views, saved):
-                view.copy_(tensor)
-        for state, saved in zip(self._step_states, state_dict["step_states"]):
-            state.copy_(saved)
-        self._sr_counter = int(state_dict["sr_counter"])
-        self._seed = int(state_dict["seed"])
+        self._check_state_schedule(state_dict["schedule"], active)
+        expected = [(name, held.shape) for name, _, held in self._local_named(active)]
+        for key in _REGIONS:
+            _check_state_tensors(key, state_dict[key], expected)
+        _check_step_states(state_dict["step_states"], len(self.param_groups))
+        _state_count(state_dict, "sr_counter", minimum=0)
+        _state_count(state_dict, "seed")
+        return groups, self._prepare_block(active)
+
+    def _check_state_groups(self, saved: Any) -> list[dict]:
+        """The saved param groups' settings (without ``params``), their hyper-parameters checked."""
+        if not isinstance(saved, (list, tuple)) or len(saved) != len(self.param_groups):
+            got = len(saved) if isinstance(saved, (list, tuple)) else type(saved).__name__
+            raise ValueError(f"state has {got} param groups, this optimizer has {len(self.param_groups)}")
+        groups = []
+        for gi, group in enumerate(saved):
+            where = f"state_dict['param_groups'][{gi}]"
+            if not isinstance(group, dict):
+                raise ValueError(f"{where} must be a dict, got {type(group).__name__}")
+            missing = [k for k in _GROUP_HYPER_KEYS if k not in group]
+            if missing:
+                raise ValueError(f"{where} lacks {missing}")
+            _check_hyper_parameters(group["lr"], group["betas"], group["eps"], group["weight_decay"], 1, None,
+                                    where=where)
+            groups.append({k: v for k, v in group.items() if k != "params"})
+        return groups
+
+    def _check_state_schedule(self, saved: Any, active: int) -> None:
+        """Load the saved schedule into a scratch copy of ours: it raises on anything invalid."""
+        if not isinstance(saved, dict):
+            raise ValueError(f"state_dict['schedule'] must be a dict (BlockSchedule.state_dict()), "
+                             f"got {type(saved).__name__}")
+        mine = self.schedule
+        scratch = BlockSchedule(mine.num_blocks, mine.mode, mine.switch_every, start_block=mine.start_block,
+                                seed=mine.seed)
+        try:
+            scratch.load_state_dict(saved)
+        except (KeyError, TypeError, ValueError, AttributeError, RuntimeError) as exc:
+            reason = exc.args[0] if isinstance(exc, KeyError) and exc.args else exc
+            raise ValueError(f"state_dict['schedule'] does not load: {reason}") from exc
+        if scratch.active != active:
+            raise ValueError(f"state_dict['schedule'] makes block {scratch.active} active but "
+                             f"state_dict['active_block'] is {active}: the parts come from different states")
 
     # ------------------------------------------------------------------ report
     def describe(self) -> list[dict]:
@@ -437,8 +747,66 @@ class BlockAdam(torch.optim.Optimizer):
         return (
             f"BlockAdam(blocks={len(self.partition)}, active={self.active_block}, "
             f"mode={self.schedule.mode!r}, K={self.schedule.switch_every}, backend={self._ops.name!r}, "
-            f"arena={self.arena.capacity_bytes / 2**20:.1f} MiB)"
+            f"arena={self.arena.capacity_bytes / 2**20:.1f} MiB{', closed' if self._closed else ''})"
         )
+
+
+# id(parameter) -> (the parameter, the BlockAdam managing it), both weak: one live optimizer per parameter
+_OWNERS: dict[int, tuple[weakref.ref, weakref.ref]] = {}
+
+
+def _owner(param: torch.Tensor) -> Optional["BlockAdam"]:
+    """The open BlockAdam that manages ``param``, if any."""
+    entry = _OWNERS.get(id(param))
+    if entry is None or entry[0]() is not param:  # no claim, or a dead parameter's id reused
+        return None
+    opt = entry[1]()
+    return None if opt is None or opt.closed else opt
+
+
+def _close_other_owners(named: Iterable[tuple[str, torch.Tensor]]) -> None:
+    """Close, with a warning, every open BlockAdam managing one of these parameters.
+
+    Rebuilding the optimizer while the old one is still referenced (a notebook cell run again, a
+    Trainer's create_optimizer() at each train()) then just works; the old one raises if used again.
+    """
+    named = list(named)
+    if not any(_owner(p) is not None for _, p in named):
+        return
+    gc.collect()  # an unreachable optimizer caught in a reference cycle is given up here, silently
+    owners: dict[int, tuple["BlockAdam", str]] = {}
+    for name, p in named:
+        owner = _owner(p)
+        if owner is not None:
+            owners.setdefault(id(owner), (owner, name))
+    for owner, name in owners.values():
+        warnings.warn(
+            f"another BlockAdam was still open on these parameters (e.g. {name!r}): it is closed now, since "
+            "two optimizers on one model overwrite each other's requires_grad and weights. Use the new one "
+            "(the old one raises if used again), or close() the old one first to silence this warning",
+            stacklevel=3,
+        )
+        owner._close(f"a newer BlockAdam was built on the same parameters (e.g. {name!r}), which closed this one")
+
+
+def _claim_parameters(opt: "BlockAdam", named: Iterable[tuple[str, torch.Tensor]]) -> weakref.finalize:
+    """Record ``opt`` as the manager of these parameters until it is closed or collected.
+
+    Returns the release: a ``weakref.finalize``, called by ``close()`` or when ``opt`` is collected.
+    """
+    owner = weakref.ref(opt)
+    params = [p for _, p in named]
+    keys = [id(p) for p in params]
+    for key, p in zip(keys, params):
+        _OWNERS[key] = (weakref.ref(p), owner)
+    return weakref.finalize(opt, _release_parameters, keys, owner)
+
+
+def _release_parameters(keys: Sequence[int], owner: weakref.ref) -> None:
+    for key in keys:
+        entry = _OWNERS.get(key)
+        if entry is not None and entry[1] is owner:
+            del _OWNERS[key]
 
 
 def _refresh_pruner_hook(opt: "BlockAdam"):
@@ -480,19 +848,99 @@ def _make_grad_sync(distributed: Optional[bool], process_group: Any, sharded: bo
     return GradSync(process_group)
 
 
-def _check_hyper_parameters(lr, betas, eps, weight_decay, switch_every, max_grad_norm) -> None:
-    if not isinstance(lr, (float, int)) or lr < 0:
-        raise ValueError(f"invalid learning rate {lr!r}: must be a float >= 0")
-    if len(betas) != 2 or not all(0.0 <= b < 1.0 for b in betas):
-        raise ValueError(f"invalid betas {betas!r}: need two values in [0, 1)")
-    if eps <= 0:
-        raise ValueError(f"invalid eps {eps!r}: must be > 0")
-    if weight_decay < 0:
-        raise ValueError(f"invalid weight_decay {weight_decay!r}: must be >= 0")
-    if not isinstance(switch_every, int) or switch_every < 1:
-        raise ValueError(f"invalid switch_every {switch_every!r}: must be an int >= 1")
-    if max_grad_norm is not None and max_grad_norm <= 0:
-        raise ValueError(f"invalid max_grad_norm {max_grad_norm!r}: must be > 0 or None")
+def _as_real(value: Any) -> Optional[float]:
+    """``value`` as a finite float (a one-element tensor too); None for bools, strings, NaN and inf."""
+    if type(value) is float or type(value) is int:  # the common case, checked every step: keep it fast
+        value = float(value)
+        return value if math.isfinite(value) else None
+    if isinstance(value, torch.Tensor):
+        if value.numel() != 1 or value.dtype == torch.bool or value.is_complex():
+            return None
+        value = value.item()
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        return None
+    value = float(value)
+    return value if math.isfinite(value) else None
+
+
+def _valid_betas(betas: Any) -> bool:
+    try:
+        values = [_as_real(b) for b in betas]
+    except TypeError:  # not iterable
+        return False
+    return len(values) == 2 and all(v is not None and 0.0 <= v < 1.0 for v in values)
+
+
+def _check_max_grad_norm(max_grad_norm: Any, at: str = "") -> None:
+    value = _as_real(max_grad_norm)
+    if value is None or value <= 0:
+        raise ValueError(f"{at}invalid max_grad_norm={max_grad_norm!r}: must be a finite number > 0, or None")
+
+
+def _check_hyper_parameters(lr, betas, eps, weight_decay, switch_every, max_grad_norm, where: str = "") -> None:
+    """Refuse what torch's AdamW refuses, and NaN / inf as well; ``where`` starts the message."""
+    at = f"{where}: " if where else ""
+    value = _as_real(lr)
+    if value is None or value < 0:
+        raise ValueError(f"{at}invalid learning rate lr={lr!r}: must be a finite number >= 0")
+    if not _valid_betas(betas):
+        raise ValueError(f"{at}invalid betas={betas!r}: need two finite values in [0, 1)")
+    value = _as_real(eps)
+    if value is None or value <= 0:
+        raise ValueError(f"{at}invalid eps={eps!r}: must be a finite number > 0")
+    value = _as_real(weight_decay)
+    if value is None or value < 0:
+        raise ValueError(f"{at}invalid weight_decay={weight_decay!r}: must be a finite number >= 0")
+    if isinstance(switch_every, bool) or not isinstance(switch_every, int) or switch_every < 1:
+        raise ValueError(f"{at}invalid switch_every={switch_every!r}: must be an int >= 1")
+    if max_grad_norm is not None:
+        _check_max_grad_norm(max_grad_norm, at)
+
+
+def _state_count(state_dict: dict, key: str, minimum: Optional[int] = None) -> int:
+    """``state_dict[key]`` as an int (not a bool), at least ``minimum``."""
+    value = state_dict[key]
+    try:
+        number = None if isinstance(value, bool) else operator.index(value)
+    except TypeError:
+        number = None
+    if number is None or (minimum is not None and number < minimum):
+        bound = f" >= {minimum}" if minimum is not None else ""
+        raise ValueError(f"state_dict[{key!r}] must be an int{bound}, got {value!r}")
+    return number
+
+
+def _check_state_tensors(key: str, saved: Any, expected: Sequence[tuple[str, torch.Size]]) -> None:
+    """``saved`` must be one dense float32 tensor per active tensor, of its shape (any device)."""
+    if not isinstance(saved, (list, tuple)) or len(saved) != len(expected):
+        got = f"{len(saved)} items" if isinstance(saved, (list, tuple)) else type(saved).__name__
+        raise ValueError(f"state_dict[{key!r}] must be a list of {len(expected)} float32 tensors (one per tensor "
+                         f"of the active block), got {got}")
+    for i, (tensor, (name, shape)) in enumerate(zip(saved, expected)):
+        want = f"expected a float32 tensor of shape {tuple(shape)}"
+        if not isinstance(tensor, torch.Tensor):
+            raise ValueError(f"state_dict[{key!r}][{i}] ({name}) is a {type(tensor).__name__}; {want}")
+        if tensor.dtype != torch.float32 or tensor.shape != shape or tensor.layout != torch.strided:
+            raise ValueError(f"state_dict[{key!r}][{i}] ({name}) is a {tensor.dtype} tensor of shape "
+                             f"{tuple(tensor.shape)}; {want}")
+
+
+def _check_step_states(saved: Any, count: int) -> None:
+    """One float64 ``[t, beta1^t, beta2^t]`` of shape (3,) per param group, with sensible values."""
+    want = "a float64 tensor [t, beta1^t, beta2^t] of shape (3,)"
+    if not isinstance(saved, (list, tuple)) or len(saved) != count:
+        got = f"{len(saved)} items" if isinstance(saved, (list, tuple)) else type(saved).__name__
+        raise ValueError(f"state_dict['step_states'] must be a list of {count} (one per param group) of {want}, "
+                         f"got {got}")
+    for gi, state in enumerate(saved):
+        if not isinstance(state, torch.Tensor) or state.dtype != torch.float64 or state.shape != (3,):
+            got = (f"a {state.dtype} tensor of shape {tuple(state.shape)}" if isinstance(state, torch.Tensor)
+                   else f"a {type(state).__name__}")
+            raise ValueError(f"state_dict['step_states'][{gi}] is {got}; expected {want}")
+        t, beta1_t, beta2_t = state.detach().cpu().tolist()
+        if not (math.isfinite(t) and t >= 0 and t == int(t) and 0 <= beta1_t <= 1 and 0 <= beta2_t <= 1):
+            raise ValueError(f"state_dict['step_states'][{gi}] holds {[t, beta1_t, beta2_t]}: not a step state "
+                             "(t a whole number >= 0, beta powers in [0, 1])")
 
 
 def _build_partition(model_or_named, named, blocks, block_param_names, include_embedding,
