@@ -8,7 +8,6 @@ never silently ignored.
 from __future__ import annotations
 
 import logging
-import warnings
 from typing import Callable, Optional, Sequence
 
 import torch
@@ -19,6 +18,9 @@ from .optimizer import BlockAdam
 logger = logging.getLogger("badam_ext")
 
 _ADAM_TYPES = (torch.optim.Adam, torch.optim.AdamW)
+
+#: K meaning "never switch": more optimizer steps than any run takes.
+NO_SWITCH = 2**31 - 1
 
 
 def BlockOptimizer(  # noqa: N802 - mirrors the reference's class name on purpose
@@ -40,15 +42,21 @@ def BlockOptimizer(  # noqa: N802 - mirrors the reference's class name on purpos
     """Build a :class:`BlockAdam` from the reference BAdam's arguments (defaults as the reference's).
 
     Differences from the reference, by design: every block gets exactly ``switch_block_every`` steps
-    (the reference gives the first block one fewer); per-group weight decay is honoured and biases and
-    norm weights get none; the state_dict holds the schedule, so resuming continues the same run.
+    (the reference gives the first block one fewer); ``switch_block_every=-1`` means no switching (as
+    LlamaFactory documents it; the reference then switches at every step); per-group weight decay is
+    honoured and biases and norm weights get none; the state_dict holds the schedule, so resuming
+    continues the same run. ``ds_zero3_enabled=True`` is refused (no DeepSpeed); ``verbose`` >= 1
+    logs every block switch visibly.
     Pass ``model=`` (the module whose parameters ``named_parameters_list`` holds) to get backward
     pruning, which needs the module structure. Extra keyword arguments go to :class:`BlockAdam`
     (``max_grad_norm``, ``backend``, ...).
     """
     lr, betas, eps, weight_decay, groups = _read_base_optimizer(base_optimizer)
-    if ds_zero3_enabled is not None:
-        warnings.warn("ds_zero3_enabled is ignored: badam_ext does not run under DeepSpeed ZeRO-3", stacklevel=2)
+    if ds_zero3_enabled:
+        raise ValueError(
+            "ds_zero3_enabled=True: badam_ext does not run under DeepSpeed ZeRO-3. Train on one GPU, or shard "
+            "with FSDP2 (fully_shard) and build BlockAdam(model, ...) on the sharded model"
+        )
     if log_fn is not None:
         logger.info("BlockOptimizer: log_fn is not used; badam_ext logs through the 'badam_ext' logger")
     named = list(named_parameters_list)
@@ -62,7 +70,7 @@ def BlockOptimizer(  # noqa: N802 - mirrors the reference's class name on purpos
     return BlockAdam(
         model if model is not None else named,
         lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
-        switch_every=int(switch_block_every),
+        switch_every=switch_every_from_reference(switch_block_every),
         switch_mode=switch_mode,
         start_block=start_block,
         blocks=[list(b) if not isinstance(b, str) else b for b in block_prefix_list] if block_prefix_list else None,
@@ -73,6 +81,18 @@ def BlockOptimizer(  # noqa: N802 - mirrors the reference's class name on purpos
         verbose=verbose,
         **block_adam_kwargs,
     )
+
+
+def switch_every_from_reference(switch_block_every: int) -> int:
+    """K for BlockAdam from the reference's ``switch_block_every``; -1 (LlamaFactory: no switching) is
+    :data:`NO_SWITCH`, so the first block stays active for the whole run."""
+    if isinstance(switch_block_every, bool) or not isinstance(switch_block_every, int):
+        raise TypeError(f"switch_block_every must be an int, got {switch_block_every!r}")
+    if switch_block_every == -1:
+        return NO_SWITCH
+    if switch_block_every < 1:
+        raise ValueError(f"switch_block_every must be >= 1, or -1 for no switching; got {switch_block_every}")
+    return switch_block_every
 
 
 def _read_base_optimizer(opt: torch.optim.Optimizer):
