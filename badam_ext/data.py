@@ -1,5 +1,7 @@
 """The embedded default dataset: deterministic arithmetic sentences, tokenized as bytes.
 
+(Training on a file of your own: :mod:`badam_ext.finetune_data`.)
+
 Generated, not downloaded: ``"17 + 25 = 42.\\n"`` and similar lines from a seeded generator. The
 answers are a learnable function of the prompt, so the loss of a real finetuning run falls well below
 the entropy of the digits, and a run is reproducible byte for byte.
@@ -50,6 +52,11 @@ class TokenBlocks(torch.utils.data.Dataset):
 
     def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
         ids = self.windows[i]
+        return {"input_ids": ids, "labels": ids}
+
+    def batch(self, indices: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The windows ``indices`` as model keyword arguments."""
+        ids = self.windows[indices]
         return {"input_ids": ids, "labels": ids}
 
 

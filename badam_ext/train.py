@@ -1,22 +1,31 @@
-"""The main job: a small but real BlockAdam finetuning run on an embedded default.
+"""The main job: a small but real BlockAdam finetuning run.
 
-Default: a Llama-architecture model built from a config (random weights, byte vocabulary) trained on
-the generated arithmetic dataset (``badam_ext.data``), with the VRAM/time profiler attached. With
-``model_path`` a local Hugging Face checkpoint folder is finetuned instead (its own tokenizer).
-Writes the profile (JSON, CSV, PNG) and a summary to the output folder.
+Default (no arguments): a Llama-architecture model built from a config (random weights, byte
+vocabulary) trained on the generated arithmetic dataset (``badam_ext.data``), with the VRAM/time
+profiler attached. With ``model_path`` a local Hugging Face checkpoint is finetuned instead, with its
+own tokenizer; with ``data`` on a JSON / JSONL file of examples (``badam_ext.finetune_data``: loss on
+the responses only), and the finetuned model is saved to ``<out>/model`` (``save_pretrained``:
+safetensors, plus the tokenizer).
+
+Steps: :func:`build_model` (the one place the model is made), :func:`build_datasets`,
+:func:`build_optimizer` (the one place the optimizer is made), the loop in :func:`run`, then the
+profile, the summary and :func:`save_model`. Every input is checked before the output folder is
+touched, and the model folder appears whole or not at all.
 """
 from __future__ import annotations
 
 import json
 import math
+import shutil
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional, Protocol
 
 import torch
 
 from .data import BYTE_VOCAB, TokenBlocks, arithmetic_text, encode_bytes
+from .finetune_data import DataError, load_examples
 
 
 @dataclass
@@ -40,13 +49,19 @@ PRESETS = {
 class TrainConfig:
     preset: Optional[str] = None  # None: "small" on CUDA, "tiny" on CPU
     model_path: Optional[str] = None
-    steps: Optional[int] = None  # None: block_epochs full passes over the blocks
+    data: Optional[str] = None  # JSON / JSONL examples (needs model_path for the tokenizer)
+    eval_data: Optional[str] = None  # None: the first rows of the training data (with data)
+    pack: bool = False  # pack whole examples into rows of seq_len instead of one padded example per row
+    save_model: Optional[bool] = None  # None: save <out>/model when a checkpoint was finetuned (model_path)
+    steps: Optional[int] = None  # None: one pass over data, else block_epochs full passes over the blocks
     block_epochs: int = 2
     switch_every: int = 5
     switch_mode: str = "ascending"
     start_block: Optional[int] = None
-    lr: float = 1e-3
+    lr: Optional[float] = None  # None: 1e-3 for the embedded random-init model, 1e-5 for a checkpoint
     weight_decay: float = 0.01
+    include_embedding: Optional[bool] = None  # None: True for the embedded model, False for a checkpoint
+    include_lm_head: Optional[bool] = None  # None: as include_embedding (never for a tied lm_head)
     batch_size: int = 8
     seq_len: int = 128
     dtype: Optional[str] = None  # None: bfloat16 on CUDA, float32 on CPU (CPU bf16 matmuls are slow)
@@ -60,8 +75,25 @@ class TrainConfig:
     progress: bool = True
 
 
-def build_model(cfg: TrainConfig, device: torch.device, dtype: torch.dtype):
-    """The model to finetune and a function turning text into token ids."""
+class Batches(Protocol):
+    """A training or evaluation set: rows addressed by index, as model keyword arguments."""
+
+    def __len__(self) -> int: ...
+
+    def batch(self, indices: torch.Tensor) -> dict[str, torch.Tensor]: ...
+
+
+@dataclass
+class Built:
+    """The model, its tokenizer (None for the embedded byte model) and text -> token ids."""
+
+    model: Any
+    tokenizer: Any
+    encode: Any
+
+
+def build_model(cfg: TrainConfig, device: torch.device, dtype: torch.dtype) -> Built:
+    """The model to finetune (a local checkpoint, or the embedded preset) on ``device`` in ``dtype``."""
     import transformers
 
     if cfg.model_path:
@@ -71,7 +103,9 @@ def build_model(cfg: TrainConfig, device: torch.device, dtype: torch.dtype):
         model = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=dtype, local_files_only=True)
         tokenizer = transformers.AutoTokenizer.from_pretrained(path, local_files_only=True)
         encode = lambda text: torch.tensor(tokenizer(text)["input_ids"], dtype=torch.long)  # noqa: E731
-        return model.to(device), encode
+        return Built(model.to(device), tokenizer, encode)
+    if cfg.data:
+        raise DataError("--data needs --model PATH: a checkpoint folder whose tokenizer reads the text")
     preset = PRESETS[cfg.preset or ("small" if device.type == "cuda" else "tiny")]
     config = transformers.LlamaConfig(
         vocab_size=BYTE_VOCAB, max_position_embeddings=max(256, cfg.seq_len), tie_word_embeddings=False,
@@ -80,45 +114,81 @@ def build_model(cfg: TrainConfig, device: torch.device, dtype: torch.dtype):
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.seed)
         model = transformers.LlamaForCausalLM(config)
-    return model.to(device=device, dtype=dtype), encode_bytes
+    return Built(model.to(device=device, dtype=dtype), None, encode_bytes)
+
+
+def build_datasets(cfg: TrainConfig, built: Built) -> tuple[Batches, Batches]:
+    """Training and evaluation rows: the examples of ``cfg.data``, or the arithmetic text."""
+    if cfg.data:
+        train = load_examples(cfg.data, built.tokenizer, cfg.seq_len, pack=cfg.pack)
+        evaluation = load_examples(cfg.eval_data, built.tokenizer, cfg.seq_len, pack=cfg.pack) if cfg.eval_data \
+            else train
+        return train, evaluation
+    if cfg.eval_data:
+        raise DataError("--eval-data needs --data")
+    train_blocks = TokenBlocks(built.encode(arithmetic_text(20_000, seed=cfg.seed)), cfg.seq_len)
+    eval_blocks = TokenBlocks(built.encode(arithmetic_text(2_000, seed=cfg.seed + 1)), cfg.seq_len)
+    return train_blocks, eval_blocks
+
+
+def build_optimizer(cfg: TrainConfig, model: Any):
+    """The BlockAdam of the run."""
+    from .optimizer import BlockAdam
+
+    embedded = not cfg.model_path
+    include_embedding = embedded if cfg.include_embedding is None else cfg.include_embedding
+    include_lm_head = include_embedding if cfg.include_lm_head is None else cfg.include_lm_head
+    if include_lm_head and _lm_head_tied(model):
+        include_lm_head = False  # the shared weight trains with the embedding block
+    return BlockAdam(model, lr=_lr(cfg), weight_decay=cfg.weight_decay, switch_every=cfg.switch_every,
+                     switch_mode=cfg.switch_mode, start_block=cfg.start_block, backend=cfg.backend,
+                     max_grad_norm=cfg.max_grad_norm, include_embedding=include_embedding,
+                     include_lm_head=include_lm_head, seed=cfg.seed)
+
+
+def _lr(cfg: TrainConfig) -> float:
+    if cfg.lr is not None:
+        return cfg.lr
+    return 1e-3 if not cfg.model_path else 1e-5
+
+
+def _lm_head_tied(model: Any) -> bool:
+    inp, out = model.get_input_embeddings(), model.get_output_embeddings()
+    return out is not None and getattr(inp, "weight", None) is getattr(out, "weight", None)
 
 
 @torch.no_grad()
-def evaluate(model, data: TokenBlocks, batch_size: int, device: torch.device, max_batches: int = 8) -> float:
+def evaluate(model, data: Batches, batch_size: int, device: torch.device, max_batches: int = 8) -> float:
     """Mean loss over the first ``max_batches`` batches of ``data``."""
     was_training = model.training
     model.eval()
     losses = []
     for start in range(0, min(len(data), batch_size * max_batches), batch_size):
-        ids = data.windows[start:start + batch_size].to(device)
-        losses.append(model(input_ids=ids, labels=ids).loss.float().item())
+        indices = torch.arange(start, min(start + batch_size, len(data)))
+        batch = {k: v.to(device) for k, v in data.batch(indices).items()}
+        losses.append(model(**batch).loss.float().item())
     model.train(was_training)
     return sum(losses) / len(losses)
 
 
 def run(cfg: TrainConfig) -> dict:
-    """Train, profile, write the report; returns the summary dict."""
-    from .optimizer import BlockAdam
+    """Train, profile, write the report (and the model); returns the summary dict."""
     from .profiling import VramProfiler
 
     device = torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype = getattr(torch, cfg.dtype or ("bfloat16" if device.type == "cuda" else "float32"))
-    out = Path(cfg.out)
-    out.mkdir(parents=True, exist_ok=True)
-    model, encode = build_model(cfg, device, dtype)
+    if cfg.data and not Path(cfg.data).is_file():
+        raise DataError(f"{cfg.data}: no such file")
+    built = build_model(cfg, device, dtype)
+    model = built.model
+    train_data, eval_data = build_datasets(cfg, built)  # every record checked before anything is written
     if cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable()
-    train_data = TokenBlocks(encode(arithmetic_text(20_000, seed=cfg.seed)), cfg.seq_len)
-    eval_data = TokenBlocks(encode(arithmetic_text(2_000, seed=cfg.seed + 1)), cfg.seq_len)
-
-    opt = BlockAdam(model, lr=cfg.lr, weight_decay=cfg.weight_decay, switch_every=cfg.switch_every,
-                    switch_mode=cfg.switch_mode, start_block=cfg.start_block, backend=cfg.backend,
-                    max_grad_norm=cfg.max_grad_norm,
-                    include_embedding=True, include_lm_head=True, seed=cfg.seed)
-    steps = cfg.steps or cfg.block_epochs * len(opt.partition) * cfg.switch_every
+    opt = build_optimizer(cfg, model)
+    steps = cfg.steps or (math.ceil(len(train_data) / cfg.batch_size) if cfg.data
+                          else cfg.block_epochs * len(opt.partition) * cfg.switch_every)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps)))
-    loader_gen = torch.Generator().manual_seed(cfg.seed)
-    order = torch.randperm(len(train_data), generator=loader_gen)
+    order = torch.randperm(len(train_data), generator=torch.Generator().manual_seed(cfg.seed))
 
     eval_before = evaluate(model, eval_data, cfg.batch_size, device)
     prof = VramProfiler(device=device, sample_interval_s=cfg.sample_interval_s)
@@ -128,9 +198,9 @@ def run(cfg: TrainConfig) -> dict:
     with prof, _progress(cfg.progress, steps) as advance:
         for step in range(steps):
             idx = order[(step * cfg.batch_size + torch.arange(cfg.batch_size)) % len(train_data)]
-            ids = train_data.windows[idx].to(device)
+            batch = {k: v.to(device) for k, v in train_data.batch(idx).items()}
             with prof.phase("forward"):
-                loss = model(input_ids=ids, labels=ids).loss
+                loss = model(**batch).loss
             with prof.phase("backward"):
                 loss.backward()
             with prof.phase("step"):
@@ -140,9 +210,14 @@ def run(cfg: TrainConfig) -> dict:
             advance(step, opt.active_block)
     wall = time.perf_counter() - started
     eval_after = evaluate(model, eval_data, cfg.batch_size, device)
+
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
     report = prof.report()
     report.print()
     report.save(out)
+    save = cfg.save_model if cfg.save_model is not None else bool(cfg.model_path)
+    model_dir = save_model(model, built.tokenizer, out / "model") if save else None
     summary = {
         "device": str(device),
         "model_params": sum(p.numel() for p in model.parameters()),
@@ -153,12 +228,34 @@ def run(cfg: TrainConfig) -> dict:
         "train_loss_last": torch.stack(losses[-5:]).float().mean().item(),
         "eval_loss_before": eval_before,
         "eval_loss_after": eval_after,
+        "eval_data": cfg.eval_data or cfg.data or "arithmetic (held out)",
+        "train_rows": len(train_data),
         "arena_bytes": opt.arena.capacity_bytes,
         "wall_s": wall,
+        "model_dir": None if model_dir is None else str(model_dir),
         "config": asdict(cfg),
     }
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
     return summary
+
+
+def save_model(model: Any, tokenizer: Any, target: Path) -> Path:
+    """``save_pretrained`` of the model (safetensors) and the tokenizer into ``target``, atomically:
+    written to a sibling folder first, which then replaces ``target``."""
+    staging = target.with_name(target.name + ".partial")
+    shutil.rmtree(staging, ignore_errors=True)
+    model.save_pretrained(staging)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(staging)
+    if target.exists():
+        old = target.with_name(target.name + ".old")
+        shutil.rmtree(old, ignore_errors=True)
+        target.rename(old)
+        staging.rename(target)
+        shutil.rmtree(old)
+    else:
+        staging.rename(target)
+    return target
 
 
 class _progress:

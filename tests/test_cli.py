@@ -42,12 +42,26 @@ def test_train_main_job_learns_and_writes_the_report(tmp_path, capsys):
     assert "eval_loss_after" in capsys.readouterr().out
 
 
-def test_profile_runs_one_block_epoch(tmp_path):
+def test_profile_runs_one_block_epoch_and_its_tables_stay_whole_in_a_pipe(tmp_path):
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
     out = tmp_path / "prof"
-    cli.main(["profile", "--switch-every", "1", "--batch-size", "2", "--seq-len", "32", "--out", str(out),
-              "--no-progress", "--sample-interval", "0"])
+    env = {k: v for k, v in os.environ.items() if k not in ("COLUMNS", "FORCE_COLOR", "TTY_COMPATIBLE")}
+    done = subprocess.run(
+        [sys.executable, "-m", "badam_ext.cli", "profile", "--switch-every", "1", "--batch-size", "2",
+         "--seq-len", "32", "--out", str(out), "--no-progress", "--sample-interval", "0"],
+        cwd=Path(__file__).resolve().parent.parent, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
     summary = json.loads((out / "summary.json").read_text())
     assert summary["steps"] == summary["blocks"] == 8
+    # Written to a pipe, rich would cut tables to 80 columns and shorten cells to "…".
+    assert "…" not in done.stdout
+    for name in ("embedding", "model.layers.5", "lm_head", "peak RSS", "step ms (n)", "eval_loss_after"):
+        assert name in done.stdout
+    assert max(len(line) for line in done.stdout.splitlines()) > 80
 
 
 def test_bench_subcommand_rejects_unknown_names():

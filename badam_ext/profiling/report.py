@@ -33,6 +33,24 @@ def format_bytes(value: int | None) -> str:
     raise AssertionError("unreachable")
 
 
+#: Console width when the output is not a terminal (a file, a pipe): wide enough that no table is
+#: cut or its cells shortened to "…"; tables still take only the width they need.
+NON_TTY_WIDTH = 1000
+
+
+def make_console(file: Any = None) -> Any:
+    """A rich Console for tables: the terminal's width on a TTY, :data:`NON_TTY_WIDTH` otherwise.
+
+    Rich falls back to 80 columns when it writes to a file or a pipe, which cuts wide tables.
+    """
+    from rich.console import Console
+
+    console = Console(file=file)
+    if not console.is_terminal:
+        console = Console(file=file, width=NON_TTY_WIDTH)
+    return console
+
+
 def _format_ms(seconds: float | None, count: int | None = None) -> str:
     if seconds is None:
         return "-"
@@ -130,10 +148,9 @@ class ProfileReport:
     # ------------------------------------------------------------------ print
     def print(self, console: Any = None) -> None:
         """Print device, phase and block tables with rich."""
-        from rich.console import Console
         from rich.table import Table
 
-        console = console or Console()
+        console = console or make_console()
         snap = self.snapshot
         title = f"Memory: {self.device} ({self.device_name})"
         device_table = Table(title=title, show_header=False)
