@@ -8,6 +8,8 @@ Public API::
     from badam_ext import kernels              # the Triton kernels and their launchers
     from badam_ext import compile_layers       # torch.compile per layer, bounded recompiles under BAdam
     import badam_ext; badam_ext.hf             # Hugging Face Trainer / TRL glue (badam_ext.hf)
+    from badam_ext import apply_memory_savings # fused loss + checkpoint offload on a HF causal LM
+    from badam_ext import plan_memory          # predicted peak memory of a step, from a config
 
 Submodules load on first use: ``import badam_ext`` imports neither torch, triton nor the C++ extension.
 """
@@ -19,7 +21,8 @@ import sys
 
 __version__ = "0.1.0"
 
-__all__ = ["BlockAdam", "BlockOptimizer", "BlockArena", "infer_partition", "compile_layers", "__version__"]
+__all__ = ["BlockAdam", "BlockOptimizer", "BlockArena", "infer_partition", "compile_layers",
+           "apply_memory_savings", "plan_memory", "__version__"]
 
 # name -> (module, attribute); attribute None: the module itself
 _LAZY: dict[str, tuple[str, str | None]] = {
@@ -28,6 +31,9 @@ _LAZY: dict[str, tuple[str, str | None]] = {
     "BlockArena": (".arena", "BlockArena"),
     "infer_partition": (".partition", "infer_partition"),
     "compile_layers": (".compilation", "compile_layers"),
+    "apply_memory_savings": (".memory", "apply_memory_savings"),
+    "plan_memory": (".memory", "plan_memory"),
+    "memory": (".memory", None),
     "kernels": (".kernels", None),
     "hf": (".hf", None),
     "integrations": (".integrations", None),

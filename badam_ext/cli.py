@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 from typing import Optional, Sequence
 
-BENCHES = ("update", "switch", "backward", "e2e", "budget")
+BENCHES = ("update", "switch", "backward", "e2e", "budget", "memory")
 
 
 def _add_train_args(p: argparse.ArgumentParser, *, steps_help: str) -> None:
@@ -126,9 +126,15 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     bench.add_argument("name", choices=BENCHES)
     bench.add_argument("args", nargs=argparse.REMAINDER)
 
+    from .memory.plan_cli import add_plan_parser, run_plan
+
+    add_plan_parser(sub)
+
     args = parser.parse_args(argv)
     if args.command == "bench":
         return _run_bench(args.name, args.args)
+    if args.command == "plan":
+        return run_plan(args)
     return _run_train(args)
 
 

@@ -35,11 +35,14 @@ import torch  # noqa: E402
 import _timing as T  # noqa: E402
 from bench_e2e import (SETUPS, add_common_args, common_child_argv, finish_common_args,  # noqa: E402
                        reference_missing, summarize, train_steps)
+from _memory_setups import liger_missing, make_setups  # noqa: E402
 from models import MODEL_NAMES, build_model, random_batch  # noqa: E402
 
 SCRIPT = os.path.abspath(__file__)
-OPTIMIZERS = ("ours", "ref")
-DEFAULT_LENGTHS = (1024, 1536, 2048, 3072, 4096, 6144, 8192)
+BUDGET_SETUPS = {**SETUPS, **make_setups(SETUPS)}
+OPTIMIZERS = ("ours", "ref", "ours_saved", "ours_offload", "ours_liger", "ref_liger")
+DEFAULT_OPTIMIZERS = ("ours_saved", "ref", "ref_liger")
+DEFAULT_LENGTHS = (1024, 1536, 2048, 3072, 4096, 6144, 8192, 12288, 16384, 24576, 32768)
 SMOKE_LENGTHS = (16, 24, 32, 48)
 
 
@@ -62,7 +65,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--lengths", type=_lengths, default=None,
                    help=f"ascending sequence lengths (default {','.join(map(str, DEFAULT_LENGTHS))})")
     p.add_argument("--steps", type=int, default=3, help="training steps per attempt (a switch must happen)")
-    p.add_argument("--optimizers", type=T.csv_choices(OPTIMIZERS), default=list(OPTIMIZERS))
+    p.add_argument("--optimizers", type=T.csv_choices(OPTIMIZERS), default=list(DEFAULT_OPTIMIZERS),
+                   help=f"of {','.join(OPTIMIZERS)} (default {','.join(DEFAULT_OPTIMIZERS)}); ours_saved is "
+                        "BlockAdam with apply_memory_savings, *_liger add Liger-Kernel's patches by hand")
+    p.add_argument("--lengths-for", action="append", default=[], metavar="VARIANT=L1,L2,...",
+                   help="per-variant lengths, overriding --lengths for that variant (repeatable)")
     p.add_argument("--chunked-loss", action="store_true",
                    help="also search with the chunked cross-entropy (reported separately)")
     p.add_argument("--no-bisect", dest="bisect", action="store_false",
@@ -81,6 +88,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         args.simulate_oom_above = 24
     if args.steps < 1 or args.budget_gib <= 0 or args.bisect_granularity < 1:
         p.error("need --steps >= 1, --budget-gib > 0, --bisect-granularity >= 1")
+    for item in args.lengths_for:
+        name, sep, values = item.partition("=")
+        if not sep or name not in OPTIMIZERS:
+            p.error(f"--lengths-for wants VARIANT=L1,L2 with VARIANT of {OPTIMIZERS}, got {item!r}")
+        _lengths(values)
     if args.steps < args.switch_every:
         p.error(f"--steps {args.steps} < --switch-every {args.switch_every}: no block switch would happen")
     return args
@@ -113,7 +125,10 @@ def run_attempt(args: argparse.Namespace, ctx: dict[str, Any]) -> dict[str, Any]
     phases = T.ScriptPhases(f"budget/{args.variant}/{args.loss}/{args.seq}")
     phases.seconds["import"] = T.import_seconds(_START)
     record: dict[str, Any] = {"phases_s": phases.seconds}
-    if args.variant == "ref" and (why := reference_missing()):
+    if args.variant.startswith("ref") and (why := reference_missing()):
+        record.update(status="not_installed", error=why)
+        return record
+    if args.variant.endswith("liger") and (why := liger_missing()):
         record.update(status="not_installed", error=why)
         return record
     device = T.device_for(args.smoke, args.device)
@@ -130,7 +145,7 @@ def run_attempt(args: argparse.Namespace, ctx: dict[str, Any]) -> dict[str, Any]
     watch.reset()
     ctx["phase"] = "setup"
     with phases.phase("setup"):
-        harness = SETUPS[args.variant](built.model, args)
+        harness = BUDGET_SETUPS[args.variant](built.model, args)
     batch = random_batch(built.model.config.vocab_size, args.batch, args.seq, device, seed=args.seed)
 
     def simulate() -> None:
@@ -148,6 +163,9 @@ def run_attempt(args: argparse.Namespace, ctx: dict[str, Any]) -> dict[str, Any]
         raise RuntimeError(f"no block switch in {args.steps} steps with K={args.switch_every}; raise --steps")
     record.update(watch.peaks())
     watch.close()
+    savings = getattr(harness, "savings", None)
+    if savings is not None:  # after the steps: what "auto" chose, bytes offloaded, host allocations
+        record["memory_savings"] = T.jsonable(savings.stats())
     return record
 
 
@@ -170,6 +188,15 @@ def child_main(argv: list[str]) -> dict[str, Any]:
 
 
 # ------------------------------------------------------------------------------------ the parent
+def lengths_for(args: argparse.Namespace, variant: str) -> list[int]:
+    """The lengths to try for ``variant``: its ``--lengths-for`` entry, else ``--lengths``."""
+    for item in args.lengths_for:
+        name, _, values = item.partition("=")
+        if name == variant:
+            return _lengths(values)
+    return list(args.lengths)
+
+
 def _attempt(args: argparse.Namespace, argv: list[str], variant: str, seq: int, loss: str) -> dict[str, Any]:
     T.log(f"== budget {variant} loss={loss} seq={seq} ({args.isolation})")
     record = T.dispatch(SCRIPT, child_argv(args, variant, seq, loss), args.isolation, child_main, args.child_timeout)
@@ -184,7 +211,7 @@ def search(args: argparse.Namespace, argv: list[str], variant: str, loss: str) -
     best: dict[str, Any] | None = None
     first_oom: int | None = None
     stopped = None
-    for seq in args.lengths:
+    for seq in lengths_for(args, variant):
         rec = _attempt(args, argv, variant, seq, loss)
         attempts.append(rec)
         if rec.get("status") == "ok":

@@ -4,7 +4,9 @@
 #   bash bench/run_gpu.sh tests    # build + GPU tests (-m gpu)
 #   bash bench/run_gpu.sh micro    # update / switch / backward-by-depth benchmarks
 #   bash bench/run_gpu.sh e2e      # end to end (8B, 1B)
-#   bash bench/run_gpu.sh budget   # the 24 GB budget search (like for like, then with a chunked loss)
+#   bash bench/run_gpu.sh budget   # the 24 GB budget search: badam_ext with its memory savings, the reference,
+#                                  # the reference with Liger-Kernel's patches (carry the liger-kernel wheel)
+#   bash bench/run_gpu.sh memory   # the memory planner against measured peaks, offload on / off
 #   bash bench/run_gpu.sh dp       # data parallel on 2 GPUs (torchrun)
 # Stages may be combined: bash bench/run_gpu.sh tests micro
 set -uo pipefail
@@ -48,7 +50,11 @@ for stage in "$@"; do
       run bench_e2e_8b python3 bench/bench_e2e.py --model 8b --out "$OUT/results.jsonl"
       run bench_e2e_1b python3 bench/bench_e2e.py --model 1b --out "$OUT/results.jsonl" ;;
     budget)
-      run bench_budget python3 bench/bench_budget.py --chunked-loss --no-bisect --out "$OUT/results.jsonl" ;;
+      run bench_budget python3 bench/bench_budget.py --batch 1 --optimizers ref,ref_liger,ours_saved \
+        --lengths-for ref=2048,3072 --lengths-for ref_liger=12288,16384 \
+        --lengths-for ours_saved=16384,24576,32768 --bisect-granularity 1024 --out "$OUT/results.jsonl" ;;
+    memory)
+      run bench_memory python3 bench/bench_memory.py --out "$OUT/results.jsonl" ;;
     dp) run bench_dp torchrun --standalone --nproc_per_node 2 bench/bench_dp.py --out "$OUT/results.jsonl" ;;
     *) echo "unknown stage $stage"; exit 2 ;;
   esac

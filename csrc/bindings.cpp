@@ -6,6 +6,10 @@
 
 #include "arena.h"
 
+namespace badam {
+void bind_host_buffer(pybind11::module_& m);  // host_buffer_bindings.cpp
+}
+
 namespace py = pybind11;
 using badam::ArenaLayout;
 using badam::BlockArena;
@@ -44,6 +48,7 @@ void translate_c10_errors(std::exception_ptr error) {
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "badam_ext C++ extension: the block arena for the active BAdam block's fp32 state";
   py::register_local_exception_translator(translate_c10_errors);
+  badam::bind_host_buffer(m);
 
   py::class_<ArenaLayout>(m, "ArenaLayout",
                           "Per-parameter element offsets of one block inside a BlockArena. "

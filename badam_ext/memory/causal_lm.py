@@ -7,6 +7,7 @@ with ``logits_to_keep`` it calls the original forward (generation and metrics ke
 """
 from __future__ import annotations
 
+import functools
 import inspect
 from typing import Any, Callable, Optional
 
@@ -65,7 +66,15 @@ class FusedLossPatch:
         self._had_instance_forward = "forward" in model.__dict__
         self._original: Callable[..., Any] = model.forward
         self._signature = inspect.signature(self._original)
-        model.forward = self._forward
+
+        # Carries the original signature: Trainer keeps the dataset columns the forward names, and
+        # checks whether it takes loss kwargs (num_items_in_batch).
+        @functools.wraps(self._original)
+        def forward(*args: Any, **kwargs: Any) -> Any:
+            return self._forward(*args, **kwargs)
+
+        self._installed = forward
+        model.forward = forward
 
     def _forward(self, *args: Any, **kwargs: Any) -> Any:
         bound = self._signature.bind(*args, **kwargs)
@@ -90,7 +99,7 @@ class FusedLossPatch:
 
     def remove(self) -> None:
         """Restore the model's own forward."""
-        if self.model.__dict__.get("forward") == self._forward:
+        if self.model.__dict__.get("forward") is self._installed:
             if self._had_instance_forward:
                 self.model.forward = self._original
             else:

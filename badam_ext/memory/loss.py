@@ -23,6 +23,9 @@ import torch
 import torch.nn.functional as F
 
 LOSS_BACKENDS = ("auto", "torch", "liger")
+# fp32 logits of one chunk of torch's chunked path: torch's own heuristic sizes chunks from the
+# hidden / vocab ratio, which for a small hidden size means chunks of a few tokens (slow on CPU).
+LOSS_CHUNK_BYTES = 128 * 2 ** 20
 
 
 def torch_has_fused_loss() -> bool:
@@ -68,8 +71,10 @@ def fused_linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targe
     """``cross_entropy(hidden @ weight.T, target)`` over 2-D ``hidden`` without the full logits."""
     name = resolve_backend(backend, softcap=softcap)
     if name == "torch":
+        chunk = max(1, min(hidden.shape[0], LOSS_CHUNK_BYTES // (4 * weight.shape[0])))
+        options = torch.nn.LinearCrossEntropyOptions(batch_chunk_size=chunk, chunking_method=None)
         return F.linear_cross_entropy(hidden, weight, target, reduction=reduction, ignore_index=ignore_index,
-                                      options=torch.nn.LinearCrossEntropyOptions())
+                                      options=options)
     from liger_kernel.transformers.functional import liger_fused_linear_cross_entropy
 
     return liger_fused_linear_cross_entropy(hidden, weight, target, ignore_index=ignore_index,

@@ -11,7 +11,7 @@ every block the peak allocated memory is the largest of three moments of a step:
 Terms (bytes, ``T = batch x seq`` tokens, ``a`` the activation dtype's size):
 
 * checkpoints: ``T x hidden x a`` for every layer at or above the lowest trainable one; with offload,
-  two layers' worth (one being recomputed, one in flight);
+  one layer's (the one in flight in forward; the lowest one's, whose backward is the peak);
 * recompute: ``T x (RECOMPUTE_PER_HIDDEN x hidden + RECOMPUTE_PER_INTERMEDIATE x intermediate) x a/2``
   -- coefficients measured for Hugging Face's Llama-style layers (see bench/RESULTS.md);
 * loss: Hugging Face's loss keeps the bf16 logits, their fp32 copy and the fp32 gradient
@@ -250,9 +250,9 @@ def plan_block(shape: ModelShape, index: int, *, batch_size: int, seq_len: int, 
         saved = saving_layers * recompute_bytes(shape, tokens, trainable=False)
         ckpt_fwd = saved
         ckpt_bwd = saved
-    elif offload:
+    elif offload:  # in forward one copy in flight; at the lowest layer nothing is left to prefetch
         ckpt_fwd = min(saving_layers, 1) * layer_input
-        ckpt_bwd = min(saving_layers, 2) * layer_input
+        ckpt_bwd = min(saving_layers, 1) * layer_input
     else:
         ckpt_fwd = saving_layers * layer_input
         ckpt_bwd = min(saving_layers, 1) * layer_input

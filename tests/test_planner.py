@@ -1,0 +1,134 @@
+"""The memory planner: its arithmetic against sizes computed by hand, limits, errors, the CLI."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from _tiny_models import tiny_config
+
+from badam_ext import plan_memory
+from badam_ext.arena import required_capacity
+from badam_ext.cli import main as cli_main
+from badam_ext.memory import planner as P
+
+GIB = 2 ** 30
+
+
+def _config(**overrides):
+    # hidden 32, intermediate 64, 4 layers, vocab 128 (tests/_tiny_models.py), untied
+    return tiny_config("llama", 4, tie_word_embeddings=False, **overrides)
+
+
+def _hand_sizes(cfg) -> dict[str, int]:
+    h, i, v, n = cfg.hidden_size, cfg.intermediate_size, cfg.vocab_size, cfg.num_hidden_layers
+    head_dim = h // cfg.num_attention_heads
+    kv = cfg.num_key_value_heads * head_dim
+    layer = [h * h, kv * h, kv * h, h * h, i * h, i * h, h * i, h, h]  # q k v o gate up down, 2 norms
+    return {"layer_numels": layer, "params": n * sum(layer) + 2 * v * h + h}
+
+
+def test_weights_arena_grads_by_hand() -> None:
+    cfg = _config()
+    hand = _hand_sizes(cfg)
+    plan = plan_memory(cfg, batch_size=2, seq_len=16, offload=False)
+    block = plan.blocks[0]
+    assert len(plan.blocks) == cfg.num_hidden_layers
+    assert block.weights == 2 * hand["params"]  # bf16
+    assert block.arena == 12 * required_capacity(sorted(hand["layer_numels"], reverse=True))
+    shape = P.model_shape(cfg)
+    assert sorted(shape.layer_numels[0]) == sorted(hand["layer_numels"])
+    assert shape.block_layers == [0, 1, 2, 3] and not shape.tied
+
+
+def test_checkpoint_and_grad_terms_by_hand() -> None:
+    cfg = _config()
+    tokens, h = 2 * 64, cfg.hidden_size
+    shape = P.model_shape(cfg)
+    per_layer_input = P._align(tokens * h * 2)
+    for index in range(4):
+        fwd = P.plan_block(shape, index, batch_size=2, seq_len=64, fused_loss=True, offload=False)
+        if fwd.peak_at == "forward":
+            assert fwd.checkpoints == (4 - index) * per_layer_input
+        else:
+            assert fwd.checkpoints == per_layer_input
+            assert fwd.grads == sum(P._align(n * 2) for n in shape.layer_numels[index])
+            assert fwd.recompute == P.recompute_bytes(shape, tokens, trainable=True)
+    # offload keeps one layer input on the device whatever the depth
+    off = P.plan_block(shape, 0, batch_size=2, seq_len=64, fused_loss=True, offload=True)
+    assert off.checkpoints == per_layer_input
+
+
+def test_block_zero_is_the_worst_and_offload_lowers_the_peak() -> None:
+    cfg = _config(num_hidden_layers=32, max_position_embeddings=8192)
+    plan = plan_memory(cfg, batch_size=1, seq_len=8192, offload=False)
+    assert plan.worst.index == 0 and plan.worst.peak_at == "forward"
+    assert plan.blocks[0].peak > plan.blocks[-1].peak
+    assert plan_memory(cfg, batch_size=1, seq_len=8192, offload=True).peak_bytes < plan.peak_bytes
+
+
+def test_hf_loss_counts_full_logits() -> None:
+    cfg = _config(vocab_size=50000)
+    shape = P.model_shape(cfg)
+    tokens = 4096
+    assert P.loss_bytes(shape, tokens, fused=False, head_trainable=False) == tokens * 50000 * (2 + 8)
+    assert P.loss_bytes(shape, tokens, fused=True, head_trainable=False) < tokens * 50000
+
+
+def test_limits_and_auto_choice_are_consistent() -> None:
+    cfg = _config(num_hidden_layers=32, max_position_embeddings=1 << 20)
+    plan = plan_memory(cfg, batch_size=1, seq_len=4096, budget_gib=0.5, fragmentation_gib=0.0)
+    lim = plan.limits
+    assert lim["hf_loss"]["longest_seq"] <= lim["fused_loss"]["longest_seq"] <= lim["fused_loss+offload"]["longest_seq"]
+    longest = lim["fused_loss"]["longest_seq"]
+    assert plan_memory(cfg, batch_size=1, seq_len=longest, budget_gib=0.5, fragmentation_gib=0.0,
+                       offload=False).fits
+    assert not plan_memory(cfg, batch_size=1, seq_len=longest + 256, budget_gib=0.5, fragmentation_gib=0.0,
+                           offload=False).fits
+    beyond = plan_memory(cfg, batch_size=1, seq_len=longest + 256, budget_gib=0.5, fragmentation_gib=0.0)
+    assert beyond.auto_offload is True and beyond.offload
+    within = plan_memory(cfg, batch_size=1, seq_len=max(256, longest // 2), budget_gib=0.5, fragmentation_gib=0.0)
+    assert within.auto_offload is False and not within.offload
+
+
+def test_config_sources_and_errors(tmp_path) -> None:
+    cfg = _config()
+    path = tmp_path / "config.json"
+    path.write_text(cfg.to_json_string())
+    by_path = plan_memory(str(path), batch_size=1, seq_len=32).peak_bytes
+    assert by_path == plan_memory(str(tmp_path), batch_size=1, seq_len=32).peak_bytes
+    assert by_path == plan_memory(json.loads(cfg.to_json_string()), batch_size=1, seq_len=32).peak_bytes
+    with pytest.raises(FileNotFoundError, match="no model config"):
+        plan_memory(str(tmp_path / "missing"))
+    (tmp_path / "bad.json").write_text("{not json")
+    with pytest.raises(ValueError, match="not valid JSON"):
+        plan_memory(str(tmp_path / "bad.json"))
+    (tmp_path / "nomodel.json").write_text(json.dumps({"hidden_size": 8}))
+    with pytest.raises(ValueError, match="model_type"):
+        plan_memory(str(tmp_path / "nomodel.json"))
+    (tmp_path / "unknown.json").write_text(json.dumps({"model_type": "no-such-model"}))
+    with pytest.raises(ValueError, match="no-such-model"):
+        plan_memory(str(tmp_path / "unknown.json"))
+    with pytest.raises(ValueError, match="batch_size"):
+        plan_memory(cfg, batch_size=0)
+    with pytest.raises(TypeError, match="config must be"):
+        plan_memory(42)
+
+
+def test_cli_plan_json_and_errors(tmp_path, capsys) -> None:
+    path = tmp_path / "config.json"
+    path.write_text(_config().to_json_string())
+    rc = cli_main(["plan", "--config", str(path), "--budget-gib", "23", "--seq-len", "64", "--json"])
+    out = json.loads(capsys.readouterr().out)
+    assert rc == 0 and out["fits"] is True and len(out["blocks"]) == 4
+    assert set(out["limits"]) == {"hf_loss", "fused_loss", "fused_loss+offload"}
+    assert cli_main(["plan", "--config", str(path), "--budget-gib", "0.0001"]) == 3  # does not fit
+    capsys.readouterr()
+    assert cli_main(["plan", "--config", str(tmp_path / "nope.json")]) == 2
+    assert "no model config" in capsys.readouterr().err
+
+
+def test_host_bytes_for_offload() -> None:
+    shape = P.model_shape(_config())
+    assert P.checkpoint_host_bytes(shape, 2, 100) == 4 * P._align(2 * 100 * 32 * 2, 256)
+    assert torch.empty((), dtype=torch.bfloat16).element_size() == shape.dtype_bytes
