@@ -53,9 +53,13 @@ def _config(root: Path, name: str, **overrides) -> Path:
     return path
 
 
-def _train(config: Path, ours: bool) -> subprocess.CompletedProcess:
-    command = ([sys.executable, "-m", "badam_ext.integrations.llamafactory", "train", str(config)] if ours
-               else [shutil.which("llamafactory-cli") or "llamafactory-cli", "train", str(config)])
+def _train(config: Path, ours: bool, console_script: bool = False) -> subprocess.CompletedProcess:
+    if not ours:
+        command = [shutil.which("llamafactory-cli") or "llamafactory-cli", "train", str(config)]
+    elif console_script:
+        command = [shutil.which("badam-ext-llamafactory") or "badam-ext-llamafactory", "train", str(config)]
+    else:
+        command = [sys.executable, "-m", "badam_ext.integrations.llamafactory", "train", str(config)]
     env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", CUDA_VISIBLE_DEVICES="",
                TOKENIZERS_PARALLELISM="false")
     env.pop("PYTEST_CURRENT_TEST", None)
@@ -135,6 +139,6 @@ def test_interval_minus_one_never_switches(workspace):
 
 
 def test_ratio_mode_is_refused_with_a_message(workspace):
-    done = _train(_config(workspace, "ratio", badam_mode="ratio", max_steps=1), ours=True)
+    done = _train(_config(workspace, "ratio", badam_mode="ratio", max_steps=1), ours=True, console_script=True)
     assert done.returncode != 0
     assert "badam_mode: ratio is not supported by badam_ext" in done.stdout + done.stderr

@@ -32,7 +32,6 @@ processes
 from __future__ import annotations
 
 import logging
-import os
 import sys
 from typing import Any, Optional, Sequence
 
@@ -74,7 +73,8 @@ def block_adam_from_llamafactory(model: torch.nn.Module, training_args: Any, fin
             "several processes: BlockAdam under LlamaFactory runs on one device (LlamaFactory's trainer "
             "wraps the model in DDP); set CUDA_VISIBLE_DEVICES to one GPU"
         )
-    optim = str(getattr(getattr(training_args, "optim", "adamw_torch"), "value", training_args.optim))
+    optim = getattr(training_args, "optim", "adamw_torch")
+    optim = str(getattr(optim, "value", optim))  # an OptimizerNames enum in TrainingArguments
     if not optim.startswith("adamw"):
         raise UnsupportedConfig(
             f"optim: {optim}: BlockAdam runs its own fused AdamW; use an AdamW optim (e.g. adamw_torch)"
@@ -183,5 +183,4 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
 
 if __name__ == "__main__":
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     raise SystemExit(main())
