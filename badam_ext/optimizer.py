@@ -209,6 +209,11 @@ class BlockAdam(torch.optim.Optimizer):
         self._sr_counter = 0
         self._switch_hooks: OrderedDict[int, SwitchHook] = OrderedDict()  # RemovableHandle needs a weakref-able dict
 
+        self._grad_sync = _make_grad_sync(distributed, process_group, sharded=self._sharding is not None)
+
+        # Everything is checked: a BlockAdam still open on these parameters is closed now (two would
+        # overwrite each other's requires_grad and weights), before our arena exists (never two at once).
+        _close_other_owners(self.partition.params.items())
         capacity = max(self._local_capacity(i) for i in range(len(self.partition)))
         # a rank whose shards of every block are empty still needs an arena to exist
         self.arena = BlockArena(capacity or required_capacity([1]), self.device)
@@ -216,11 +221,6 @@ class BlockAdam(torch.optim.Optimizer):
         self._partials: Optional[torch.Tensor] = None
         self.last_grad_norm: Optional[torch.Tensor] = None
 
-        self._grad_sync = _make_grad_sync(distributed, process_group, sharded=self._sharding is not None)
-
-        # everything is checked: from here on the model is changed, so a BlockAdam still open on these
-        # parameters is closed first (two would overwrite each other's requires_grad and weights)
-        _close_other_owners(self.partition.params.items())
         self.pruner = None
         self._prune_hook = None
         if module is not None and prune_backward:
