@@ -48,11 +48,13 @@ enable_interpreter_if_cpu_smoke(sys.argv)  # before anything imports triton
 import torch  # noqa: E402
 
 import _timing as T  # noqa: E402
+from _memory_setups import make_setups  # noqa: E402
 from models import LOSS_MODES, MODEL_NAMES, build_model, causal_lm_loss, config_for, random_batch  # noqa: E402
 
 SCRIPT = os.path.abspath(__file__)
 VARIANTS = ("ours", "ref", "ref_patched", "full_adamw")  # the default set
-ALL_VARIANTS = (*VARIANTS, "ours_compiled")
+MEMORY_VARIANTS = ("ours_saved", "ours_offload", "ours_liger", "ref_liger")  # bench/_memory_setups.py
+ALL_VARIANTS = (*VARIANTS, "ours_compiled", *MEMORY_VARIANTS)
 REFERENCE_VARIANTS = ("ref", "ref_patched")
 
 warnings.filterwarnings("ignore", message=r".*gradient_checkpointing_enable.*", category=FutureWarning)
@@ -210,6 +212,7 @@ SETUPS: dict[str, Callable[[torch.nn.Module, argparse.Namespace], Harness]] = {
     "ours": setup_ours, "ref": setup_ref, "ref_patched": setup_ref_patched, "full_adamw": setup_full_adamw,
     "ours_compiled": setup_ours_compiled,
 }
+SETUPS.update(make_setups(SETUPS))
 
 
 def train_steps(model: torch.nn.Module, h: Harness, batch: dict[str, torch.Tensor], args: argparse.Namespace,

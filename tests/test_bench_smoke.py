@@ -168,10 +168,13 @@ def test_e2e_smoke(tmp_path):
 
 def test_budget_smoke_search_and_bisect(tmp_path):
     out = tmp_path / "r.jsonl"
-    records = bench_budget.main(["--smoke", "--lengths", "16,24,32", "--out", str(out)])
+    records = bench_budget.main(["--smoke", "--lengths", "16,24,32", "--optimizers", "ours_saved,ref",
+                                 "--out", str(out)])
     summaries = {r["variant"]: r for r in records if r["kind"] == "budget_summary"}
     attempts = [r for r in records if r["kind"] == "budget_attempt"]
-    assert set(summaries) == {"ours", "ref"}
+    assert set(summaries) == {"ours_saved", "ref"}
+    assert all(a["memory_savings"]["fused_loss"] for a in attempts
+               if a["variant"] == "ours_saved" and a["status"] == "ok")
     for s in summaries.values():
         # 16 and 24 fit, 32 fails (simulated), the bisection tries 28 and fails too.
         assert s["lengths_tried"] == [16, 24, 32, 28]
@@ -240,3 +243,13 @@ def test_kernel_benchmarks_smoke(script, tmp_path):
     for r in records:
         assert {"device", "torch", "triton", "date", "command"} <= set(r)
         assert _positive(float(r["ms"])) and r["frac_copy_bw"] > 0
+
+
+def test_memory_smoke_runs_both_offload_modes(tmp_path):
+    import bench_memory
+
+    out = tmp_path / "m.jsonl"
+    records = bench_memory.main(["--smoke", "--shapes", "1x16", "--steps", "2", "--out", str(out)])
+    assert [r["offload"] for r in records] == [False, True]
+    assert all(r["predicted_gib"] > 0 and len(r["losses"]) == 2 for r in records)
+    assert len(_lines(out)) == 2

@@ -41,28 +41,38 @@ def test_weights_arena_grads_by_hand() -> None:
     assert shape.block_layers == [0, 1, 2, 3] and not shape.tied
 
 
-def test_checkpoint_and_grad_terms_by_hand() -> None:
+def test_moments_by_hand() -> None:
     cfg = _config()
-    tokens, h = 2 * 64, cfg.hidden_size
+    b, seq, h, i, v, a = 2, 64, cfg.hidden_size, cfg.intermediate_size, cfg.vocab_size, 2
+    tokens = b * seq
     shape = P.model_shape(cfg)
-    per_layer_input = P._align(tokens * h * 2)
-    for index in range(4):
-        fwd = P.plan_block(shape, index, batch_size=2, seq_len=64, fused_loss=True, offload=False)
-        if fwd.peak_at == "forward":
-            assert fwd.checkpoints == (4 - index) * per_layer_input
-        else:
-            assert fwd.checkpoints == per_layer_input
-            assert fwd.grads == sum(P._align(n * 2) for n in shape.layer_numels[index])
-            assert fwd.recompute == P.recompute_bytes(shape, tokens, trainable=True)
-    # offload keeps one layer input on the device whatever the depth
-    off = P.plan_block(shape, 0, batch_size=2, seq_len=64, fused_loss=True, offload=True)
-    assert off.checkpoints == per_layer_input
+    layer_input = P._align(tokens * h * a)
+    frozen = int(tokens * (12 * h + 5 * i) * a * P.FROZEN_RECOMPUTE_FRACTION)
+    active = int(tokens * (12 * h + 5 * i) * a)
+    grads0 = sum(P._align(n * a) for n in shape.layer_numels[0])
+    static = 2 * _hand_sizes(cfg)["params"] + P.arena_bytes(shape) + P.RUNTIME_BYTES
+    final_norm = tokens * h * (a + 4)
+    chunk = min(tokens, (128 << 20) // (4 * v))
+    loss = final_norm + tokens * h * 4 + 2 * chunk * v * 4
+    forward = max(int(tokens * (1.5 * h + 3.5 * i) * a), loss)
+    for offload, held in ((False, 4), (True, 1)):
+        top = (4 if not offload else 2) * layer_input + frozen + layer_input
+        lowest = layer_input + max(active, grads0 + int(P.GRAD_TAIL_FRACTION * active))
+        expected = static + max(held * layer_input + forward, top, lowest)
+        plan = P.plan_block(shape, 0, batch_size=b, seq_len=seq, fused_loss=True, offload=offload)
+        assert plan.peak == expected, (offload, plan)
+        assert plan.weights + plan.arena + plan.runtime + plan.grads + plan.checkpoints + plan.recompute \
+            + plan.loss == plan.peak
+    # the top layer's own block has no frozen layer above it: no "backward (top)" moment
+    last = P.plan_block(shape, 3, batch_size=b, seq_len=seq, fused_loss=True, offload=False)
+    assert last.peak == static + max(layer_input + forward, layer_input + max(
+        active, sum(P._align(n * a) for n in shape.layer_numels[3]) + int(P.GRAD_TAIL_FRACTION * active)))
 
 
 def test_block_zero_is_the_worst_and_offload_lowers_the_peak() -> None:
     cfg = _config(num_hidden_layers=32, max_position_embeddings=8192)
     plan = plan_memory(cfg, batch_size=1, seq_len=8192, offload=False)
-    assert plan.worst.index == 0 and plan.worst.peak_at == "forward"
+    assert plan.worst.index == 0
     assert plan.blocks[0].peak > plan.blocks[-1].peak
     assert plan_memory(cfg, batch_size=1, seq_len=8192, offload=True).peak_bytes < plan.peak_bytes
 
@@ -71,8 +81,10 @@ def test_hf_loss_counts_full_logits() -> None:
     cfg = _config(vocab_size=50000)
     shape = P.model_shape(cfg)
     tokens = 4096
-    assert P.loss_bytes(shape, tokens, fused=False, head_trainable=False) == tokens * 50000 * (2 + 8)
-    assert P.loss_bytes(shape, tokens, fused=True, head_trainable=False) < tokens * 50000
+    final_norm = tokens * cfg.hidden_size * 6
+    assert P.loss_bytes(shape, tokens, fused=False, head_trainable=False) == final_norm + tokens * 50000 * (4 + 8)
+    hf = P.loss_bytes(shape, tokens, fused=False, head_trainable=False)
+    assert P.loss_bytes(shape, tokens, fused=True, head_trainable=False) < hf / 3
 
 
 def test_limits_and_auto_choice_are_consistent() -> None:

@@ -1,21 +1,21 @@
 """Predict a BAdam training step's peak device memory from a model config alone.
 
 The model is built on the meta device (shapes, no weights) and partitioned as BlockAdam would. For
-every block the peak allocated memory is the largest of three moments of a step:
+every block the peak allocated memory is the static part (weights, the arena, runtime buffers) plus
+the largest of three moments of a step (``T = batch x seq`` tokens, ``a`` the activation dtype's size):
 
-* end of forward: weights + arena + the checkpointed layer inputs + the loss's working set;
-* backward of the lowest trainable layer: weights + arena + the block's gradients + that layer's
-  input + one layer's recompute working set (every activation the layer saves for its backward);
-* the embedding or head backward, for blocks that hold them (their gradients are vocab x hidden).
+* ``forward``: the checkpointed layer inputs saved so far (``T x hidden x a`` per layer at or above the
+  lowest trainable one; one with offload) plus one layer's forward transients (its MLP
+  intermediates), or the loss's working set if that is larger;
+* ``backward (top)``: backward has just entered the top layer: every checkpoint is still held (two
+  with offload: the one unpacked, the one prefetched), plus a frozen layer's recompute working set
+  and the incoming gradient;
+* ``backward (active)``: the lowest trainable layer's recompute working set, or, once its
+  activations are freed, the block's gradients plus what is left of them.
 
-Terms (bytes, ``T = batch x seq`` tokens, ``a`` the activation dtype's size):
-
-* checkpoints: ``T x hidden x a`` for every layer at or above the lowest trainable one; with offload,
-  one layer's (the one in flight in forward; the lowest one's, whose backward is the peak);
-* recompute: ``T x (RECOMPUTE_PER_HIDDEN x hidden + RECOMPUTE_PER_INTERMEDIATE x intermediate) x a/2``
-  -- coefficients measured for Hugging Face's Llama-style layers (see bench/RESULTS.md);
-* loss: Hugging Face's loss keeps the bf16 logits, their fp32 copy and the fp32 gradient
-  (``T x vocab x (a + 8)``); the fused loss keeps its gradient for the hidden states and a chunk.
+The per-token coefficients were fitted to peak allocated memory measured on an H200 (Llama-3-8B
+shape, 2 x 1024 to 1 x 32768 tokens; bench/RESULTS.md "Memory planner"). Hugging Face's unfused
+loss holds the bf16 logits, their fp32 copy and fp32 gradients: ``T x vocab x (2a + 8)``.
 
 Nothing here reads weights; :func:`plan_memory` takes a ``PretrainedConfig``, a ``config.json`` path,
 a checkpoint folder or a dict.
@@ -31,12 +31,17 @@ from typing import Any, Optional, Union
 import torch
 
 GIB = 2 ** 30
-# Per-token bytes of one decoder layer's recompute working set, per unit of hidden / intermediate
-# size, for 2-byte activations (calibrated against peak allocated on an H200, bench/RESULTS.md).
-RECOMPUTE_PER_HIDDEN = 24.0
-RECOMPUTE_PER_INTERMEDIATE = 10.0
-# A frozen layer above the active one saves less (no inputs of its weight gradients).
-FROZEN_RECOMPUTE_FRACTION = 0.75
+# Per-token working sets of one decoder layer, in activation elements per unit of hidden /
+# intermediate size (fitted on an H200, bench/RESULTS.md): the recompute + backward of a layer, and
+# the transients of a checkpointed layer's forward.
+RECOMPUTE_PER_HIDDEN = 12.0
+RECOMPUTE_PER_INTERMEDIATE = 5.0
+FORWARD_PER_HIDDEN = 1.5
+FORWARD_PER_INTERMEDIATE = 3.5
+# A frozen layer above the active one saves a little less (no inputs of weight gradients).
+FROZEN_RECOMPUTE_FRACTION = 0.93
+# When the active layer's gradients exist, this share of its recompute working set is still alive.
+GRAD_TAIL_FRACTION = 0.39
 # Allocator slack between allocated and reserved memory that a fit must leave inside the budget.
 DEFAULT_FRAGMENTATION_GIB = 0.75
 # cuBLAS workspaces, rotary tables, masks and other step-independent buffers.
@@ -213,68 +218,69 @@ def arena_bytes(shape: ModelShape) -> int:
 
 
 def recompute_bytes(shape: ModelShape, tokens: int, trainable: bool) -> int:
-    """One layer's recompute working set during its backward."""
+    """One layer's recompute + backward working set (its input excluded)."""
     per_token = RECOMPUTE_PER_HIDDEN * shape.hidden + RECOMPUTE_PER_INTERMEDIATE * shape.intermediate
-    scale = shape.dtype_bytes / 2 * (1.0 if trainable else FROZEN_RECOMPUTE_FRACTION)
-    return int(tokens * per_token * scale)
+    return int(tokens * per_token * shape.dtype_bytes * (1.0 if trainable else FROZEN_RECOMPUTE_FRACTION))
+
+
+def forward_bytes(shape: ModelShape, tokens: int) -> int:
+    """The transients of one checkpointed layer's forward (nothing of it is kept)."""
+    per_token = FORWARD_PER_HIDDEN * shape.hidden + FORWARD_PER_INTERMEDIATE * shape.intermediate
+    return int(tokens * per_token * shape.dtype_bytes)
 
 
 def loss_bytes(shape: ModelShape, tokens: int, fused: bool, head_trainable: bool) -> int:
-    """The loss's working set at the end of forward (its saved state and buffers)."""
+    """The loss's working set (its saved state and buffers, the final norm's included)."""
     a = shape.dtype_bytes
+    final_norm = tokens * shape.hidden * (a + 4)  # the final norm's output and its fp32 input
     if not fused:
-        # bf16 logits, their fp32 upcast, and cross-entropy's fp32 softmax / gradient
-        return tokens * shape.vocab * (a + 8)
-    # the gradient for the hidden states (fp32), one chunk of logits, and (trainable head) its gradient
-    chunk_tokens = max(1, 2 ** math.ceil(math.log2(max(1, tokens / max(1, shape.vocab // shape.hidden)))) // 2)
-    work = tokens * shape.hidden * 4 + 3 * chunk_tokens * shape.vocab * 4
+        return final_norm + tokens * shape.vocab * (2 * a + 8)
+    # the gradient for the hidden states (fp32), a chunk of fp32 logits and its gradient
+    chunk = min(tokens, max(1, (128 << 20) // (4 * shape.vocab)))
+    work = final_norm + tokens * shape.hidden * 4 + 2 * chunk * shape.vocab * 4
     if head_trainable:
-        work += shape.vocab * shape.hidden * 4
+        work += shape.vocab * shape.hidden * 4  # the head's fp32 gradient accumulator
     return work
 
 
 def plan_block(shape: ModelShape, index: int, *, batch_size: int, seq_len: int, fused_loss: bool,
                offload: bool, gradient_checkpointing: bool = True) -> BlockPlan:
-    """The predicted peak of block ``index`` as the active block."""
+    """The predicted peak of block ``index`` as the active block (see the module doc for the moments)."""
     tokens = batch_size * seq_len
     a = shape.dtype_bytes
     layer_input = _align(tokens * shape.hidden * a)
-    weights = shape.param_bytes
-    arena = arena_bytes(shape)
     grads = sum(_align(n * a) for n in shape.layer_numels[index])
-    lowest = shape.block_layers[index]
-    kind = shape.block_kinds[index]
-    saving_layers = 0 if lowest is None else shape.num_layers - max(lowest, 0)
-    if not gradient_checkpointing:
-        # every saving layer keeps its whole working set, not only its input
-        saved = saving_layers * recompute_bytes(shape, tokens, trainable=False)
-        ckpt_fwd = saved
-        ckpt_bwd = saved
-    elif offload:  # in forward one copy in flight; at the lowest layer nothing is left to prefetch
-        ckpt_fwd = min(saving_layers, 1) * layer_input
-        ckpt_bwd = min(saving_layers, 1) * layer_input
-    else:
-        ckpt_fwd = saving_layers * layer_input
-        ckpt_bwd = min(saving_layers, 1) * layer_input
+    lowest, kind = shape.block_layers[index], shape.block_kinds[index]
+    saving = 0 if lowest is None else shape.num_layers - max(lowest, 0)  # layers that save their input
     head_trainable = kind == "lm_head" or (kind == "embedding" and shape.tied)
     loss = loss_bytes(shape, tokens, fused_loss, head_trainable)
-    final_norm = tokens * shape.hidden * (a + 4)  # final norm output and its fp32 input, saved for backward
-    static = weights + arena + RUNTIME_BYTES
-    moments = {"forward": ckpt_fwd + loss + final_norm}
-    if lowest is not None:
-        recompute = recompute_bytes(shape, tokens, trainable=kind == "layer")
-        moments["backward"] = grads + ckpt_bwd + recompute
+    frozen = recompute_bytes(shape, tokens, trainable=False)
+    active = recompute_bytes(shape, tokens, trainable=kind == "layer")
+    if not gradient_checkpointing:  # every saving layer keeps its whole working set
+        held_fwd = held_top = saving * frozen
+    elif offload:
+        held_fwd, held_top = min(saving, 1) * layer_input, min(saving, 2) * layer_input
     else:
-        recompute = 0
-        moments["backward"] = grads + loss
-    at = max(moments, key=moments.get)
-    dynamic = moments[at]
-    return BlockPlan(index=index, name=shape.block_names[index], weights=weights, arena=arena,
-                     grads=grads if at == "backward" else 0,
-                     checkpoints=ckpt_fwd if at == "forward" else ckpt_bwd,
-                     recompute=recompute if at == "backward" else 0,
-                     loss=(loss + final_norm) if at == "forward" else (loss if lowest is None else 0),
-                     runtime=RUNTIME_BYTES, peak=static + dynamic, peak_at=at)
+        held_fwd = held_top = saving * layer_input
+    # moment -> (grads, checkpoints, recompute, loss)
+    moments: dict[str, tuple[int, int, int, int]] = {}
+    transient = max(forward_bytes(shape, tokens), loss)
+    moments["forward"] = (0, held_fwd, 0, transient)
+    if lowest is None:  # a head-only block: the loss backward is the whole backward
+        moments["backward (active)"] = (grads, 0, 0, loss)
+    else:
+        if saving > 1 or kind != "layer":
+            moments["backward (top)"] = (0, held_top, frozen + layer_input, 0)
+        held_low = min(saving, 1) * layer_input if gradient_checkpointing else held_top
+        tail = int(GRAD_TAIL_FRACTION * active)
+        moments["backward (active)"] = (0, held_low, active, 0) if active >= grads + tail \
+            else (grads, held_low, tail, 0)
+    at = max(moments, key=lambda k: sum(moments[k]))
+    g, c, r, l_ = moments[at]
+    weights, arena = shape.param_bytes, arena_bytes(shape)
+    return BlockPlan(index=index, name=shape.block_names[index], weights=weights, arena=arena, grads=g,
+                     checkpoints=c, recompute=r, loss=l_, runtime=RUNTIME_BYTES,
+                     peak=weights + arena + RUNTIME_BYTES + g + c + r + l_, peak_at=at)
 
 
 def _plan(shape: ModelShape, batch_size: int, seq_len: int, fused_loss: bool, offload: bool,
