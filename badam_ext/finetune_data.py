@@ -43,7 +43,7 @@ class Record:
 
 
 def read_records(path: str | Path) -> list[Record]:
-    """The records of a JSONL file (one object per line) or a JSON file (an array of objects)."""
+    """The records of a JSONL file (one object per line) or a JSON file (an array of objects, or one object)."""
     path = Path(path)
     if not path.is_file():
         raise DataError(f"{path}: no such file")
@@ -54,11 +54,21 @@ def read_records(path: str | Path) -> list[Record]:
     start = len(text) - len(text.lstrip())
     if start < len(text) and text[start] == "[":
         records = list(_json_array(path, text, start))
+    elif path.suffix == ".json" and _one_object(text) is not None:  # a .json file holding a single record
+        records = [Record(_one_object(text), text.count("\n", 0, start) + 1)]
     else:
         records = list(_json_lines(path, text))
     if not records:
         raise DataError(f"{path}: no records")
     return records
+
+
+def _one_object(text: str) -> dict | None:
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError:
+        return None  # read as JSONL, whose errors name the line
+    return value if isinstance(value, dict) else None
 
 
 def _json_lines(path: Path, text: str) -> Iterator[Record]:

@@ -124,6 +124,7 @@ def test_llamafactory_verbose_2_names_the_trainable_parameters(caplog):
     (dict(training=dict(optim="sgd")), "optim: sgd"),
     (dict(training=dict(world_size=2)), "one device"),
     (dict(finetuning=dict(badam_switch_interval=None)), "badam_switch_interval"),
+    (dict(finetuning=dict(badam_switch_mode="fixed")), "start_block"),
 ])
 def test_llamafactory_configurations_badam_ext_cannot_honour_are_refused(change, message):
     training, finetuning = _lf_args(**change.get("finetuning", {}))

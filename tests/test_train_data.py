@@ -36,6 +36,9 @@ def test_records_keep_their_line_numbers_in_jsonl_and_json(tmp_path):
     array = tmp_path / "a.json"
     array.write_text('[\n  {"text": "a"},\n\n  {"text":\n "b"}\n]\n')
     assert [(r.data["text"], r.line) for r in read_records(array)] == [("a", 2), ("b", 4)]
+    one = tmp_path / "one.json"
+    one.write_text('\n{\n  "text": "c"\n}\n')
+    assert [(r.data["text"], r.line) for r in read_records(one)] == [("c", 2)]
     (tmp_path / "bad.jsonl").write_text('{"text": "a"}\n{"text": \n')
     with pytest.raises(DataError, match=r"bad.jsonl:2: invalid JSON"):
         read_records(tmp_path / "bad.jsonl")

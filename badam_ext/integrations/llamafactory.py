@@ -83,18 +83,21 @@ def block_adam_from_llamafactory(model: torch.nn.Module, training_args: Any, fin
     if interval is None:
         raise UnsupportedConfig("badam_switch_interval is unset: give the steps per block, or -1 for no switching")
     verbose = int(getattr(finetuning_args, "badam_verbose", 0) or 0)
-    opt = BlockAdam(
-        model,
-        lr=float(training_args.learning_rate),
-        betas=(float(training_args.adam_beta1), float(training_args.adam_beta2)),
-        eps=float(training_args.adam_epsilon),
-        weight_decay=float(training_args.weight_decay),
-        switch_every=switch_every_from_reference(int(interval)),
-        switch_mode=finetuning_args.badam_switch_mode or "ascending",
-        start_block=finetuning_args.badam_start_block,
-        seed=int(getattr(training_args, "seed", 0)),
-        verbose=verbose,
-    )
+    try:
+        opt = BlockAdam(
+            model,
+            lr=float(training_args.learning_rate),
+            betas=(float(training_args.adam_beta1), float(training_args.adam_beta2)),
+            eps=float(training_args.adam_epsilon),
+            weight_decay=float(training_args.weight_decay),
+            switch_every=switch_every_from_reference(int(interval)),
+            switch_mode=finetuning_args.badam_switch_mode or "ascending",
+            start_block=finetuning_args.badam_start_block,
+            seed=int(getattr(training_args, "seed", 0)),
+            verbose=verbose,
+        )
+    except ValueError as e:  # e.g. badam_switch_mode: fixed without badam_start_block
+        raise UnsupportedConfig(f"BlockAdam cannot be built from this configuration: {e}") from e
     if verbose >= 2:
         opt.add_switch_hook(_log_trainable_names(opt))
     show_info(logger)
