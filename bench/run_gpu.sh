@@ -52,9 +52,14 @@ for stage in "$@"; do
     budget)
       run bench_budget python3 bench/bench_budget.py --batch 1 --optimizers ref,ref_liger,ours_saved \
         --lengths-for ref=2048,3072 --lengths-for ref_liger=12288,16384 \
-        --lengths-for ours_saved=16384,24576,32768 --bisect-granularity 1024 --out "$OUT/results.jsonl" ;;
+        --lengths-for ours_saved=16384,20480,24576 --bisect-granularity 1024 --out "$OUT/results.jsonl" ;;
     memory)
       run bench_memory python3 bench/bench_memory.py --out "$OUT/results.jsonl" ;;
+    memory-check)  # shapes and a model the planner was not fitted on
+      run bench_memory_check_8b python3 bench/bench_memory.py --shapes 2x2048,1x12288,1x20480 --out "$OUT/results.jsonl"
+      run bench_memory_check_1b python3 bench/bench_memory.py --model 1b --shapes 2x1024,1x8192,1x16384 --out "$OUT/results.jsonl" ;;
+    e2e-memory)  # the step with the memory savings against the plain one (and regional compilation)
+      run bench_e2e_memory python3 bench/bench_e2e.py --model 8b --variants ours,ours_saved,ours_compiled --out "$OUT/results.jsonl" ;;
     dp) run bench_dp torchrun --standalone --nproc_per_node 2 bench/bench_dp.py --out "$OUT/results.jsonl" ;;
     *) echo "unknown stage $stage"; exit 2 ;;
   esac
