@@ -53,7 +53,7 @@ from models import LOSS_MODES, MODEL_NAMES, build_model, causal_lm_loss, config_
 
 SCRIPT = os.path.abspath(__file__)
 VARIANTS = ("ours", "ref", "ref_patched", "full_adamw")  # the default set
-MEMORY_VARIANTS = ("ours_saved", "ours_offload", "ours_liger", "ref_liger")  # bench/_memory_setups.py
+MEMORY_VARIANTS = ("ours_saved", "ours_offload", "ours_saved_liger", "ours_liger", "ref_liger")  # bench/_memory_setups.py
 ALL_VARIANTS = (*VARIANTS, "ours_compiled", *MEMORY_VARIANTS)
 REFERENCE_VARIANTS = ("ref", "ref_patched")
 
@@ -153,8 +153,9 @@ def reference_missing() -> str | None:
     return None
 
 
-def setup_ours(model: torch.nn.Module, args: argparse.Namespace) -> Harness:
-    model.gradient_checkpointing_enable()  # HF defaults; BlockAdam's pruner then undoes the input-grad hook
+def setup_ours(model: torch.nn.Module, args: argparse.Namespace, checkpointing: dict | None = None) -> Harness:
+    # HF defaults unless given; BlockAdam's pruner then undoes the input-grad hook
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=checkpointing)
     from badam_ext import BlockAdam
 
     opt = BlockAdam(model, lr=args.lr, switch_every=args.switch_every, switch_mode="ascending",
@@ -168,10 +169,13 @@ def setup_ours_compiled(model: torch.nn.Module, args: argparse.Namespace) -> Har
     from badam_ext import compile_layers
 
     model.config.use_cache = False  # a KV cache built in training forwards would specialise every layer
-    model.gradient_checkpointing_enable()
+    # Reentrant: non-reentrant checkpointing compares the tensors saved by the compiled forward with
+    # those of its recompute, which a recompile between the two changes (CheckpointError on the H200).
+    checkpointing = {"use_reentrant": True}
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=checkpointing)
     layers = compile_layers(model, backend=args.compile_backend)
-    harness = setup_ours(model, args)
-    harness.notes.update(compiled_layers=layers, compile_backend=args.compile_backend)
+    harness = setup_ours(model, args, checkpointing)
+    harness.notes.update(compiled_layers=layers, compile_backend=args.compile_backend, checkpointing=checkpointing)
     return harness
 
 

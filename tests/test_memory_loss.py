@@ -201,3 +201,47 @@ def test_full_logits_are_never_materialized() -> None:
     assert fused < 700, f"the fused loss grew the process by {fused:.0f} MiB"
     hf = _rss_growth_mib("hf")
     assert hf > 2048, f"the check cannot tell: Hugging Face's own loss grew only {hf:.0f} MiB"
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("family,tied", [("llama", False), ("qwen2", True)])
+def test_fused_loss_matches_hugging_face_on_cuda(family: str, tied: bool) -> None:
+    model = tiny_model(family, dtype=torch.bfloat16, tie_word_embeddings=tied, vocab_size=1000).cuda()
+    gen = torch.Generator().manual_seed(5)
+    ids = torch.randint(3, 1000, (2, 300), generator=gen).cuda()
+    labels = ids.clone()
+    labels[0, :50] = -100
+    params = list(model.parameters())
+    ref = hf_reference_loss(model, input_ids=ids, labels=labels)
+    ref_grads = _grads(ref, params)
+    patch = FusedLossPatch(model)
+    out = model(input_ids=ids, labels=labels)
+    assert patch.calls == 1
+    torch.testing.assert_close(out.loss.float(), ref.float(), rtol=2e-3, atol=2e-3)
+    for g, r in zip(_grads(out.loss, params), ref_grads):
+        if r.norm() > 0:
+            assert _rel(g.float(), r.float()) < 2e-2
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not (torch.cuda.is_available() and liger_available()), reason="needs CUDA and Liger-Kernel")
+def test_liger_layers_train_close_to_eager_on_cuda() -> None:
+    losses = {}
+    for liger in (False, True):
+        model = tiny_model("llama", dtype=torch.bfloat16, vocab_size=1000).cuda()
+        savings = apply_memory_savings(model, offload_checkpoints=False, liger_layers=liger)
+        assert bool(savings.liger_layers) is liger
+        opt = BlockAdam(model, lr=1e-3, switch_every=1, switch_mode="ascending")
+        ids = torch.randint(3, 1000, (2, 128), generator=torch.Generator().manual_seed(1)).cuda()
+        run = []
+        for _ in range(4):
+            loss = model(input_ids=ids, labels=ids).loss
+            loss.backward()
+            opt.step()
+            opt.zero_grad()
+            run.append(loss.item())
+        losses[liger] = run
+        opt.close()
+    for a, b in zip(losses[True], losses[False]):
+        assert abs(a - b) < 2e-2 * abs(b), losses

@@ -113,13 +113,14 @@ def test_auto_turns_offload_on_when_the_plan_does_not_fit() -> None:
     # deep and long enough for the checkpointed inputs to decide the peak
     model = tiny_model("llama", num_layers=32, max_position_embeddings=256)
     enable_checkpointing(model, reentrant=False)
+    from badam_ext.memory import planner as P
     from badam_ext.memory.planner import GIB, plan_memory
 
     plans = [plan_memory(model.config, batch_size=2, seq_len=256, fused_loss=True, offload=off, dtype=torch.float32,
                          fragmentation_gib=0) for off in (False, True)]
     assert plans[1].peak_bytes < plans[0].peak_bytes
     # a budget between the two plans (plus the default allocator slack): "auto" must choose offload
-    budget = (plans[0].peak_bytes + plans[1].peak_bytes) / 2 / GIB + 0.75
+    budget = (plans[0].peak_bytes + plans[1].peak_bytes) / 2 / GIB + P.DEFAULT_FRAGMENTATION_GIB
     savings = apply_memory_savings(model, offload_checkpoints="auto", budget_gib=budget, min_offload_bytes=0)
     BlockAdam(model, lr=1e-2, backend="torch")
     model(**tiny_batch(model, seq=256)).loss.backward()
