@@ -207,7 +207,8 @@ def test_full_logits_are_never_materialized() -> None:
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("family,tied", [("llama", False), ("qwen2", True)])
 def test_fused_loss_matches_hugging_face_on_cuda(family: str, tied: bool) -> None:
-    model = tiny_model(family, dtype=torch.bfloat16, tie_word_embeddings=tied, vocab_size=1000).cuda()
+    model = tiny_model(family, dtype=torch.bfloat16, tie_word_embeddings=tied, vocab_size=1000,
+                       max_position_embeddings=512).cuda()
     gen = torch.Generator().manual_seed(5)
     ids = torch.randint(3, 1000, (2, 300), generator=gen).cuda()
     labels = ids.clone()
@@ -229,7 +230,7 @@ def test_fused_loss_matches_hugging_face_on_cuda(family: str, tied: bool) -> Non
 def test_liger_layers_train_close_to_eager_on_cuda() -> None:
     losses = {}
     for liger in (False, True):
-        model = tiny_model("llama", dtype=torch.bfloat16, vocab_size=1000).cuda()
+        model = tiny_model("llama", dtype=torch.bfloat16, vocab_size=1000, max_position_embeddings=512).cuda()
         savings = apply_memory_savings(model, offload_checkpoints=False, liger_layers=liger)
         assert bool(savings.liger_layers) is liger
         opt = BlockAdam(model, lr=1e-3, switch_every=1, switch_mode="ascending")
