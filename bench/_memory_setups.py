@@ -3,7 +3,6 @@
 * ``ours_saved``: BlockAdam + ``apply_memory_savings`` (fused loss, checkpoint offload "auto" for the
   budget given as ``args.budget_gib``, else the device's memory);
 * ``ours_offload``: the same with offload forced on;
-* ``ours_saved_liger``: ``ours_saved`` with ``liger_layers=True`` (Liger's RMSNorm / SwiGLU / RoPE);
 * ``ours_liger`` / ``ref_liger``: BlockAdam / the reference with Liger-Kernel's Llama patches applied
   by hand (RMSNorm, SwiGLU, RoPE, fused linear cross-entropy), as a user assembles it today.
 """
@@ -33,14 +32,12 @@ def make_setups(setups: dict[str, Callable[..., Any]]) -> dict[str, Callable[...
     """The memory variants, built on bench_e2e's ``setup_ours`` / ``setup_ref``."""
     setup_ours, setup_ref = setups["ours"], setups["ref"]
 
-    def saved(offload: Any, liger_layers: bool = False) -> Callable[[torch.nn.Module, argparse.Namespace], Any]:
+    def saved(offload: Any) -> Callable[[torch.nn.Module, argparse.Namespace], Any]:
         def setup(model: torch.nn.Module, args: argparse.Namespace) -> Any:
             from badam_ext import apply_memory_savings
 
-            if liger_layers and (why := liger_missing()):
-                raise RuntimeError(why)
             harness = setup_ours(model, args)
-            savings = apply_memory_savings(model, offload_checkpoints=offload, liger_layers=liger_layers,
+            savings = apply_memory_savings(model, offload_checkpoints=offload,
                                            budget_gib=getattr(args, "budget_gib", None))
             harness.notes.update(memory_savings=savings.stats())
             harness.savings = savings  # the handle lives as long as the harness
@@ -57,5 +54,5 @@ def make_setups(setups: dict[str, Callable[..., Any]]) -> dict[str, Callable[...
             return harness
         return setup
 
-    return {"ours_saved": saved("auto"), "ours_offload": saved(True), "ours_saved_liger": saved("auto", True),
+    return {"ours_saved": saved("auto"), "ours_offload": saved(True),
             "ours_liger": liger(setup_ours), "ref_liger": liger(setup_ref)}

@@ -53,7 +53,7 @@ from models import LOSS_MODES, MODEL_NAMES, build_model, causal_lm_loss, config_
 
 SCRIPT = os.path.abspath(__file__)
 VARIANTS = ("ours", "ref", "ref_patched", "full_adamw")  # the default set
-MEMORY_VARIANTS = ("ours_saved", "ours_offload", "ours_saved_liger", "ours_liger", "ref_liger")  # bench/_memory_setups.py
+MEMORY_VARIANTS = ("ours_saved", "ours_offload", "ours_liger", "ref_liger")  # bench/_memory_setups.py
 ALL_VARIANTS = (*VARIANTS, "ours_compiled", *MEMORY_VARIANTS)
 REFERENCE_VARIANTS = ("ref", "ref_patched")
 

@@ -60,10 +60,7 @@ for stage in "$@"; do
       run bench_memory_check_1b python3 bench/bench_memory.py --model 1b --shapes 2x1024,1x8192,1x16384 --out "$OUT/results.jsonl" ;;
     e2e-memory)  # the step with the memory savings against the plain one (and regional compilation)
       run bench_e2e_memory python3 bench/bench_e2e.py --model 8b \
-        --variants ours,ours_saved,ours_saved_liger,ours_liger,ours_compiled --out "$OUT/results.jsonl" ;;
-    budget-liger)  # how far the opt-in Liger layer kernels take the longest sequence
-      run bench_budget_liger python3 bench/bench_budget.py --batch 1 --optimizers ours_saved_liger \
-        --lengths 24576,32768 --bisect-granularity 1024 --out "$OUT/results.jsonl" ;;
+        --variants ours,ours_saved,ours_liger,ours_compiled --out "$OUT/results.jsonl" ;;
     gpu-tests-memory)
       run gpu_tests_memory python3 -m pytest -m gpu -q -p no:cacheprovider tests/test_memory_loss.py tests/test_offload.py ;;
     dp) run bench_dp torchrun --standalone --nproc_per_node 2 bench/bench_dp.py --out "$OUT/results.jsonl" ;;

@@ -17,7 +17,6 @@ a sum divided by ``num_items_in_batch`` when Trainer passes it for gradient accu
 from __future__ import annotations
 
 import importlib.util
-import inspect
 from typing import Optional, Union
 
 import torch
@@ -66,17 +65,6 @@ def resolve_backend(backend: str = "auto", *, softcap: Optional[float] = None) -
                        "pip install 'badam-ext[liger]', or pass fused_loss=False")
 
 
-def liger_chunk_mem_const(tokens: int, hidden: int, vocab: int) -> int:
-    """Liger's ``chunk_mem_const`` for chunks of about ``LOSS_CHUNK_BYTES`` of fp32 logits.
-
-    Liger makes chunks of about ``tokens * chunk_mem_const * hidden / vocab`` tokens; its default (1)
-    gives 64-token chunks at 2 x 1024 tokens with a 128K vocabulary, and those small matmuls cost
-    the step about 12 ms on an H200 (bench/RESULTS.md).
-    """
-    target_tokens = max(1, LOSS_CHUNK_BYTES // (4 * vocab))
-    return max(1, min(64, target_tokens * vocab // max(1, tokens * hidden)))
-
-
 def fused_linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, target: torch.Tensor, *,
                                reduction: str = "mean", ignore_index: int = -100,
                                softcap: Optional[float] = None, backend: str = "auto") -> torch.Tensor:
@@ -89,11 +77,8 @@ def fused_linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targe
                                       options=options)
     from liger_kernel.transformers.functional import liger_fused_linear_cross_entropy
 
-    kwargs: dict = {}
-    if "chunk_mem_const" in inspect.signature(liger_fused_linear_cross_entropy).parameters:
-        kwargs["chunk_mem_const"] = liger_chunk_mem_const(hidden.shape[0], hidden.shape[1], weight.shape[0])
     return liger_fused_linear_cross_entropy(hidden, weight, target, ignore_index=ignore_index,
-                                            reduction=reduction, softcap=softcap, **kwargs)
+                                            reduction=reduction, softcap=softcap)
 
 
 def shifted_labels(labels: torch.Tensor, ignore_index: int = -100) -> torch.Tensor:

@@ -36,7 +36,7 @@ class MemorySavings:
 
     def __init__(self, model: nn.Module, *, fused_loss: bool, offload_checkpoints: Union[bool, str],
                  budget_gib: Optional[float], loss_backend: str, min_offload_bytes: int,
-                 batch_size: Optional[int], seq_len: Optional[int], liger_layers: bool = False) -> None:
+                 batch_size: Optional[int], seq_len: Optional[int]) -> None:
         if offload_checkpoints not in OFFLOAD_CHOICES:
             raise ValueError(f"offload_checkpoints must be 'auto', True or False, got {offload_checkpoints!r}")
         if budget_gib is not None and not budget_gib > 0:
@@ -46,11 +46,6 @@ class MemorySavings:
         self.mode = offload_checkpoints
         self.budget_gib = budget_gib if budget_gib is not None else device_budget_gib(self.device)
         self.loss = FusedLossPatch(model, loss_backend) if fused_loss else None
-        self.liger_layers: list[str] = []
-        if liger_layers:
-            from .liger_layers import apply_liger_layers
-
-            self.liger_layers = apply_liger_layers(model)
         self.decisions: dict[tuple[int, int], bool] = {}
         self._shape = None
         self.offloader: Optional[CheckpointOffloader] = None
@@ -96,7 +91,7 @@ class MemorySavings:
     def stats(self) -> dict[str, Any]:
         """Fused-loss calls and offload figures, for logs and the profiler."""
         out: dict[str, Any] = {"fused_loss": self.loss is not None, "offload_mode": self.mode,
-                               "budget_gib": self.budget_gib, "liger_layers": self.liger_layers}
+                               "budget_gib": self.budget_gib}
         if self.loss is not None:
             out.update(loss_backend=self.loss.backend, fused_loss_calls=self.loss.calls)
         if self.offloader is not None:
@@ -115,8 +110,7 @@ class MemorySavings:
 def apply_memory_savings(model: nn.Module, *, fused_loss: bool = True,
                          offload_checkpoints: Union[bool, str] = "auto", budget_gib: Optional[float] = None,
                          loss_backend: str = "auto", min_offload_bytes: int = DEFAULT_MIN_BYTES,
-                         batch_size: Optional[int] = None, seq_len: Optional[int] = None,
-                         liger_layers: bool = False) -> MemorySavings:
+                         batch_size: Optional[int] = None, seq_len: Optional[int] = None) -> MemorySavings:
     """Shrink a Hugging Face causal LM's training-step memory; returns a handle with ``.remove()``.
 
     Args:
@@ -134,12 +128,9 @@ def apply_memory_savings(model: nn.Module, *, fused_loss: bool = True,
         min_offload_bytes: saved tensors below this size stay on the device.
         batch_size, seq_len: the expected step shape, to allocate the host buffer now instead of at
             the first offloaded step.
-        liger_layers: also use Liger-Kernel's RMSNorm / SwiGLU / RoPE kernels (opt-in: smaller
-            recompute working sets and a faster step, bf16 rounding differs from the eager layers;
-            the planner's figures then bound the peak from above).
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"apply_memory_savings expects an nn.Module, got {type(model).__name__}")
     return MemorySavings(model, fused_loss=fused_loss, offload_checkpoints=offload_checkpoints,
                          budget_gib=budget_gib, loss_backend=loss_backend, min_offload_bytes=min_offload_bytes,
-                         batch_size=batch_size, seq_len=seq_len, liger_layers=liger_layers)
+                         batch_size=batch_size, seq_len=seq_len)
