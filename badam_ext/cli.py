@@ -36,6 +36,11 @@ def _add_train_args(p: argparse.ArgumentParser, *, steps_help: str) -> None:
     p.add_argument("--device", help="cpu, cuda, cuda:1 (default: cuda if available)")
     p.add_argument("--backend", default="auto", choices=["auto", "triton", "torch"])
     p.add_argument("--gradient-checkpointing", action="store_true")
+    p.add_argument("--no-memory-savings", dest="memory_savings", action="store_false",
+                   help="train with the model's own loss (full logits) and no checkpoint offload")
+    p.add_argument("--offload-checkpoints", choices=["auto", "on", "off"], default="auto",
+                   help="checkpointed layer inputs to host memory (auto: when the memory plan says it must)")
+    p.add_argument("--budget-gib", type=float, help="device memory the step may use (default: the device's)")
     p.add_argument("--max-grad-norm", type=float, default=1.0, help="clip by global norm (0: off)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--sample-interval", dest="sample_interval_s", type=float, default=0.05,

@@ -17,17 +17,24 @@ checkpoint, so ``trainer.train(resume_from_checkpoint=...)`` continues the same 
 """
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Union
 
 from .optimizer import BlockAdam
 
 
-def block_adam_for_trainer(trainer: Any, **block_adam_kwargs: Any) -> BlockAdam:
+def block_adam_for_trainer(trainer: Any, *, memory_savings: Union[bool, dict] = True,
+                           **block_adam_kwargs: Any) -> BlockAdam:
     """A :class:`BlockAdam` over ``trainer.model`` with lr / betas / eps / weight decay from ``trainer.args``.
 
     Keyword arguments override the TrainingArguments and pass BlockAdam's own options
-    (``switch_every``, ``switch_mode``, ``include_embedding``, ...).
+    (``switch_every``, ``switch_mode``, ``include_embedding``, ...). ``memory_savings`` (on by
+    default; a dict passes options) applies :func:`badam_ext.apply_memory_savings` to the model: the
+    fused loss, and checkpoint offload when the memory plan says the step does not fit otherwise.
     """
+    if memory_savings:
+        from .memory.savings import default_memory_savings
+
+        default_memory_savings(trainer.model, **(memory_savings if isinstance(memory_savings, dict) else {}))
     args = trainer.args
     options = dict(
         lr=args.learning_rate,

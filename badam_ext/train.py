@@ -68,6 +68,9 @@ class TrainConfig:
     device: Optional[str] = None
     backend: str = "auto"
     gradient_checkpointing: bool = False
+    memory_savings: bool = True  # badam_ext.apply_memory_savings: fused loss, checkpoint offload
+    offload_checkpoints: str = "auto"  # "auto", "on" or "off"
+    budget_gib: Optional[float] = None  # None: the device's memory
     max_grad_norm: Optional[float] = 1.0
     seed: int = 0
     out: str = "runs/train"
@@ -146,6 +149,19 @@ def build_optimizer(cfg: TrainConfig, model: Any):
                      include_lm_head=include_lm_head, seed=cfg.seed)
 
 
+def enable_memory_savings(cfg: TrainConfig, model: Any):
+    """The run's memory savings (None when switched off)."""
+    if not cfg.memory_savings:
+        return None
+    from .memory.savings import default_memory_savings
+
+    offload = {"auto": "auto", "on": True, "off": False}.get(cfg.offload_checkpoints)
+    if offload is None:
+        raise ValueError(f"offload_checkpoints must be auto, on or off, got {cfg.offload_checkpoints!r}")
+    return default_memory_savings(model, offload_checkpoints=offload, budget_gib=cfg.budget_gib,
+                                  batch_size=cfg.batch_size, seq_len=cfg.seq_len)
+
+
 def _lr(cfg: TrainConfig) -> float:
     if cfg.lr is not None:
         return cfg.lr
@@ -185,6 +201,7 @@ def run(cfg: TrainConfig) -> dict:
     if cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable()
     opt = build_optimizer(cfg, model)
+    savings = enable_memory_savings(cfg, model)
     steps = cfg.steps or (math.ceil(len(train_data) / cfg.batch_size) if cfg.data
                           else cfg.block_epochs * len(opt.partition) * cfg.switch_every)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps)))
@@ -193,6 +210,8 @@ def run(cfg: TrainConfig) -> dict:
     eval_before = evaluate(model, eval_data, cfg.batch_size, device)
     prof = VramProfiler(device=device, sample_interval_s=cfg.sample_interval_s)
     prof.attach(opt)
+    if savings is not None:
+        prof.attach_memory_savings(savings)
     losses = []
     started = time.perf_counter()
     with prof, _progress(cfg.progress, steps) as advance:
@@ -233,6 +252,7 @@ def run(cfg: TrainConfig) -> dict:
         "arena_bytes": opt.arena.capacity_bytes,
         "wall_s": wall,
         "model_dir": None if model_dir is None else str(model_dir),
+        "memory_savings": None if savings is None else savings.stats(),
         "config": asdict(cfg),
     }
     (out / "summary.json").write_text(json.dumps(summary, indent=2))

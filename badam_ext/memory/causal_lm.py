@@ -63,6 +63,8 @@ class FusedLossPatch:
         self.softcap = model_softcap(model)
         self.backend = resolve_backend(backend, softcap=self.softcap)
         self.calls = 0  # training forwards that took the fused path
+        self.held_bytes: Optional[int] = None  # device bytes the loss kept for backward, last call (CUDA)
+        self.tokens = 0  # tokens of the last call
         self._had_instance_forward = "forward" in model.__dict__
         self._original: Callable[..., Any] = model.forward
         self._signature = inspect.signature(self._original)
@@ -81,15 +83,20 @@ class FusedLossPatch:
         arguments = dict(bound.arguments)
         extra = dict(arguments.pop("kwargs", {}) or {})
         labels = arguments.pop("labels", None)
-        if labels is None or not self.model.training or arguments.get("logits_to_keep", 0) not in (0, None):
+        if (labels is None or not self.model.training or arguments.get("logits_to_keep", 0) not in (0, None)
+                or extra.get("fused_lm_head")):  # TRL's SFTTrainer asks for its own fused head: leave it that
             return self._original(*args, **kwargs)
         arguments.pop("logits_to_keep", None)
         arguments.pop("return_dict", None)
         loss_kwargs = {k: extra.pop(k) for k in _LOSS_KWARGS if k in extra}
         outputs = self.model.get_decoder()(**arguments, **extra)
         hidden = outputs[0]
+        before = torch.cuda.memory_allocated(hidden.device) if hidden.is_cuda else None
         loss = causal_lm_loss(hidden, self.model.get_output_embeddings().weight, labels, softcap=self.softcap,
                               backend=self.backend, **loss_kwargs)
+        if before is not None:
+            self.held_bytes = torch.cuda.memory_allocated(hidden.device) - before
+        self.tokens = hidden.numel() // hidden.shape[-1]
         self.calls += 1
         from transformers.modeling_outputs import CausalLMOutputWithPast
 

@@ -13,6 +13,7 @@ from .planner import GIB, checkpoint_host_bytes, model_shape, plan_memory
 
 logger = logging.getLogger("badam_ext")
 OFFLOAD_CHOICES = ("auto", True, False)
+_HANDLE_ATTR = "_badam_memory_savings"
 
 
 def device_budget_gib(device: torch.device) -> Optional[float]:
@@ -41,6 +42,9 @@ class MemorySavings:
             raise ValueError(f"offload_checkpoints must be 'auto', True or False, got {offload_checkpoints!r}")
         if budget_gib is not None and not budget_gib > 0:
             raise ValueError(f"budget_gib must be > 0, got {budget_gib!r}")
+        if getattr(model, _HANDLE_ATTR, None) is not None:
+            raise ValueError("apply_memory_savings was already applied to this model; call .remove() on its "
+                             "handle (model._badam_memory_savings) first")
         self.model = model
         self.device = next(model.parameters()).device
         self.mode = offload_checkpoints
@@ -55,6 +59,7 @@ class MemorySavings:
                 reserve = checkpoint_host_bytes(model, batch_size, seq_len)
             self.offloader = CheckpointOffloader(model, reserve_bytes=reserve, min_bytes=min_offload_bytes)
         self._hook = model.register_forward_pre_hook(self._before_forward, with_kwargs=True)
+        setattr(model, _HANDLE_ATTR, self)
 
     def _wants_offload(self, batch: int, seq: int) -> bool:
         if self.mode != "auto":
@@ -88,12 +93,24 @@ class MemorySavings:
         if self.offloader.active:
             self.offloader.begin_forward(checkpoint_host_bytes(self.model, batch, seq))
 
+    def _planned_loss_bytes(self) -> Optional[int]:
+        """The planner's loss working set for the last fused call's token count."""
+        if self.loss is None or not self.loss.tokens:
+            return None
+        from .planner import loss_bytes
+
+        if self._shape is None:
+            self._shape = model_shape(self.model.config, dtype=next(self.model.parameters()).dtype)
+        head_trainable = self.model.get_output_embeddings().weight.requires_grad
+        return loss_bytes(self._shape, self.loss.tokens, fused=True, head_trainable=head_trainable)
+
     def stats(self) -> dict[str, Any]:
         """Fused-loss calls and offload figures, for logs and the profiler."""
         out: dict[str, Any] = {"fused_loss": self.loss is not None, "offload_mode": self.mode,
                                "budget_gib": self.budget_gib}
         if self.loss is not None:
-            out.update(loss_backend=self.loss.backend, fused_loss_calls=self.loss.calls)
+            out.update(loss_backend=self.loss.backend, fused_loss_calls=self.loss.calls,
+                       loss_held_bytes=self.loss.held_bytes, loss_planned_bytes=self._planned_loss_bytes())
         if self.offloader is not None:
             out.update(self.offloader.stats())
         return out
@@ -101,6 +118,8 @@ class MemorySavings:
     def remove(self) -> None:
         """Restore the model's forward and checkpoint functions; free the host buffer."""
         self._hook.remove()
+        if getattr(self.model, _HANDLE_ATTR, None) is self:
+            delattr(self.model, _HANDLE_ATTR)
         if self.loss is not None:
             self.loss.remove()
         if self.offloader is not None:
@@ -134,3 +153,19 @@ def apply_memory_savings(model: nn.Module, *, fused_loss: bool = True,
     return MemorySavings(model, fused_loss=fused_loss, offload_checkpoints=offload_checkpoints,
                          budget_gib=budget_gib, loss_backend=loss_backend, min_offload_bytes=min_offload_bytes,
                          batch_size=batch_size, seq_len=seq_len)
+
+
+def default_memory_savings(model: nn.Module, **options: Any) -> MemorySavings:
+    """What the CLI and the Trainer helper turn on by default: :func:`apply_memory_savings` with
+    ``options``, reusing a handle already on the model, and without the fused loss (with a warning)
+    for an architecture it does not support."""
+    existing = getattr(model, _HANDLE_ATTR, None)
+    if existing is not None:
+        return existing
+    try:
+        return apply_memory_savings(model, **options)
+    except (ValueError, RuntimeError) as exc:
+        if options.get("fused_loss") is False:
+            raise
+        logger.warning("memory savings: training with the model's own loss (%s)", exc)
+        return apply_memory_savings(model, **{**options, "fused_loss": False})

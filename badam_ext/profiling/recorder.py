@@ -140,6 +140,7 @@ class VramProfiler:
         self._last_nvml: NvmlReading | None = None
         self._scopes_seen: set[str] = set()
         self._notes: list[str] = []
+        self._memory_savings: Any = None
 
         self._current_block: int | None = None
         self._blocks: dict[int, BlockStats] = {}
@@ -228,6 +229,12 @@ class VramProfiler:
         if handle is not None and callable(getattr(handle, "remove", None)):
             self._hook_handles.append(handle)
         return True
+
+    def attach_memory_savings(self, savings: Any) -> None:
+        """Report what ``badam_ext.apply_memory_savings`` did: bytes offloaded, the loss working set."""
+        if not callable(getattr(savings, "stats", None)):
+            raise TypeError(f"expected the handle apply_memory_savings returns, got {type(savings).__name__}")
+        self._memory_savings = savings
 
     def detach(self) -> None:
         """Remove the switch hooks registered by ``attach`` (where the optimizer returned handles)."""
@@ -536,6 +543,7 @@ class VramProfiler:
                 sample_interval_s=self.sample_interval_s,
                 elapsed_s=self._now(),
                 notes=notes,
+                memory_savings=None if self._memory_savings is None else dict(self._memory_savings.stats()),
             )
 
     def _device_name(self, device: torch.device) -> str:

@@ -51,6 +51,24 @@ def make_console(file: Any = None) -> Any:
     return console
 
 
+def memory_savings_rows(stats: dict[str, Any] | None) -> list[tuple[str, Any]]:
+    """The memory-savings lines of the device table: offloaded checkpoints, host buffer, loss."""
+    if not stats:
+        return []
+    rows: list[tuple[str, Any]] = []
+    if stats.get("fused_loss"):
+        rows.append(("loss", f"fused ({stats.get('loss_backend')}), no full logits"))
+        rows.append(("loss working set held for backward (last step)", stats.get("loss_held_bytes")))
+        rows.append(("loss working set planned (last step, incl. transients)", stats.get("loss_planned_bytes")))
+    if "offloaded_bytes" in stats:
+        rows.append(("checkpoints offloaded to host (last step)", stats.get("offloaded_bytes")))
+        rows.append(("checkpoints offloaded to host (peak step)", stats.get("peak_offloaded_bytes")))
+        kind = "pinned" if stats.get("pinned") else "pageable"
+        rows.append((f"offload host buffer ({kind}, {stats.get('host_allocations')} allocation(s))",
+                     stats.get("host_capacity_bytes")))
+    return rows
+
+
 def _format_ms(seconds: float | None, count: int | None = None) -> str:
     if seconds is None:
         return "-"
@@ -86,6 +104,7 @@ class ProfileReport:
     sample_interval_s: float | None
     elapsed_s: float
     notes: list[str]
+    memory_savings: dict[str, Any] | None = None  # apply_memory_savings' figures, when attached
 
     # ---------------------------------------------------------------- lookups
     def phase(self, name: str) -> PhaseStats:
@@ -140,6 +159,7 @@ class ProfileReport:
             "phase_records": [dataclasses.asdict(record) for record in self.phase_records],
             "elapsed_s": self.elapsed_s,
             "notes": list(self.notes),
+            "memory_savings": self.memory_savings,
         }
 
     def to_json(self, indent: int | None = 2) -> str:
@@ -169,9 +189,10 @@ class ProfileReport:
             ("process RSS", snap.rss_bytes),
             ("process peak RSS", snap.peak_rss_bytes),
         ]
+        rows += memory_savings_rows(self.memory_savings)
         for label, value in rows:
             if value is not None:
-                device_table.add_row(label, format_bytes(value))
+                device_table.add_row(label, value if isinstance(value, str) else format_bytes(value))
         console.print(device_table)
 
         scope = self.nvml_scope
