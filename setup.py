@@ -19,7 +19,9 @@ LINK_ARGS = ["-l:libstdc++.so.6"] if sys.platform.startswith("linux") else []
 setup(
     packages=[
         "badam_ext",
+        "badam_ext.integrations",
         "badam_ext.kernels",
+        "badam_ext.memory",
         "badam_ext.profiling",
     ],
     # The Triton kernels live in the top-level folder triton_kernels/ but are imported as
