@@ -8,23 +8,15 @@
 #include <vector>
 
 #include "arena.h"
+#include "check.h"
 
 using badam::ArenaLayout;
 using badam::BlockArena;
 
 namespace {
 
-int g_failures = 0;
-int g_checks = 0;
-
-#define EXPECT(cond)                                                                 \
-  do {                                                                              \
-    ++g_checks;                                                                     \
-    if (!(cond)) {                                                                  \
-      ++g_failures;                                                                 \
-      std::fprintf(stderr, "%s:%d: check failed: %s\n", __FILE__, __LINE__, #cond); \
-    }                                                                               \
-  } while (0)
+using badam_test::g_checks;
+using badam_test::g_failures;
 
 // Expect fn() to throw E whose message contains `needle`.
 template <typename E = c10::Error>

@@ -5,23 +5,15 @@
 #include <cstdio>
 #include <string>
 
+#include "check.h"
 #include "host_buffer.h"
 
 using badam::HostBuffer;
 
 namespace {
 
-int g_failures = 0;
-int g_checks = 0;
-
-#define EXPECT(cond)                                                                 \
-  do {                                                                              \
-    ++g_checks;                                                                     \
-    if (!(cond)) {                                                                  \
-      ++g_failures;                                                                 \
-      std::fprintf(stderr, "%s:%d: check failed: %s\n", __FILE__, __LINE__, #cond); \
-    }                                                                               \
-  } while (0)
+using badam_test::g_checks;
+using badam_test::g_failures;
 
 #define EXPECT_THROWS(stmt, needle)                                                          \
   do {                                                                                       \
