@@ -8,6 +8,7 @@ import textwrap
 
 import pytest
 import torch
+import transformers
 from _tiny_models import tiny_model
 
 from badam_ext import BlockAdam, apply_memory_savings
@@ -152,6 +153,11 @@ def test_trainer_gradient_accumulation_matches_hf(tmp_path) -> None:
 def test_unsupported_models_and_backends_are_refused() -> None:
     with pytest.raises(ValueError, match="model type 'gpt2'"):
         FusedLossPatch(tiny_model("gpt2"))
+    moe = transformers.MixtralForCausalLM(transformers.MixtralConfig(
+        vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+        num_key_value_heads=1, num_local_experts=2, num_experts_per_tok=1))
+    with pytest.raises(ValueError, match="model type 'mixtral'"):  # its router aux loss would be dropped
+        FusedLossPatch(moe)
     with pytest.raises(ValueError, match="unknown fused-loss backend"):
         resolve_backend("fast")
     if torch_has_fused_loss():
