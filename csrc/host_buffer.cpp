@@ -1,6 +1,7 @@
 #include "host_buffer.h"
 
 #include <c10/util/Exception.h>
+#include <c10/util/llvmMathExtras.h>
 
 #include <sstream>
 
@@ -21,10 +22,18 @@ HostBuffer::HostBuffer(int64_t capacity_bytes, bool pinned, int64_t alignment_by
 }
 
 void HostBuffer::allocate(int64_t capacity_bytes) {
-  // Over-allocate by one alignment so every slice start can be aligned whatever the base address.
-  const int64_t padded = round_up(capacity_bytes, alignment_);
-  buffer_ = at::empty({padded + alignment_}, at::TensorOptions().dtype(at::kByte).pinned_memory(pinned_));
-  capacity_ = padded;
+  buffer_ = at::Tensor();  // the old buffer goes first (slices still handed out keep it alive)
+  int64_t padded = round_up(capacity_bytes, alignment_);
+  int64_t request = padded + alignment_;  // room to align the first slice whatever the base address
+  if (pinned_) {
+    // torch's pinned-memory allocator rounds every request up to a power of two and page-aligns it:
+    // ask for the power of two itself and use all of it, so capacity_bytes is what is held.
+    request = static_cast<int64_t>(c10::llvm::PowerOf2Ceil(static_cast<uint64_t>(padded)));
+  }
+  buffer_ = at::empty({request}, at::TensorOptions().dtype(at::kByte).pinned_memory(pinned_));
+  const auto base = reinterpret_cast<uintptr_t>(buffer_.data_ptr());
+  shift_ = static_cast<int64_t>(round_up(static_cast<int64_t>(base), alignment_) - static_cast<int64_t>(base));
+  capacity_ = pinned_ ? (request - shift_) / alignment_ * alignment_ : padded;
   used_ = 0;
   ++allocations_;
 }
@@ -50,9 +59,7 @@ at::Tensor HostBuffer::acquire(int64_t nbytes) {
     // Slices already handed out keep the old buffer alive; new ones come from the larger buffer.
     allocate(std::max<int64_t>(2 * capacity_, used_ + need));
   }
-  const auto base = reinterpret_cast<uintptr_t>(buffer_.data_ptr());
-  const int64_t shift = static_cast<int64_t>(round_up(static_cast<int64_t>(base), alignment_) - base);
-  at::Tensor slice = buffer_.narrow(0, shift + used_, nbytes);
+  at::Tensor slice = buffer_.narrow(0, shift_ + used_, nbytes);
   used_ += need;
   peak_ = std::max(peak_, used_);
   return slice;

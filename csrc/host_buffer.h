@@ -45,6 +45,7 @@ class HostBuffer {
 
   at::Tensor buffer_;
   int64_t capacity_ = 0;
+  int64_t shift_ = 0;  // bytes from the buffer's start to the first aligned byte
   int64_t used_ = 0;
   int64_t peak_ = 0;
   int64_t allocations_ = 0;

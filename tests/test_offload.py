@@ -106,7 +106,47 @@ def test_auto_stays_off_without_a_device_budget() -> None:
     savings = apply_memory_savings(model, offload_checkpoints="auto", min_offload_bytes=0)
     BlockAdam(model, lr=1e-2, backend="torch")
     model(**tiny_batch(model)).loss.backward()
-    assert savings.decisions == {(2, 8): False} and savings.offloader.offloaded_bytes == 0
+    assert not savings.offloader.active and savings.offloader.offloaded_bytes == 0
+
+
+def test_auto_stays_off_without_checkpointing() -> None:
+    model = tiny_model("llama", num_layers=LAYERS)  # no gradient checkpointing: nothing to offload
+    savings = apply_memory_savings(model, offload_checkpoints="auto", budget_gib=1e-6, min_offload_bytes=0)
+    BlockAdam(model, lr=1e-2, backend="torch")
+    model(**tiny_batch(model)).loss.backward()
+    assert savings.decisions == {} and not savings.offloader.active
+
+
+def test_a_graph_kept_alive_keeps_the_next_forward_on_the_device() -> None:
+    model = tiny_model("llama", num_layers=LAYERS)
+    enable_checkpointing(model, reentrant=False)
+    savings = apply_memory_savings(model, offload_checkpoints=True, min_offload_bytes=0)
+    opt = BlockAdam(model, lr=1e-2, switch_every=5, switch_mode="ascending", backend="torch")
+    capacities, kept = [], []
+    for step in range(4):  # backward(retain_graph=True), losses kept: every step's graph stays alive
+        loss = model(**tiny_batch(model, seed=step)).loss
+        loss.backward(retain_graph=True)
+        kept.append(loss)
+        capacities.append((savings.offloader.buffer.capacity_bytes, savings.offloader.offloaded_bytes))
+        opt.step()
+        opt.zero_grad()
+    assert capacities[0][1] > 0
+    assert all(c == capacities[0][0] and moved == 0 for c, moved in capacities[1:]), capacities
+
+
+def test_a_failed_set_up_leaves_the_model_as_it_was(monkeypatch) -> None:
+    from badam_ext.memory import savings as S
+
+    model = tiny_model("llama", num_layers=2)
+    enable_checkpointing(model, reentrant=False)
+
+    def fail(*args, **kwargs):
+        raise RuntimeError("no pinned memory")
+
+    monkeypatch.setattr(S, "CheckpointOffloader", fail)
+    with pytest.raises(RuntimeError, match="no pinned memory"):
+        S.default_memory_savings(model, offload_checkpoints=True)
+    assert "forward" not in model.__dict__ and getattr(model, "_badam_memory_savings", None) is None
 
 
 def test_auto_turns_offload_on_when_the_plan_does_not_fit() -> None:

@@ -32,19 +32,24 @@ def model_softcap(model: nn.Module) -> Optional[float]:
     return None if cap in (None, 0) else float(cap)
 
 
+class UnsupportedModelError(ValueError):
+    """The fused loss would not compute what this model's own forward computes."""
+
+
 def check_supported(model: nn.Module) -> None:
     """Raise unless the fused loss computes exactly what ``model``'s own forward computes."""
     config = getattr(model, "config", None)
     model_type = getattr(config, "model_type", None)
     if model_type not in SUPPORTED_MODEL_TYPES:
-        raise ValueError(
+        raise UnsupportedModelError(
             f"fused_loss: model type {model_type!r} ({type(model).__name__}) is not one whose head is known to be "
             f"a plain linear map; supported: {sorted(SUPPORTED_MODEL_TYPES)}. Pass fused_loss=False")
     head = model.get_output_embeddings()
     if not isinstance(head, nn.Linear) or head.bias is not None:
-        raise ValueError(f"fused_loss: the output head of {type(model).__name__} is not a bias-free nn.Linear")
+        raise UnsupportedModelError(f"fused_loss: the output head of {type(model).__name__} is not a bias-free "
+                                    "nn.Linear")
     if getattr(model, "get_decoder", None) is None:
-        raise ValueError(f"fused_loss: {type(model).__name__} has no get_decoder()")
+        raise UnsupportedModelError(f"fused_loss: {type(model).__name__} has no get_decoder()")
 
 
 class FusedLossPatch:
@@ -81,11 +86,16 @@ class FusedLossPatch:
         arguments = dict(bound.arguments)
         extra = dict(arguments.pop("kwargs", {}) or {})
         labels = arguments.pop("labels", None)
-        if (labels is None or not self.model.training or arguments.get("logits_to_keep", 0) not in (0, None)
+        keep = arguments.get("logits_to_keep", 0)
+        sliced = isinstance(keep, torch.Tensor) or keep not in (0, None)
+        custom_loss = "_loss_function" in self.model.__dict__  # model.loss_function = f: the user's own loss
+        if (labels is None or not self.model.training or sliced or custom_loss
                 or extra.get("fused_lm_head")):  # TRL's SFTTrainer asks for its own fused head: leave it that
             return self._original(*args, **kwargs)
         arguments.pop("logits_to_keep", None)
-        arguments.pop("return_dict", None)
+        return_dict = arguments.pop("return_dict", extra.pop("return_dict", None))
+        if return_dict is None:
+            return_dict = getattr(self.model.config, "return_dict", True)
         loss_kwargs = {k: extra.pop(k) for k in _LOSS_KWARGS if k in extra}
         outputs = self.model.get_decoder()(**arguments, **extra)
         hidden = outputs[0]
@@ -98,9 +108,10 @@ class FusedLossPatch:
         self.calls += 1
         from transformers.modeling_outputs import CausalLMOutputWithPast
 
-        return CausalLMOutputWithPast(
+        out = CausalLMOutputWithPast(
             loss=loss, logits=None, past_key_values=getattr(outputs, "past_key_values", None),
             hidden_states=getattr(outputs, "hidden_states", None), attentions=getattr(outputs, "attentions", None))
+        return out if return_dict else out.to_tuple()
 
     def remove(self) -> None:
         """Restore the model's own forward."""

@@ -73,8 +73,13 @@ def fused_linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targe
     if name == "torch":
         chunk = max(1, min(hidden.shape[0], LOSS_CHUNK_BYTES // (4 * weight.shape[0])))
         options = torch.nn.LinearCrossEntropyOptions(batch_chunk_size=chunk, chunking_method=None)
-        return F.linear_cross_entropy(hidden, weight, target, reduction=reduction, ignore_index=ignore_index,
-                                      options=options)
+        # Per-token losses, reduced in fp32: the op returns the input's dtype, and a bf16 mean (or a
+        # bf16 sum divided by num_items_in_batch) would be off by up to 2^-8 where HF's loss is fp32.
+        per_token = F.linear_cross_entropy(hidden, weight, target, reduction="none", ignore_index=ignore_index,
+                                           options=options).float()
+        if reduction == "sum":
+            return per_token.sum()
+        return per_token.sum() / (target != ignore_index).sum()
     from liger_kernel.transformers.functional import liger_fused_linear_cross_entropy
 
     return liger_fused_linear_cross_entropy(hidden, weight, target, ignore_index=ignore_index,

@@ -19,6 +19,7 @@ the layer saves for the recompute runs under the checkpoint's own, inner hooks, 
 """
 from __future__ import annotations
 
+import logging
 import weakref
 from typing import Any, Callable, Optional
 
@@ -26,6 +27,8 @@ import torch
 from torch import nn
 
 from ..partition import find_layer_container
+
+logger = logging.getLogger("badam_ext")
 
 DEFAULT_MIN_BYTES = 1 << 20  # smaller saved tensors stay where they are (rotary tables, masks)
 
@@ -110,6 +113,8 @@ class CheckpointOffloader:
         self._live: "weakref.WeakSet[_Saved]" = weakref.WeakSet()
         self.offloaded_bytes = 0  # in the current / last forward
         self.peak_offloaded_bytes = 0
+        self._skipping = False  # this forward keeps its checkpoints on the device (see begin_forward)
+        self._warned_live = False
         self.refresh()
 
     # ------------------------------------------------------------------ wrappers
@@ -141,18 +146,34 @@ class CheckpointOffloader:
             self.buffer.release()
 
     # ---------------------------------------------------------------- per step
-    def begin_forward(self, reserve_bytes: int = 0) -> None:
-        """Start a forward: reuse the buffer from offset 0 once nothing of an earlier forward is alive."""
-        if len(self._live) == 0:
-            self.buffer.reset()
-            self._records = []
-            if reserve_bytes:
-                self.buffer.reserve(int(reserve_bytes))
+    def begin_forward(self, reserve_bytes: int = 0) -> bool:
+        """Start a forward: the buffer is reused from offset 0, which needs every tensor offloaded by an
+        earlier forward released (its backward done, its graph dropped).
+
+        Returns False, and leaves this forward's checkpoints on the device, while an earlier forward's
+        are still held (``retain_graph=True``, or an output kept across steps): the host buffer never
+        grows with the number of graphs alive.
+        """
         self.offloaded_bytes = 0
+        if len(self._live) > 0:
+            if not self._warned_live:
+                self._warned_live = True
+                logger.warning("checkpoint offload: tensors offloaded by an earlier forward are still held "
+                               "(retain_graph, or an output kept alive); this forward keeps its checkpoints "
+                               "on the device")
+            self._skipping = True
+            return False
+        self._skipping = False
+        self.buffer.reset()
+        self._records = []
+        if reserve_bytes:
+            self.buffer.reserve(int(reserve_bytes))
+        return True
 
     def pack(self, tensor: torch.Tensor) -> Any:
         nbytes = tensor.numel() * tensor.element_size()
-        if nbytes < max(self.min_bytes, 1) or not tensor.is_contiguous() or tensor.device != self.device:
+        small = nbytes < max(self.min_bytes, 1)
+        if self._skipping or small or not tensor.is_contiguous() or tensor.device != self.device:
             return tensor
         host = self.buffer.acquire(nbytes).view(tensor.dtype).view(tensor.shape)
         copied = None

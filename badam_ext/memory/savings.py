@@ -2,18 +2,21 @@
 from __future__ import annotations
 
 import logging
+from collections import OrderedDict
 from typing import Any, Optional, Union
 
 import torch
 from torch import nn
 
-from .causal_lm import FusedLossPatch
+from ..pruning import checkpointing_info
+from .causal_lm import FusedLossPatch, UnsupportedModelError
 from .offload import DEFAULT_MIN_BYTES, CheckpointOffloader
 from .planner import GIB, checkpoint_host_bytes, model_shape, plan_memory
 
 logger = logging.getLogger("badam_ext")
 OFFLOAD_CHOICES = ("auto", True, False)
 _HANDLE_ATTR = "_badam_memory_savings"
+_MAX_DECISIONS = 64
 
 
 def device_budget_gib(device: torch.device) -> Optional[float]:
@@ -49,34 +52,45 @@ class MemorySavings:
         self.device = next(model.parameters()).device
         self.mode = offload_checkpoints
         self.budget_gib = budget_gib if budget_gib is not None else device_budget_gib(self.device)
-        self.loss = FusedLossPatch(model, loss_backend) if fused_loss else None
-        self.decisions: dict[tuple[int, int], bool] = {}
+        self.decisions: "OrderedDict[tuple[int, int], bool]" = OrderedDict()
         self._shape = None
+        self.loss: Optional[FusedLossPatch] = None
         self.offloader: Optional[CheckpointOffloader] = None
-        if offload_checkpoints is not False:
-            reserve = 0
-            if batch_size and seq_len and self._wants_offload(batch_size, seq_len):
-                reserve = checkpoint_host_bytes(model, batch_size, seq_len)
-            self.offloader = CheckpointOffloader(model, reserve_bytes=reserve, min_bytes=min_offload_bytes)
+        try:
+            self.loss = FusedLossPatch(model, loss_backend) if fused_loss else None
+            if offload_checkpoints is not False:
+                reserve = 0
+                if batch_size and seq_len and self._wants_offload(batch_size, seq_len):
+                    reserve = checkpoint_host_bytes(model, batch_size, seq_len)
+                self.offloader = CheckpointOffloader(model, reserve_bytes=reserve, min_bytes=min_offload_bytes)
+        except BaseException:
+            if self.loss is not None:  # a failed set-up leaves the model as it was
+                self.loss.remove()
+            raise
         self._hook = model.register_forward_pre_hook(self._before_forward, with_kwargs=True)
         setattr(model, _HANDLE_ATTR, self)
 
     def _wants_offload(self, batch: int, seq: int) -> bool:
         if self.mode != "auto":
             return bool(self.mode)
+        if self.budget_gib is None or not checkpointing_info(self.model).enabled:
+            return False  # no device budget to protect (CPU), or nothing checkpointed to offload
         key = (batch, seq)
-        if key not in self.decisions:
-            if self.budget_gib is None:
-                self.decisions[key] = False  # no device budget to protect (CPU)
-            else:
-                if self._shape is None:
-                    self._shape = model_shape(self.model.config, dtype=next(self.model.parameters()).dtype)
-                plan = plan_memory(self.model.config, batch_size=batch, seq_len=seq, budget_gib=self.budget_gib,
-                                   fused_loss=self.loss is not None, offload="auto", shape=self._shape)
-                self.decisions[key] = bool(plan.auto_offload)
-                logger.info("memory savings: %d x %d tokens, predicted peak %.2f GiB of %.2f: offload %s",
-                            batch, seq, plan.peak_bytes / GIB, self.budget_gib, "on" if plan.offload else "off")
-        return self.decisions[key]
+        if key in self.decisions:
+            self.decisions.move_to_end(key)
+            return self.decisions[key]
+        if self._shape is None:
+            self._shape = model_shape(self.model.config, dtype=next(self.model.parameters()).dtype)
+        # One plan without offload (no limits search): does the step fit the budget as it is?
+        plan = plan_memory(self.model.config, batch_size=batch, seq_len=seq, budget_gib=None,
+                           fused_loss=self.loss is not None, offload=False, shape=self._shape)
+        needed = plan.peak_bytes + plan.fragmentation_bytes > self.budget_gib * GIB
+        logger.info("memory savings: %d x %d tokens, predicted peak %.2f GiB of %.2f without offload: offload %s",
+                    batch, seq, plan.peak_bytes / GIB, self.budget_gib, "on" if needed else "off")
+        self.decisions[key] = needed
+        if len(self.decisions) > _MAX_DECISIONS:  # dynamic padding: keep the recent shapes only
+            self.decisions.popitem(last=False)
+        return needed
 
     def _before_forward(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
         if self.offloader is None:
@@ -164,8 +178,6 @@ def default_memory_savings(model: nn.Module, **options: Any) -> MemorySavings:
         return existing
     try:
         return apply_memory_savings(model, **options)
-    except (ValueError, RuntimeError) as exc:
-        if options.get("fused_loss") is False:
-            raise
+    except UnsupportedModelError as exc:  # only the fused loss was refused: keep the rest
         logger.warning("memory savings: training with the model's own loss (%s)", exc)
         return apply_memory_savings(model, **{**options, "fused_loss": False})
