@@ -240,7 +240,7 @@ def loss_bytes(shape: ModelShape, tokens: int, fused: bool, head_trainable: bool
     chunk = min(tokens, max(1, (128 << 20) // (4 * shape.vocab)))
     work = final_norm + tokens * shape.hidden * 4 + 2 * chunk * shape.vocab * 4
     if head_trainable:
-        work += shape.vocab * shape.hidden * 4  # the head's fp32 gradient accumulator
+        work += shape.vocab * shape.hidden * a  # the head's gradient (Liger computes it during forward)
     return work
 
 
@@ -270,8 +270,11 @@ def plan_block(shape: ModelShape, index: int, *, batch_size: int, seq_len: int, 
     if lowest is None:  # a head-only block: the loss backward is the whole backward
         moments["backward (active)"] = (grads, 0, 0, loss)
     else:
+        # a trainable head (its own block, or tied to a trained embedding) holds its gradient from the
+        # loss on through the whole backward
+        head_grad = shape.vocab * shape.hidden * a if head_trainable else 0
         if saving > 1 or kind != "layer":
-            moments["backward (top)"] = (0, held_top, frozen + layer_input, 0)
+            moments["backward (top)"] = (head_grad, held_top, frozen + layer_input, 0)
         held_low = min(saving, 1) * layer_input if gradient_checkpointing else held_top
         tail = int(GRAD_TAIL_FRACTION * active)
         moments["backward (active)"] = (0, held_low, active, 0) if active >= grads + tail \
