@@ -14,7 +14,7 @@ from _tiny_models import tiny_model
 
 from badam_ext import BlockAdam, apply_memory_savings
 from badam_ext.memory import causal_lm_loss
-from badam_ext.memory.causal_lm import FusedLossPatch, hf_reference_loss
+from badam_ext.memory.causal_lm import FusedLossPatch
 from badam_ext.memory.loss import liger_available, resolve_backend, torch_has_fused_loss
 
 needs_fused = pytest.mark.skipif(not (torch_has_fused_loss() or liger_available()),
@@ -33,6 +33,11 @@ def _batch(seed: int = 0, batch: int = 3, seq: int = 11, pad: bool = True) -> di
         ids[1, -3:] = 0
         labels[1, -3:] = -100
     return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+
+
+def hf_reference_loss(model: torch.nn.Module, **batch: torch.Tensor) -> torch.Tensor:
+    """Hugging Face's own loss (the class's forward, full logits), whatever is patched on the instance."""
+    return type(model).forward(model, **batch).loss
 
 
 def _grads(loss: torch.Tensor, tensors: list[torch.Tensor]) -> list[torch.Tensor]:

@@ -120,9 +120,3 @@ class FusedLossPatch:
                 self.model.forward = self._original
             else:
                 del self.model.forward
-
-
-def hf_reference_loss(model: nn.Module, **batch: torch.Tensor) -> torch.Tensor:
-    """Hugging Face's own loss for ``batch`` (full logits), for tests and benchmarks."""
-    forward = type(model).forward
-    return forward(model, **batch).loss

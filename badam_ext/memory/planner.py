@@ -293,27 +293,27 @@ def _plan(shape: ModelShape, batch_size: int, seq_len: int, fused_loss: bool, of
                        gradient_checkpointing=gradient_checkpointing) for i in range(len(shape.block_names))]
 
 
-def _longest(shape: ModelShape, limit: int, *, batch_size: int, fused_loss: bool, offload: bool,
-             gradient_checkpointing: bool, granularity: int, max_value: int) -> int:
-    """The largest multiple of ``granularity`` (up to ``max_value``) whose worst block fits ``limit``."""
-    def fits(seq: int) -> bool:
-        return max(b.peak for b in _plan(shape, batch_size, seq, fused_loss, offload, gradient_checkpointing)) <= limit
-
-    lo, hi = 0, max_value // granularity
+def _largest(fits: Any, count: int) -> int:
+    """The largest ``k`` in ``[0, count]`` with ``fits(k)``, for a ``fits`` that turns false once."""
+    lo, hi = 0, count
     while lo < hi:
         mid = (lo + hi + 1) // 2
-        if fits(mid * granularity):
+        if fits(mid):
             lo = mid
         else:
             hi = mid - 1
-    return lo * granularity
+    return lo
+
+
+def _peak(shape: ModelShape, batch: int, seq: int, fused: bool, offload: bool, gc: bool) -> int:
+    return max(b.peak for b in _plan(shape, batch, seq, fused, offload, gc))
 
 
 def plan_memory(config: Any, *, batch_size: int = 1, seq_len: int = 2048, budget_gib: Optional[float] = None,
                 fused_loss: bool = True, offload: Union[bool, str] = "auto", gradient_checkpointing: bool = True,
                 include_embedding: bool = False, include_lm_head: bool = False,
                 dtype: torch.dtype = torch.bfloat16, fragmentation_gib: float = DEFAULT_FRAGMENTATION_GIB,
-                shape: Optional[ModelShape] = None) -> MemoryPlan:
+                shape: Optional[ModelShape] = None, limits: bool = True) -> MemoryPlan:
     """Plan a BlockAdam step of ``batch_size x seq_len`` tokens for the model of ``config``.
 
     Args:
@@ -322,6 +322,7 @@ def plan_memory(config: Any, *, batch_size: int = 1, seq_len: int = 2048, budget
         budget_gib: the memory the process may use (23 for a 24 GB card); enables ``fits``, the
             longest-sequence and largest-batch limits and the ``"auto"`` choice.
         fragmentation_gib: slack between allocated and reserved memory kept inside the budget.
+        limits: also search the longest sequence and largest batch per saving (about 70 plans).
     """
     if batch_size < 1 or seq_len < 2:
         raise ValueError(f"need batch_size >= 1 and seq_len >= 2, got {batch_size} and {seq_len}")
@@ -331,37 +332,25 @@ def plan_memory(config: Any, *, batch_size: int = 1, seq_len: int = 2048, budget
                                  include_lm_head=include_lm_head)
     budget = None if budget_gib is None else int(budget_gib * GIB)
     frag = int(fragmentation_gib * GIB)
-    limits: dict[str, Any] = {}
+    found: dict[str, Any] = {}
     auto_choice = None
     if budget is not None:
         limit = budget - frag
         no_offload = _plan(shape, batch_size, seq_len, fused_loss, False, gradient_checkpointing)
         auto_choice = max(b.peak for b in no_offload) > limit
         variants = {"hf_loss": (False, False), "fused_loss": (True, False), "fused_loss+offload": (True, True)}
-        for label, (fused, off) in variants.items():
-            limits[label] = {
-                "longest_seq": _longest(shape, limit, batch_size=batch_size, fused_loss=fused, offload=off,
-                                        gradient_checkpointing=gradient_checkpointing, granularity=256,
-                                        max_value=1 << 20),
-                "largest_batch": _largest_batch(shape, limit, seq_len, fused, off, gradient_checkpointing),
+        for label, (fused, off) in (variants.items() if limits else ()):
+            found[label] = {  # in steps of 256 tokens up to 1M; batches up to 4096
+                "longest_seq": 256 * _largest(lambda k: _peak(shape, batch_size, 256 * k, fused, off,
+                                                              gradient_checkpointing) <= limit, 1 << 12),
+                "largest_batch": _largest(lambda k: _peak(shape, k, seq_len, fused, off,
+                                                          gradient_checkpointing) <= limit, 4096),
             }
     use_offload = auto_choice if offload == "auto" else bool(offload)
     blocks = _plan(shape, batch_size, seq_len, fused_loss, bool(use_offload), gradient_checkpointing)
     return MemoryPlan(model_type=shape.model_type, batch_size=batch_size, seq_len=seq_len, fused_loss=fused_loss,
                       offload=bool(use_offload), budget_bytes=budget, fragmentation_bytes=frag, blocks=blocks,
-                      limits=limits, auto_offload=auto_choice)
-
-
-def _largest_batch(shape: ModelShape, limit: int, seq_len: int, fused: bool, offload: bool, gc: bool) -> int:
-    """The largest batch of ``seq_len`` tokens whose worst block fits ``limit`` (0: none)."""
-    lo, hi = 0, 4096
-    while lo < hi:
-        mid = (lo + hi + 1) // 2
-        if max(b.peak for b in _plan(shape, mid, seq_len, fused, offload, gc)) <= limit:
-            lo = mid
-        else:
-            hi = mid - 1
-    return lo
+                      limits=found, auto_offload=auto_choice)
 
 
 def checkpoint_host_bytes(shape_or_model: Any, batch_size: int, seq_len: int) -> int:

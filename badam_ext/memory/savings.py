@@ -81,11 +81,10 @@ class MemorySavings:
             return self.decisions[key]
         if self._shape is None:
             self._shape = model_shape(self.model.config, dtype=next(self.model.parameters()).dtype)
-        # One plan without offload (no limits search): does the step fit the budget as it is?
-        plan = plan_memory(self.model.config, batch_size=batch, seq_len=seq, budget_gib=None,
-                           fused_loss=self.loss is not None, offload=False, shape=self._shape)
-        needed = plan.peak_bytes + plan.fragmentation_bytes > self.budget_gib * GIB
-        logger.info("memory savings: %d x %d tokens, predicted peak %.2f GiB of %.2f without offload: offload %s",
+        plan = plan_memory(self.model.config, batch_size=batch, seq_len=seq, budget_gib=self.budget_gib,
+                           fused_loss=self.loss is not None, offload="auto", shape=self._shape, limits=False)
+        needed = bool(plan.auto_offload)
+        logger.info("memory savings: %d x %d tokens, predicted peak %.2f GiB of %.2f: offload %s",
                     batch, seq, plan.peak_bytes / GIB, self.budget_gib, "on" if needed else "off")
         self.decisions[key] = needed
         if len(self.decisions) > _MAX_DECISIONS:  # dynamic padding: keep the recent shapes only
