@@ -1,7 +1,9 @@
 """Benchmark variants for the long-sequence work (registered beside bench_e2e's SETUPS).
 
-* ``ours_saved``: BlockAdam + ``apply_memory_savings`` (fused loss, checkpoint offload "auto" for the
-  budget given as ``args.budget_gib``, else the device's memory);
+* ``ours_saved``: BlockAdam + ``apply_memory_savings`` (fused loss, layer kernels where Liger-Kernel
+  is installed, checkpoint offload "auto" for the budget given as ``args.budget_gib``, else the
+  device's memory); ``BADAM_LAYER_KERNELS=0`` in the environment keeps Hugging Face's layers (to
+  measure the loss alone);
 * ``ours_offload``: the same with offload forced on;
 * ``ours_liger`` / ``ref_liger``: BlockAdam / the reference with Liger-Kernel's Llama patches applied
   by hand (RMSNorm, SwiGLU, RoPE, fused linear cross-entropy), as a user assembles it today.
@@ -10,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
+import os
 from typing import Any, Callable
 
 import torch
@@ -37,7 +40,8 @@ def make_setups(setups: dict[str, Callable[..., Any]]) -> dict[str, Callable[...
             from badam_ext import apply_memory_savings
 
             harness = setup_ours(model, args)
-            savings = apply_memory_savings(model, offload_checkpoints=offload,
+            layer_kernels = "auto" if os.environ.get("BADAM_LAYER_KERNELS", "auto") != "0" else False
+            savings = apply_memory_savings(model, offload_checkpoints=offload, layer_kernels=layer_kernels,
                                            budget_gib=getattr(args, "budget_gib", None))
             harness.notes.update(memory_savings=savings.stats())
             harness.savings = savings  # the handle lives as long as the harness

@@ -48,6 +48,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--model", choices=MODEL_NAMES, default=None)
     p.add_argument("--shapes", type=_shapes, default=None, help=f"default {','.join(DEFAULT_SHAPES)}")
     p.add_argument("--offload", default="off,on", help="comma-separated of off,on")
+    p.add_argument("--layer-kernels", choices=("auto", "on", "off"), default="auto",
+                   help="Liger-Kernel's RMSNorm / SwiGLU in the layers (auto: where Liger is installed, on CUDA)")
     p.add_argument("--reentrant", action="store_true", help="reentrant checkpointing (default non-reentrant)")
     p.add_argument("--steps", type=int, default=4)
     p.add_argument("--out", default=None)
@@ -78,7 +80,8 @@ def measure(model: torch.nn.Module, batch: int, seq: int, offload: bool, args: a
     from badam_ext import BlockAdam
     from badam_ext.memory import apply_memory_savings, plan_memory
 
-    savings = apply_memory_savings(model, offload_checkpoints=offload, budget_gib=None)
+    layer_kernels = {"auto": "auto", "on": True, "off": False}[args.layer_kernels]
+    savings = apply_memory_savings(model, offload_checkpoints=offload, budget_gib=None, layer_kernels=layer_kernels)
     opt = BlockAdam(model, lr=1e-5, switch_every=3, switch_mode="ascending", start_block=0)
     data = random_batch(model.config.vocab_size, batch, seq, device, seed=seq)
     _sync(device)
@@ -105,10 +108,12 @@ def measure(model: torch.nn.Module, batch: int, seq: int, offload: bool, args: a
     stats = savings.stats()
     opt.close()
     savings.remove()
-    plan = plan_memory(model.config, batch_size=batch, seq_len=seq, fused_loss=True, offload=offload)
+    plan = plan_memory(model.config, batch_size=batch, seq_len=seq, fused_loss=True, offload=offload,
+                       layer_kernels=stats["layer_kernels"], loss_backend=stats.get("loss_backend", "auto"))
     predicted = plan.peak_bytes
     record = {
         "kind": "memory_plan", "model": args.model, "bsz": batch, "seq": seq, "offload": offload,
+        "layer_kernels": stats["layer_kernels"],
         "reentrant": args.reentrant, "steps": args.steps,
         "peak_alloc_gib": None if peak is None else peak / T.GIB,
         "fwd_peak_gib": None if phase_peaks.get("forward") is None else phase_peaks["forward"] / T.GIB,

@@ -62,7 +62,20 @@ for stage in "$@"; do
       run bench_e2e_memory python3 bench/bench_e2e.py --model 8b \
         --variants ours,ours_saved,ours_liger,ours_compiled --out "$OUT/results.jsonl" ;;
     gpu-tests-memory)
-      run gpu_tests_memory python3 -m pytest -m gpu -q -p no:cacheprovider tests/test_memory_loss.py tests/test_offload.py ;;
+      run gpu_tests_memory python3 -m pytest -m gpu -q -p no:cacheprovider tests/test_memory_loss.py \
+        tests/test_offload.py tests/test_layer_kernels.py ;;
+    loss)  # the loss alone: Hugging Face's, Liger's default chunking, ours
+      run bench_loss python3 bench/bench_loss.py --tokens 2048,8192,16384 --out "$OUT/results.jsonl" ;;
+    offload)  # host-link bandwidth and the offload's cost, with a profile of one offloaded step
+      run bench_offload python3 bench/bench_offload.py --shapes 2x1024,1x4096 --profile --out "$OUT/results.jsonl" ;;
+    e2e-saved)  # 2 x 1024 step: plain, memory savings (layer kernels on / off), offload forced, compiled
+      run bench_e2e_saved python3 bench/bench_e2e.py --model 8b \
+        --variants ours,ours_saved,ours_offload,ours_compiled --out "$OUT/results.jsonl"
+      BADAM_LAYER_KERNELS=0 run bench_e2e_saved_hf_layers python3 bench/bench_e2e.py --model 8b \
+        --variants ours_saved --out "$OUT/results.jsonl" ;;
+    memory-lean)  # the planner's layer-kernel coefficients: measured peaks with Liger's RMSNorm / SwiGLU
+      run bench_memory_lean python3 bench/bench_memory.py --layer-kernels on \
+        --shapes 2x1024,1x8192,1x16384,1x24576 --out "$OUT/results.jsonl" ;;
     dp) run bench_dp torchrun --standalone --nproc_per_node 2 bench/bench_dp.py --out "$OUT/results.jsonl" ;;
     *) echo "unknown stage $stage"; exit 2 ;;
   esac

@@ -7,8 +7,10 @@ Two well-kept implementations of a fused linear + cross-entropy are used, never 
   grad, so a frozen lm_head (every BAdam block but the head's) costs no (vocab x hidden) gradient.
 * ``"liger"``: Liger-Kernel's fused linear cross-entropy (the ``badam-ext[liger]`` extra), for older
   torch and for logit soft-capping (Gemma 2/3). It skips the weight gradient for a frozen head too.
-  It reads the number of non-ignored tokens with one host sync per call (measured cost in
-  bench/RESULTS.md); that does not justify a kernel of our own.
+  Its default chunking keeps a chunk's logits as small as the hidden states (64 tokens at 2 x 1024
+  tokens of a 128K vocabulary), and every chunk reads the whole head weight twice: at 2 x 1024 that
+  added 13 ms to an 8B step on the H200 (bench/RESULTS.md). :func:`liger_chunk_mem_const` picks its
+  ``chunk_mem_const`` so that a chunk holds up to :data:`LOSS_CHUNK_BYTES` of logits instead.
 
 :func:`causal_lm_loss` reproduces Hugging Face's ``ForCausalLMLoss`` exactly: labels shifted left by
 one with ``ignore_index`` padding (or ``shift_labels`` as given), mean over the non-ignored tokens, or
@@ -26,6 +28,37 @@ LOSS_BACKENDS = ("auto", "torch", "liger")
 # fp32 logits of one chunk of torch's chunked path: torch's own heuristic sizes chunks from the
 # hidden / vocab ratio, which for a small hidden size means chunks of a few tokens (slow on CPU).
 LOSS_CHUNK_BYTES = 128 * 2 ** 20
+# Logits of one chunk of Liger's path (activation dtype, the gradient is written in place): 1024
+# tokens of a 128K vocabulary in bf16, enough rows for the head's matmuls to be compute-bound.
+LIGER_CHUNK_BYTES = 256 * 2 ** 20
+
+
+def _liger_chunk_rows(tokens: int, hidden: int, vocab: int, chunk_mem_const: int) -> int:
+    """Liger-Kernel 0.8's chunk size for ``chunk_mem_const`` (ops/fused_linear_cross_entropy.py)."""
+    inc_factor = -(-vocab // (chunk_mem_const * hidden))
+    rows = 1 << max(0, (-(-tokens // inc_factor) - 1).bit_length())  # next power of two
+    return min(rows, tokens)
+
+
+def liger_chunk_mem_const(tokens: int, hidden: int, vocab: int, element_size: int = 2,
+                          chunk_bytes: int = LIGER_CHUNK_BYTES) -> int:
+    """The ``chunk_mem_const`` whose chunks are the largest holding at most ``chunk_bytes`` of logits
+    (never smaller chunks than Liger's default of 1)."""
+    best, limit = 1, max(1, chunk_bytes // (vocab * element_size))
+    for const in range(2, -(-vocab // hidden) + 1):
+        rows = _liger_chunk_rows(tokens, hidden, vocab, const)
+        if rows > limit:
+            break
+        best = const
+    return best
+
+
+def loss_chunk_rows(tokens: int, hidden: int, vocab: int, backend: str, element_size: int = 2) -> int:
+    """Tokens per chunk of the fused loss (the planner sizes the loss's working set from it)."""
+    if backend == "torch":
+        return max(1, min(tokens, LOSS_CHUNK_BYTES // (4 * vocab)))
+    const = liger_chunk_mem_const(tokens, hidden, vocab, element_size)
+    return _liger_chunk_rows(tokens, hidden, vocab, const)
 
 
 def torch_has_fused_loss() -> bool:
@@ -71,7 +104,7 @@ def fused_linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targe
     """``cross_entropy(hidden @ weight.T, target)`` over 2-D ``hidden`` without the full logits."""
     name = resolve_backend(backend, softcap=softcap)
     if name == "torch":
-        chunk = max(1, min(hidden.shape[0], LOSS_CHUNK_BYTES // (4 * weight.shape[0])))
+        chunk = loss_chunk_rows(hidden.shape[0], hidden.shape[1], weight.shape[0], "torch")
         options = torch.nn.LinearCrossEntropyOptions(batch_chunk_size=chunk, chunking_method=None)
         # Per-token losses, reduced in fp32: the op returns the input's dtype, and a bf16 mean (or a
         # bf16 sum divided by num_items_in_batch) would be off by up to 2^-8 where HF's loss is fp32.
@@ -82,8 +115,9 @@ def fused_linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targe
         return per_token.sum() / (target != ignore_index).sum()
     from liger_kernel.transformers.functional import liger_fused_linear_cross_entropy
 
+    const = liger_chunk_mem_const(hidden.shape[0], hidden.shape[1], weight.shape[0], hidden.element_size())
     return liger_fused_linear_cross_entropy(hidden, weight, target, ignore_index=ignore_index,
-                                            reduction=reduction, softcap=softcap)
+                                            reduction=reduction, softcap=softcap, chunk_mem_const=const)
 
 
 def shifted_labels(labels: torch.Tensor, ignore_index: int = -100) -> torch.Tensor:

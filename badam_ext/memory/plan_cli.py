@@ -18,6 +18,10 @@ def add_plan_parser(sub: Any) -> argparse.ArgumentParser:
     p.add_argument("--seq-len", type=int, default=2048)
     p.add_argument("--offload", choices=["auto", "on", "off"], default="auto", help="checkpoint offload (default auto)")
     p.add_argument("--no-fused-loss", dest="fused_loss", action="store_false", help="plan Hugging Face's own loss")
+    p.add_argument("--layer-kernels", action="store_true",
+                   help="plan the layer kernels (Liger-Kernel's RMSNorm and SwiGLU, on by default where Liger is installed)")
+    p.add_argument("--loss-backend", choices=["auto", "torch", "liger"], default="auto",
+                   help="the fused loss's implementation (default: what this machine would use)")
     p.add_argument("--include-embedding", action="store_true")
     p.add_argument("--include-lm-head", action="store_true")
     p.add_argument("--json", action="store_true", help="print the plan as JSON")
@@ -30,7 +34,8 @@ def run_plan(args: argparse.Namespace) -> int:
     try:
         plan = plan_memory(args.config, batch_size=args.batch_size, seq_len=args.seq_len, budget_gib=args.budget_gib,
                            fused_loss=args.fused_loss, offload=offload, include_embedding=args.include_embedding,
-                           include_lm_head=args.include_lm_head)
+                           include_lm_head=args.include_lm_head, layer_kernels=args.layer_kernels,
+                           loss_backend=args.loss_backend)
     except (FileNotFoundError, ValueError, TypeError) as exc:
         print(f"badam-ext plan: {exc}", file=sys.stderr)
         return 2
@@ -48,7 +53,8 @@ def print_plan(plan: Any) -> None:
 
     console = Console(width=max(Console().width, 120))
     table = Table(title=f"Memory plan: {plan.model_type}, {plan.batch_size} x {plan.seq_len} tokens, "
-                        f"fused loss {'on' if plan.fused_loss else 'off'}, offload {'on' if plan.offload else 'off'}")
+                        f"fused loss {plan.loss_backend if plan.fused_loss else 'off'}, "
+                        f"offload {'on' if plan.offload else 'off'}, layer kernels {'on' if plan.layer_kernels else 'off'}")
     columns = ("block", "weights", "arena", "grads", "checkpoints", "recompute", "loss", "peak GiB", "at")
     for c in columns:
         table.add_column(c, justify="left" if c in ("block", "at") else "right")

@@ -38,6 +38,11 @@ RECOMPUTE_PER_HIDDEN = 12.0
 RECOMPUTE_PER_INTERMEDIATE = 5.0
 FORWARD_PER_HIDDEN = 1.5
 FORWARD_PER_INTERMEDIATE = 3.5
+# The same with the layer kernels (Liger-Kernel's RMSNorm and SwiGLU, badam_ext.memory.layer_kernels):
+# no fp32 copies in the norms, two saved MLP intermediates with in-place gradients.
+LEAN_RECOMPUTE_PER_HIDDEN = 8.0
+LEAN_RECOMPUTE_PER_INTERMEDIATE = 2.5
+LEAN_FORWARD_PER_INTERMEDIATE = 2.5
 # A frozen layer above the active one saves a little less (no inputs of weight gradients).
 FROZEN_RECOMPUTE_FRACTION = 0.93
 # When the active layer's gradients exist, this share of its recompute working set is still alive.
@@ -105,6 +110,8 @@ class MemoryPlan:
     blocks: list[BlockPlan]
     limits: dict[str, Any] = field(default_factory=dict)
     auto_offload: Optional[bool] = None
+    layer_kernels: bool = False
+    loss_backend: str = "liger"
 
     @property
     def worst(self) -> BlockPlan:
@@ -123,7 +130,8 @@ class MemoryPlan:
     def to_dict(self) -> dict[str, Any]:
         return {
             "model_type": self.model_type, "batch_size": self.batch_size, "seq_len": self.seq_len,
-            "fused_loss": self.fused_loss, "offload": self.offload,
+            "fused_loss": self.fused_loss, "offload": self.offload, "layer_kernels": self.layer_kernels,
+            "loss_backend": self.loss_backend,
             "budget_gib": None if self.budget_bytes is None else self.budget_bytes / GIB,
             "fragmentation_gib": self.fragmentation_bytes / GIB,
             "peak_gib": round(self.peak_bytes / GIB, 3), "worst_block": self.worst.index, "fits": self.fits,
@@ -218,34 +226,58 @@ def arena_bytes(shape: ModelShape) -> int:
     return max(required_capacity(n) for n in shape.layer_numels) * ARENA_BYTES_PER_ELEMENT
 
 
-def recompute_bytes(shape: ModelShape, tokens: int, trainable: bool) -> int:
+def recompute_bytes(shape: ModelShape, tokens: int, trainable: bool, layer_kernels: bool = False) -> int:
     """One layer's recompute + backward working set (its input excluded)."""
-    per_token = RECOMPUTE_PER_HIDDEN * shape.hidden + RECOMPUTE_PER_INTERMEDIATE * shape.intermediate
+    if layer_kernels:
+        per_token = LEAN_RECOMPUTE_PER_HIDDEN * shape.hidden + LEAN_RECOMPUTE_PER_INTERMEDIATE * shape.intermediate
+    else:
+        per_token = RECOMPUTE_PER_HIDDEN * shape.hidden + RECOMPUTE_PER_INTERMEDIATE * shape.intermediate
     return int(tokens * per_token * shape.dtype_bytes * (1.0 if trainable else FROZEN_RECOMPUTE_FRACTION))
 
 
-def forward_bytes(shape: ModelShape, tokens: int) -> int:
+def forward_bytes(shape: ModelShape, tokens: int, layer_kernels: bool = False) -> int:
     """The transients of one checkpointed layer's forward (nothing of it is kept)."""
-    per_token = FORWARD_PER_HIDDEN * shape.hidden + FORWARD_PER_INTERMEDIATE * shape.intermediate
+    per_intermediate = LEAN_FORWARD_PER_INTERMEDIATE if layer_kernels else FORWARD_PER_INTERMEDIATE
+    per_token = FORWARD_PER_HIDDEN * shape.hidden + per_intermediate * shape.intermediate
     return int(tokens * per_token * shape.dtype_bytes)
 
 
-def loss_bytes(shape: ModelShape, tokens: int, fused: bool, head_trainable: bool) -> int:
+def planned_loss_backend(backend: str = "auto") -> str:
+    """The fused-loss implementation a run here would use ("auto": torch's where it exists, else
+    Liger-Kernel's, installed or not: the plan does not need it)."""
+    from .loss import LOSS_BACKENDS, torch_has_fused_loss
+
+    if backend not in LOSS_BACKENDS:
+        raise ValueError(f"unknown fused-loss backend {backend!r}; choose one of {LOSS_BACKENDS}")
+    if backend == "auto":
+        return "torch" if torch_has_fused_loss() else "liger"
+    return backend
+
+
+def loss_bytes(shape: ModelShape, tokens: int, fused: bool, head_trainable: bool, layer_kernels: bool = False,
+               backend: str = "auto") -> int:
     """The loss's working set (its saved state and buffers, the final norm's included)."""
+    from .loss import loss_chunk_rows
+
     a = shape.dtype_bytes
-    final_norm = tokens * shape.hidden * (a + 4)  # the final norm's output and its fp32 input
+    # the final norm's output and what it saves: its fp32 input (Hugging Face's), its input (Liger's)
+    final_norm = tokens * shape.hidden * (2 * a if layer_kernels else a + 4)
     if not fused:
         return final_norm + tokens * shape.vocab * (2 * a + 8)
-    # the gradient for the hidden states (fp32), a chunk of fp32 logits and its gradient
-    chunk = min(tokens, max(1, (128 << 20) // (4 * shape.vocab)))
-    work = final_norm + tokens * shape.hidden * 4 + 2 * chunk * shape.vocab * 4
+    backend = planned_loss_backend(backend)
+    chunk = loss_chunk_rows(tokens, shape.hidden, shape.vocab, backend, a)
+    if backend == "torch":  # the gradient for the hidden states (fp32), a chunk of fp32 logits and its gradient
+        work = final_norm + tokens * shape.hidden * 4 + 2 * chunk * shape.vocab * 4
+    else:  # Liger: the hidden states' gradient, a chunk of logits (its gradient in place), fp32 losses
+        work = final_norm + tokens * shape.hidden * a + chunk * shape.vocab * a + tokens * 4
     if head_trainable:
         work += shape.vocab * shape.hidden * a  # the head's gradient (Liger computes it during forward)
     return work
 
 
 def plan_block(shape: ModelShape, index: int, *, batch_size: int, seq_len: int, fused_loss: bool,
-               offload: bool, gradient_checkpointing: bool = True) -> BlockPlan:
+               offload: bool, gradient_checkpointing: bool = True, layer_kernels: bool = False,
+               loss_backend: str = "auto") -> BlockPlan:
     """The predicted peak of block ``index`` as the active block (see the module doc for the moments)."""
     tokens = batch_size * seq_len
     a = shape.dtype_bytes
@@ -254,9 +286,9 @@ def plan_block(shape: ModelShape, index: int, *, batch_size: int, seq_len: int, 
     lowest, kind = shape.block_layers[index], shape.block_kinds[index]
     saving = 0 if lowest is None else shape.num_layers - max(lowest, 0)  # layers that save their input
     head_trainable = kind == "lm_head" or (kind == "embedding" and shape.tied)
-    loss = loss_bytes(shape, tokens, fused_loss, head_trainable)
-    frozen = recompute_bytes(shape, tokens, trainable=False)
-    active = recompute_bytes(shape, tokens, trainable=kind == "layer")
+    loss = loss_bytes(shape, tokens, fused_loss, head_trainable, layer_kernels, loss_backend)
+    frozen = recompute_bytes(shape, tokens, trainable=False, layer_kernels=layer_kernels)
+    active = recompute_bytes(shape, tokens, trainable=kind == "layer", layer_kernels=layer_kernels)
     if not gradient_checkpointing:  # every saving layer keeps its whole working set
         held_fwd = held_top = saving * frozen
     elif offload:
@@ -265,7 +297,7 @@ def plan_block(shape: ModelShape, index: int, *, batch_size: int, seq_len: int, 
         held_fwd = held_top = saving * layer_input
     # moment -> (grads, checkpoints, recompute, loss)
     moments: dict[str, tuple[int, int, int, int]] = {}
-    transient = max(forward_bytes(shape, tokens), loss)
+    transient = max(forward_bytes(shape, tokens, layer_kernels), loss)
     moments["forward"] = (0, held_fwd, 0, transient)
     if lowest is None:  # a head-only block: the loss backward is the whole backward
         moments["backward (active)"] = (grads, 0, 0, loss)
@@ -288,9 +320,10 @@ def plan_block(shape: ModelShape, index: int, *, batch_size: int, seq_len: int, 
 
 
 def _plan(shape: ModelShape, batch_size: int, seq_len: int, fused_loss: bool, offload: bool,
-          gradient_checkpointing: bool) -> list[BlockPlan]:
+          gradient_checkpointing: bool, layer_kernels: bool = False, loss_backend: str = "auto") -> list[BlockPlan]:
     return [plan_block(shape, i, batch_size=batch_size, seq_len=seq_len, fused_loss=fused_loss, offload=offload,
-                       gradient_checkpointing=gradient_checkpointing) for i in range(len(shape.block_names))]
+                       gradient_checkpointing=gradient_checkpointing, layer_kernels=layer_kernels,
+                       loss_backend=loss_backend) for i in range(len(shape.block_names))]
 
 
 def _largest(fits: Any, count: int) -> int:
@@ -305,15 +338,17 @@ def _largest(fits: Any, count: int) -> int:
     return lo
 
 
-def _peak(shape: ModelShape, batch: int, seq: int, fused: bool, offload: bool, gc: bool) -> int:
-    return max(b.peak for b in _plan(shape, batch, seq, fused, offload, gc))
+def _peak(shape: ModelShape, batch: int, seq: int, fused: bool, offload: bool, gc: bool, lean: bool,
+          backend: str) -> int:
+    return max(b.peak for b in _plan(shape, batch, seq, fused, offload, gc, lean, backend))
 
 
 def plan_memory(config: Any, *, batch_size: int = 1, seq_len: int = 2048, budget_gib: Optional[float] = None,
                 fused_loss: bool = True, offload: Union[bool, str] = "auto", gradient_checkpointing: bool = True,
                 include_embedding: bool = False, include_lm_head: bool = False,
                 dtype: torch.dtype = torch.bfloat16, fragmentation_gib: float = DEFAULT_FRAGMENTATION_GIB,
-                shape: Optional[ModelShape] = None, limits: bool = True) -> MemoryPlan:
+                shape: Optional[ModelShape] = None, limits: bool = True, layer_kernels: bool = False,
+                loss_backend: str = "auto") -> MemoryPlan:
     """Plan a BlockAdam step of ``batch_size x seq_len`` tokens for the model of ``config``.
 
     Args:
@@ -322,6 +357,9 @@ def plan_memory(config: Any, *, batch_size: int = 1, seq_len: int = 2048, budget
         budget_gib: the memory the process may use (23 for a 24 GB card); enables ``fits``, the
             longest-sequence and largest-batch limits and the ``"auto"`` choice.
         fragmentation_gib: slack between allocated and reserved memory kept inside the budget.
+        layer_kernels: the layers run Liger-Kernel's RMSNorm and SwiGLU (``apply_memory_savings``'s
+            ``layer_kernels``), which shrink every layer's recompute working set.
+        loss_backend: the fused loss's implementation (``"auto"``: what this machine would use).
         limits: also search the longest sequence and largest batch per saving (about 70 plans).
     """
     if batch_size < 1 or seq_len < 2:
@@ -330,27 +368,31 @@ def plan_memory(config: Any, *, batch_size: int = 1, seq_len: int = 2048, budget
         raise ValueError(f"offload must be True, False or 'auto', got {offload!r}")
     shape = shape or model_shape(config, dtype=dtype, include_embedding=include_embedding,
                                  include_lm_head=include_lm_head)
+    loss_backend = planned_loss_backend(loss_backend)
     budget = None if budget_gib is None else int(budget_gib * GIB)
     frag = int(fragmentation_gib * GIB)
     found: dict[str, Any] = {}
     auto_choice = None
     if budget is not None:
         limit = budget - frag
-        no_offload = _plan(shape, batch_size, seq_len, fused_loss, False, gradient_checkpointing)
+        no_offload = _plan(shape, batch_size, seq_len, fused_loss, False, gradient_checkpointing, layer_kernels,
+                           loss_backend)
         auto_choice = max(b.peak for b in no_offload) > limit
         variants = {"hf_loss": (False, False), "fused_loss": (True, False), "fused_loss+offload": (True, True)}
         for label, (fused, off) in (variants.items() if limits else ()):
             found[label] = {  # in steps of 256 tokens up to 1M; batches up to 4096
                 "longest_seq": 256 * _largest(lambda k: _peak(shape, batch_size, 256 * k, fused, off,
-                                                              gradient_checkpointing) <= limit, 1 << 12),
-                "largest_batch": _largest(lambda k: _peak(shape, k, seq_len, fused, off,
-                                                          gradient_checkpointing) <= limit, 4096),
+                                                              gradient_checkpointing, layer_kernels,
+                                                              loss_backend) <= limit, 1 << 12),
+                "largest_batch": _largest(lambda k: _peak(shape, k, seq_len, fused, off, gradient_checkpointing,
+                                                          layer_kernels, loss_backend) <= limit, 4096),
             }
     use_offload = auto_choice if offload == "auto" else bool(offload)
-    blocks = _plan(shape, batch_size, seq_len, fused_loss, bool(use_offload), gradient_checkpointing)
+    blocks = _plan(shape, batch_size, seq_len, fused_loss, bool(use_offload), gradient_checkpointing, layer_kernels,
+                   loss_backend)
     return MemoryPlan(model_type=shape.model_type, batch_size=batch_size, seq_len=seq_len, fused_loss=fused_loss,
                       offload=bool(use_offload), budget_bytes=budget, fragmentation_bytes=frag, blocks=blocks,
-                      limits=found, auto_offload=auto_choice)
+                      limits=found, auto_offload=auto_choice, layer_kernels=layer_kernels, loss_backend=loss_backend)
 
 
 def checkpoint_host_bytes(shape_or_model: Any, batch_size: int, seq_len: int) -> int:

@@ -10,6 +10,7 @@ from torch import nn
 
 from ..pruning import checkpointing_info
 from .causal_lm import FusedLossPatch, UnsupportedModelError
+from .layer_kernels import LAYER_KERNEL_CHOICES, LayerKernelsPatch, why_unavailable
 from .offload import DEFAULT_MIN_BYTES, CheckpointOffloader
 from .planner import GIB, checkpoint_host_bytes, model_shape, plan_memory
 
@@ -34,13 +35,16 @@ class MemorySavings:
 
     Attributes:
         loss: the fused-loss patch (None when off).
+        layers: the layer-kernels patch (None when off).
         offloader: the checkpoint offloader (None when off).
         decisions: ``(batch, seq) -> bool``, what ``"auto"`` chose per input shape.
     """
 
     def __init__(self, model: nn.Module, *, fused_loss: bool, offload_checkpoints: Union[bool, str],
                  budget_gib: Optional[float], loss_backend: str, min_offload_bytes: int,
-                 batch_size: Optional[int], seq_len: Optional[int]) -> None:
+                 batch_size: Optional[int], seq_len: Optional[int], layer_kernels: Union[bool, str] = False) -> None:
+        if layer_kernels not in LAYER_KERNEL_CHOICES:
+            raise ValueError(f"layer_kernels must be 'auto', True or False, got {layer_kernels!r}")
         if offload_checkpoints not in OFFLOAD_CHOICES:
             raise ValueError(f"offload_checkpoints must be 'auto', True or False, got {offload_checkpoints!r}")
         if budget_gib is not None and not budget_gib > 0:
@@ -55,17 +59,27 @@ class MemorySavings:
         self.decisions: "OrderedDict[tuple[int, int], bool]" = OrderedDict()
         self._shape = None
         self.loss: Optional[FusedLossPatch] = None
+        self.layers: Optional[LayerKernelsPatch] = None
         self.offloader: Optional[CheckpointOffloader] = None
         try:
             self.loss = FusedLossPatch(model, loss_backend) if fused_loss else None
+            if layer_kernels is True:
+                self.layers = LayerKernelsPatch(model)
+            elif layer_kernels == "auto":
+                why = why_unavailable(model)
+                if why is None:
+                    self.layers = LayerKernelsPatch(model)
+                else:
+                    logger.info("memory savings: Hugging Face's own layers (%s)", why)
             if offload_checkpoints is not False:
                 reserve = 0
                 if batch_size and seq_len and self._wants_offload(batch_size, seq_len):
                     reserve = checkpoint_host_bytes(model, batch_size, seq_len)
                 self.offloader = CheckpointOffloader(model, reserve_bytes=reserve, min_bytes=min_offload_bytes)
         except BaseException:
-            if self.loss is not None:  # a failed set-up leaves the model as it was
-                self.loss.remove()
+            for patch in (self.layers, self.loss):  # a failed set-up leaves the model as it was
+                if patch is not None:
+                    patch.remove()
             raise
         self._hook = model.register_forward_pre_hook(self._before_forward, with_kwargs=True)
         setattr(model, _HANDLE_ATTR, self)
@@ -82,7 +96,8 @@ class MemorySavings:
         if self._shape is None:
             self._shape = model_shape(self.model.config, dtype=next(self.model.parameters()).dtype)
         plan = plan_memory(self.model.config, batch_size=batch, seq_len=seq, budget_gib=self.budget_gib,
-                           fused_loss=self.loss is not None, offload="auto", shape=self._shape, limits=False)
+                           fused_loss=self.loss is not None, offload="auto", shape=self._shape, limits=False,
+                           layer_kernels=self.layers is not None, loss_backend=self._loss_backend())
         needed = bool(plan.auto_offload)
         logger.info("memory savings: %d x %d tokens, predicted peak %.2f GiB of %.2f: offload %s",
                     batch, seq, plan.peak_bytes / GIB, self.budget_gib, "on" if needed else "off")
@@ -106,6 +121,9 @@ class MemorySavings:
         if self.offloader.active:
             self.offloader.begin_forward(checkpoint_host_bytes(self.model, batch, seq))
 
+    def _loss_backend(self) -> str:
+        return self.loss.backend if self.loss is not None else "auto"
+
     def _planned_loss_bytes(self) -> Optional[int]:
         """The planner's loss working set for the last fused call's token count."""
         if self.loss is None or not self.loss.tokens:
@@ -115,12 +133,15 @@ class MemorySavings:
         if self._shape is None:
             self._shape = model_shape(self.model.config, dtype=next(self.model.parameters()).dtype)
         head_trainable = self.model.get_output_embeddings().weight.requires_grad
-        return loss_bytes(self._shape, self.loss.tokens, fused=True, head_trainable=head_trainable)
+        return loss_bytes(self._shape, self.loss.tokens, fused=True, head_trainable=head_trainable,
+                          layer_kernels=self.layers is not None, backend=self.loss.backend)
 
     def stats(self) -> dict[str, Any]:
         """Fused-loss calls and offload figures, for logs and the profiler."""
         out: dict[str, Any] = {"fused_loss": self.loss is not None, "offload_mode": self.mode,
-                               "budget_gib": self.budget_gib}
+                               "budget_gib": self.budget_gib, "layer_kernels": self.layers is not None}
+        if self.layers is not None:
+            out.update(self.layers.stats())
         if self.loss is not None:
             out.update(loss_backend=self.loss.backend, fused_loss_calls=self.loss.calls,
                        loss_held_bytes=self.loss.held_bytes, loss_planned_bytes=self._planned_loss_bytes())
@@ -135,6 +156,8 @@ class MemorySavings:
             delattr(self.model, _HANDLE_ATTR)
         if self.loss is not None:
             self.loss.remove()
+        if self.layers is not None:
+            self.layers.remove()
         if self.offloader is not None:
             self.offloader.remove()
 
@@ -142,7 +165,8 @@ class MemorySavings:
 def apply_memory_savings(model: nn.Module, *, fused_loss: bool = True,
                          offload_checkpoints: Union[bool, str] = "auto", budget_gib: Optional[float] = None,
                          loss_backend: str = "auto", min_offload_bytes: int = DEFAULT_MIN_BYTES,
-                         batch_size: Optional[int] = None, seq_len: Optional[int] = None) -> MemorySavings:
+                         batch_size: Optional[int] = None, seq_len: Optional[int] = None,
+                         layer_kernels: Union[bool, str] = "auto") -> MemorySavings:
     """Shrink a Hugging Face causal LM's training-step memory; returns a handle with ``.remove()``.
 
     Args:
@@ -160,12 +184,16 @@ def apply_memory_savings(model: nn.Module, *, fused_loss: bool = True,
         min_offload_bytes: saved tensors below this size stay on the device.
         batch_size, seq_len: the expected step shape, to allocate the host buffer now instead of at
             the first offloaded step.
+        layer_kernels: run the decoder's RMSNorms and SwiGLU MLPs with Liger-Kernel's kernels (less
+            recompute memory per token, fewer launches; gradients differ from Hugging Face's in the
+            last bf16 bit). ``"auto"``: where they apply (Llama, Mistral, Qwen2/3 on CUDA with
+            Liger-Kernel installed); ``True`` raises where they do not.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"apply_memory_savings expects an nn.Module, got {type(model).__name__}")
     return MemorySavings(model, fused_loss=fused_loss, offload_checkpoints=offload_checkpoints,
                          budget_gib=budget_gib, loss_backend=loss_backend, min_offload_bytes=min_offload_bytes,
-                         batch_size=batch_size, seq_len=seq_len)
+                         batch_size=batch_size, seq_len=seq_len, layer_kernels=layer_kernels)
 
 
 def default_memory_savings(model: nn.Module, **options: Any) -> MemorySavings:
