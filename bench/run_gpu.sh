@@ -18,8 +18,10 @@ unset TRITON_INTERPRET
 # Multicast over NVLink stays off on shared hosts.
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
 
-if [[ -d .whl ]]; then  # wheels carried for packages the GPU machine lacks (the reference badam)
+if [[ -d .whl ]]; then  # wheels carried for packages the GPU machine lacks (badam, liger-kernel, torchao)
   python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site
+  # bitsandbytes unpacked with only its CUDA 13.0 library (the wheel holds one per CUDA version)
+  if [[ -d .whl/extra_site ]]; then export PYTHONPATH=$PYTHONPATH:$PWD/.whl/extra_site; fi
 fi
 {
   date -u; nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
