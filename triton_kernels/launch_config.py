@@ -1,12 +1,18 @@
-"""Launch configuration: interpreter detection, elements per program and warps per program."""
+"""Launch configuration: interpreter detection, elements per program and warps per program, per device."""
 from __future__ import annotations
 
 import contextlib
-from typing import ContextManager
+import functools
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import ContextManager, Iterator, Optional
 
 import torch
 import triton
 import triton.language as tl
+
+from . import tuning_cache
 
 try:  # the interpreter's function class; present in every supported triton
     from triton.runtime.interpreter import InterpretedFunction as _InterpretedFunction
@@ -26,19 +32,125 @@ def interpreted() -> bool:
 
 # GPU: 2048 elements per program at 8 warps (8 elements per thread, two 16-byte fp32 vectors per
 # stream) ran the Llama-3-8B layer step at 98% of the H100's copy bandwidth; 4096 at 8 warps
-# (16 per thread, 158 registers, one program per SM) reached 93%. Interpreter: the cost is per
-# program (~4-5 ms), so programs are made large.
+# (16 per thread, 158 registers, one program per SM) reached 93%. Other GPUs differ (on an H200
+# the flat AdamW probe peaks at 1024 / 4 warps and the 2048 / 8 step reaches 92.5%), so a
+# configuration measured on the device (``python -m badam_ext.kernels.tune``, cached on disk)
+# wins over this default. Interpreter: the cost is per program (~4-5 ms), so programs are made large.
 GPU_BLOCK_SIZE = 2048
 INTERPRETER_BLOCK_SIZE = 16384
 MIN_BLOCK_SIZE = 64
 MAX_BLOCK_SIZE = 1 << 16
 
+#: kernels with a launch configuration of their own; the fused step's block size sets the chunk
+#: tables (BlockTables), the other kernels reuse those tables and tune only their warps
+FUSED_STEP, BLOCK_LOAD, GRAD_SQ_NORM = "fused_adamw", "block_load", "grad_sq_norm"
+KERNELS = (FUSED_STEP, BLOCK_LOAD, GRAD_SQ_NORM)
+#: ``BLOCKxWARPS`` (e.g. ``1024x4``) for every kernel, or ``builtin`` to ignore the cache
+LAUNCH_ENV = "BADAM_EXT_LAUNCH"
 
-def default_block_size(device: torch.device) -> int:
-    """Elements per program for ``device`` (large in the interpreter, bandwidth-tuned on a GPU)."""
+
+@dataclass(frozen=True)
+class LaunchConfig:
+    """Elements per program and warps per program of one kernel on one device."""
+
+    block_size: int
+    num_warps: int
+    source: str = field(default="builtin", compare=False)  # builtin | cache | env | override | interpreter
+
+
+# Configurations measured on a device model (name substring), used when the cache has none.
+MEASURED: dict[str, LaunchConfig] = {
+    "H100": LaunchConfig(2048, 8, "builtin"),  # fused step 98.2%, block load 94.6% of copy bandwidth
+}
+
+_overrides: list[LaunchConfig] = []
+_cache_entries: dict[Path, dict[str, tuning_cache.CachedConfig]] = {}
+
+
+def heuristic_num_warps(block_size: int) -> int:
+    """8 elements per thread (256 per warp), clamped to [4, 16]: the configuration before tuning."""
+    return max(4, min(16, block_size // 256))
+
+
+def dtype_class(dtype: Optional[torch.dtype]) -> str:
+    """``"16bit"`` or ``"32bit"`` weights (a step's bytes per element differ); None means 16-bit."""
+    if dtype is None:
+        return "16bit"
+    return f"{8 * dtype.itemsize}bit"
+
+
+@functools.lru_cache(maxsize=None)
+def _device_key(index: int) -> tuning_cache.DeviceKey:
+    major, minor = torch.cuda.get_device_capability(index)
+    return tuning_cache.DeviceKey(torch.cuda.get_device_name(index), f"sm{major}{minor}", triton.__version__)
+
+
+def device_key(device: torch.device) -> tuning_cache.DeviceKey:
+    """GPU name, compute capability and triton version of a CUDA device (the cache key's device part)."""
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    return _device_key(index)
+
+
+def parse_launch_env(text: str) -> Optional[LaunchConfig]:
+    """The value of ``$BADAM_EXT_LAUNCH``: ``BLOCKxWARPS``, or ``builtin`` (None: skip the cache)."""
+    text = text.strip().lower()
+    if text == "builtin":
+        return None
+    try:
+        block_text, warps_text = text.split("x")
+        block, warps = int(block_text), int(warps_text)
+        check_block_size(block)
+        if warps not in tuning_cache.VALID_WARPS:
+            raise ValueError(f"warps must be one of {tuning_cache.VALID_WARPS}")
+    except ValueError as exc:
+        raise ValueError(f"{LAUNCH_ENV}={text!r}: expected BLOCKxWARPS such as 1024x4 (block a power of two in "
+                         f"[{MIN_BLOCK_SIZE}, {MAX_BLOCK_SIZE}]) or 'builtin' ({exc})") from None
+    return LaunchConfig(block, warps, "env")
+
+
+def _cached(device: torch.device, kernel: str, dtype: Optional[torch.dtype]) -> Optional[LaunchConfig]:
+    path = tuning_cache.cache_path()
+    if path not in _cache_entries:
+        _cache_entries[path] = tuning_cache.read(path)
+    found = tuning_cache.lookup(_cache_entries[path], device_key(device), kernel, dtype_class(dtype))
+    return None if found is None else LaunchConfig(found.block_size, found.num_warps, "cache")
+
+
+def _builtin(device: torch.device) -> LaunchConfig:
+    name = device_key(device).name
+    for fragment, config in MEASURED.items():
+        if fragment in name:
+            return config
+    return LaunchConfig(GPU_BLOCK_SIZE, heuristic_num_warps(GPU_BLOCK_SIZE), "builtin")
+
+
+def launch_config(device: torch.device, kernel: str = FUSED_STEP, dtype: Optional[torch.dtype] = None
+                  ) -> LaunchConfig:
+    """The launch configuration of ``kernel`` for weights of ``dtype`` on ``device``.
+
+    Interpreter or CPU: large programs, as always. CUDA, first match wins: an :func:`override`
+    in effect, ``$BADAM_EXT_LAUNCH``, the on-disk cache written by the tuner, :data:`MEASURED`,
+    the H100 default. Nothing is measured here: tuning is an explicit run of the tuner.
+    """
+    if kernel not in KERNELS:
+        raise ValueError(f"unknown kernel {kernel!r}; expected one of {KERNELS}")
+    device = torch.device(device)
     if interpreted() or device.type != "cuda":
-        return INTERPRETER_BLOCK_SIZE
-    return GPU_BLOCK_SIZE
+        return LaunchConfig(INTERPRETER_BLOCK_SIZE, heuristic_num_warps(INTERPRETER_BLOCK_SIZE), "interpreter")
+    if _overrides:
+        return _overrides[-1]
+    env = os.environ.get(LAUNCH_ENV, "")
+    if env:
+        from_env = parse_launch_env(env)
+        if from_env is not None:
+            return from_env
+        return _builtin(device)
+    return _cached(device, kernel, dtype) or _builtin(device)
+
+
+def default_block_size(device: torch.device, kernel: str = FUSED_STEP, dtype: Optional[torch.dtype] = None) -> int:
+    """Elements per program for ``device`` (large in the interpreter, the measured or default one on a GPU)."""
+    return launch_config(device, kernel, dtype).block_size
 
 
 def check_block_size(block_size: int) -> int:
@@ -52,9 +164,39 @@ def check_block_size(block_size: int) -> int:
     return block_size
 
 
-def default_num_warps(block_size: int) -> int:
-    """Warps per program: 8 elements per thread (256 per warp), clamped to [4, 16]."""
-    return max(4, min(16, block_size // 256))
+def default_num_warps(block_size: int, device: Optional[torch.device] = None, kernel: str = FUSED_STEP,
+                      dtype: Optional[torch.dtype] = None) -> int:
+    """Warps per program for programs of ``block_size`` elements.
+
+    On a GPU (``device``, or the current CUDA device when None) the configured warps when its
+    configured block size is ``block_size``; otherwise 8 elements per thread, clamped to [4, 16].
+    """
+    if not interpreted() and (device is not None or torch.cuda.is_available()):
+        device = torch.device("cuda", torch.cuda.current_device()) if device is None else torch.device(device)
+        if device.type == "cuda":
+            config = launch_config(device, kernel, dtype)
+            if config.block_size == block_size:
+                return config.num_warps
+    return heuristic_num_warps(block_size)
+
+
+@contextlib.contextmanager
+def override(block_size: int, num_warps: int) -> Iterator[LaunchConfig]:
+    """Every CUDA lookup in this process returns ``block_size`` / ``num_warps`` inside the block (the tuner's sweep)."""
+    check_block_size(block_size)
+    if num_warps not in tuning_cache.VALID_WARPS:
+        raise ValueError(f"num_warps must be one of {tuning_cache.VALID_WARPS}, got {num_warps}")
+    config = LaunchConfig(block_size, num_warps, "override")
+    _overrides.append(config)
+    try:
+        yield config
+    finally:
+        _overrides.remove(config)
+
+
+def reload_cache() -> None:
+    """Forget the cache file's entries read so far (the next lookup reads the file again)."""
+    _cache_entries.clear()
 
 
 def device_guard(device: torch.device) -> ContextManager:

@@ -1,0 +1,272 @@
+"""Per-device launch configuration: the cache file, its keys, the environment override, the lookup
+order, the interpreter path (unchanged), the tuner's choice; on a GPU, a real sweep."""
+from __future__ import annotations
+
+import json
+import warnings
+
+import pytest
+import torch
+
+from badam_ext import kernels as K
+from badam_ext.kernels import launch_config as lc
+from badam_ext.kernels import tune, tuning_cache
+
+FAKE = tuning_cache.DeviceKey("NVIDIA H200", "sm90", "3.6.0")
+CUDA0 = torch.device("cuda", 0)
+
+
+@pytest.fixture
+def cache(tmp_path, monkeypatch):
+    """An empty cache directory in $BADAM_EXT_CACHE, no launch override, lookups read afresh."""
+    monkeypatch.setenv(tuning_cache.CACHE_ENV, str(tmp_path))
+    monkeypatch.delenv(lc.LAUNCH_ENV, raising=False)
+    lc.reload_cache()
+    yield tmp_path / tuning_cache.FILE_NAME
+    lc.reload_cache()
+
+
+@pytest.fixture
+def fake_gpu(monkeypatch, cache):
+    """Lookups behave as on a CUDA device named by FAKE (no GPU needed)."""
+    monkeypatch.setattr(lc, "interpreted", lambda: False)
+    monkeypatch.setattr(lc, "device_key", lambda device: FAKE)
+    return cache
+
+
+def _write(path, entries, version=tuning_cache.FORMAT_VERSION):
+    path.write_text(json.dumps({"version": version, "entries": entries}))
+
+
+# ------------------------------------------------------------------------------------- the file
+def test_cache_dir_precedence(tmp_path):
+    assert tuning_cache.cache_dir({"BADAM_EXT_CACHE": str(tmp_path), "XDG_CACHE_HOME": "/x"}) == tmp_path
+    assert str(tuning_cache.cache_dir({"XDG_CACHE_HOME": "/x"})) == "/x/badam_ext"
+    assert str(tuning_cache.cache_dir({})).endswith(".cache/badam_ext")
+    assert tuning_cache.cache_path({"BADAM_EXT_CACHE": str(tmp_path)}).name == "launch_configs.json"
+
+
+def test_entry_key_names_device_compiler_kernel_and_dtype_class():
+    assert FAKE.entry_key("fused_adamw", "16bit") == "NVIDIA H200|sm90|triton 3.6.0|fused_adamw|16bit"
+    assert lc.dtype_class(torch.bfloat16) == lc.dtype_class(torch.float16) == lc.dtype_class(None) == "16bit"
+    assert lc.dtype_class(torch.float32) == "32bit"
+
+
+def test_write_merges_and_reads_back(cache):
+    k1, k2 = FAKE.entry_key("fused_adamw", "16bit"), FAKE.entry_key("block_load", "16bit")
+    tuning_cache.write(cache, {k1: {"block_size": 1024, "num_warps": 4, "ms": 1.5}})
+    tuning_cache.write(cache, {k2: {"block_size": 1024, "num_warps": 8}})
+    entries = tuning_cache.read(cache)
+    assert entries == {k1: tuning_cache.CachedConfig(1024, 4), k2: tuning_cache.CachedConfig(1024, 8)}
+    assert json.loads(cache.read_text())["entries"][k1]["ms"] == 1.5
+    assert [p.name for p in cache.parent.iterdir()] == [cache.name]  # no temporary file left behind
+
+
+@pytest.mark.parametrize("text, why", [
+    ("{not json", "not valid JSON"),
+    ('["a list"]', '"entries" object'),
+    ('{"version": 99, "entries": {}}', "format version 99"),
+    ('{"version": 1, "entries": {"k": {"block_size": 1000, "num_warps": 4}}}', "not a power of two"),
+    ('{"version": 1, "entries": {"k": {"block_size": 1024, "num_warps": 3}}}', "num_warps 3"),
+    ('{"version": 1, "entries": {"k": {"block_size": "1024", "num_warps": 4}}}', "must be an int"),
+    ('{"version": 1, "entries": {"k": {"block_size": true, "num_warps": 4}}}', "must be an int"),
+])
+def test_invalid_file_is_ignored_with_a_warning(cache, text, why):
+    cache.write_text(text)
+    with pytest.raises(tuning_cache.CacheFormatError, match=why):
+        tuning_cache.parse(text)
+    with pytest.warns(RuntimeWarning, match=f"ignoring the launch-configuration cache .*{why}"):
+        assert tuning_cache.read(cache) == {}
+
+
+def test_write_replaces_an_invalid_file_and_refuses_an_invalid_entry(cache):
+    cache.write_text("garbage")
+    key = FAKE.entry_key("fused_adamw", "16bit")
+    with pytest.warns(RuntimeWarning, match="replacing the invalid"):
+        tuning_cache.write(cache, {key: {"block_size": 512, "num_warps": 2}})
+    assert tuning_cache.read(cache) == {key: tuning_cache.CachedConfig(512, 2)}
+    with pytest.raises(tuning_cache.CacheFormatError, match="num_warps 5"):
+        tuning_cache.write(cache, {key: {"block_size": 512, "num_warps": 5}})
+    assert tuning_cache.read(cache) == {key: tuning_cache.CachedConfig(512, 2)}
+
+
+def test_missing_file_reads_empty_without_warning(cache):
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert tuning_cache.read(cache) == {}
+
+
+# ----------------------------------------------------------------------------------- the lookup
+def test_lookup_order_on_a_gpu(fake_gpu, monkeypatch):
+    # nothing cached: the built-in default (the H100's 2048 x 8)
+    assert lc.launch_config(CUDA0) == lc.LaunchConfig(2048, 8)
+    assert lc.launch_config(CUDA0).source == "builtin"
+    _write(fake_gpu, {FAKE.entry_key("fused_adamw", "16bit"): {"block_size": 1024, "num_warps": 4},
+                      FAKE.entry_key("block_load", "16bit"): {"block_size": 1024, "num_warps": 8},
+                      FAKE.entry_key("fused_adamw", "32bit"): {"block_size": 512, "num_warps": 2}})
+    lc.reload_cache()
+    cfg = lc.launch_config(CUDA0)
+    assert (cfg.block_size, cfg.num_warps, cfg.source) == (1024, 4, "cache")
+    assert lc.default_block_size(CUDA0) == 1024
+    assert lc.default_block_size(CUDA0, dtype=torch.bfloat16) == 1024
+    assert lc.default_block_size(CUDA0, dtype=torch.float32) == 512
+    assert lc.default_num_warps(1024, CUDA0) == 4
+    assert lc.default_num_warps(1024, CUDA0, kernel=lc.BLOCK_LOAD) == 8
+    assert lc.default_num_warps(4096, CUDA0) == lc.heuristic_num_warps(4096)  # another block: the heuristic
+    # the environment beats the cache; "builtin" skips it
+    monkeypatch.setenv(lc.LAUNCH_ENV, "512x2")
+    assert lc.launch_config(CUDA0, lc.BLOCK_LOAD) == lc.LaunchConfig(512, 2)
+    monkeypatch.setenv(lc.LAUNCH_ENV, "builtin")
+    assert lc.launch_config(CUDA0) == lc.LaunchConfig(2048, 8)
+    # an override (the tuner's sweep) beats both
+    with lc.override(4096, 16):
+        assert lc.default_block_size(CUDA0) == 4096 and lc.default_num_warps(4096, CUDA0, lc.BLOCK_LOAD) == 16
+    assert lc.default_block_size(CUDA0) == 2048
+
+
+def test_gpu_warps_for_an_uncached_kernel_fall_back_to_the_heuristic_at_that_block(fake_gpu):
+    _write(fake_gpu, {FAKE.entry_key("fused_adamw", "16bit"): {"block_size": 1024, "num_warps": 2}})
+    lc.reload_cache()
+    # grad_sq_norm has no entry: its config is the built-in 2048 x 8, so at 1024 the heuristic's 4
+    assert lc.default_num_warps(1024, CUDA0, kernel=lc.GRAD_SQ_NORM) == 4
+    assert lc.default_num_warps(1024, CUDA0) == 2
+
+
+def test_builtin_table_by_device_name(fake_gpu, monkeypatch):
+    monkeypatch.setattr(lc, "device_key", lambda d: tuning_cache.DeviceKey("NVIDIA H100 80GB HBM3", "sm90", "3.6.0"))
+    assert lc.launch_config(CUDA0) == lc.MEASURED["H100"]
+    monkeypatch.setattr(lc, "device_key", lambda d: tuning_cache.DeviceKey("Some GPU", "sm80", "3.6.0"))
+    assert lc.launch_config(CUDA0) == lc.LaunchConfig(lc.GPU_BLOCK_SIZE, lc.heuristic_num_warps(lc.GPU_BLOCK_SIZE))
+
+
+def test_invalid_cache_file_falls_back_with_one_warning(fake_gpu):
+    fake_gpu.write_text("{broken")
+    with pytest.warns(RuntimeWarning, match="ignoring the launch-configuration cache"):
+        assert lc.launch_config(CUDA0) == lc.LaunchConfig(2048, 8)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # read once per process: no second warning
+        assert lc.default_block_size(CUDA0) == 2048
+
+
+@pytest.mark.parametrize("value", ["1024", "1000x4", "1024x3", "axb", "1024x4x2"])
+def test_invalid_env_override_is_a_clear_error(fake_gpu, monkeypatch, value):
+    monkeypatch.setenv(lc.LAUNCH_ENV, value)
+    with pytest.raises(ValueError, match="BADAM_EXT_LAUNCH=.*expected BLOCKxWARPS"):
+        lc.launch_config(CUDA0)
+
+
+def test_unknown_kernel_and_bad_override_are_refused(fake_gpu):
+    with pytest.raises(ValueError, match="unknown kernel"):
+        lc.launch_config(CUDA0, kernel="adam")
+    with pytest.raises(ValueError, match="power of two"):
+        with lc.override(1000, 4):
+            pass
+    with pytest.raises(ValueError, match="num_warps"):
+        with lc.override(1024, 3):
+            pass
+
+
+# ------------------------------------------------------------------------------ interpreter / CPU
+def test_interpreter_and_cpu_are_unchanged(cache, monkeypatch):
+    """Whatever is cached or set in the environment, CPU lookups give the large interpreter programs."""
+    _write(cache, {"anything|sm90|triton 3.6.0|fused_adamw|16bit": {"block_size": 512, "num_warps": 2}})
+    monkeypatch.setenv(lc.LAUNCH_ENV, "512x2")
+    cpu = torch.device("cpu")
+    assert lc.default_block_size(cpu) == lc.INTERPRETER_BLOCK_SIZE == 16384
+    assert lc.launch_config(cpu).source == "interpreter"
+    for block in (64, 256, 1024, 2048, 4096, 16384, 65536):
+        assert lc.default_num_warps(block) == max(4, min(16, block // 256))
+    with lc.override(512, 2):
+        assert lc.default_block_size(cpu) == 16384
+
+
+def test_interpreter_tables_keep_the_interpreter_block(cache, monkeypatch):
+    if not K.interpreted():
+        pytest.skip("needs TRITON_INTERPRET=1")
+    monkeypatch.setenv(lc.LAUNCH_ENV, "512x2")
+    tables = K.BlockTables.build([torch.randn(100)], [0], [True])
+    assert (tables.block_size, tables.num_warps) == (16384, 16)
+
+
+# ------------------------------------------------------------------------------------ the tuner
+def _trial(kernel, block, warps, ms):
+    return tune.Trial(kernel, block, warps, ms, 1.0, 0.9)
+
+
+def test_choose_takes_the_fastest_step_then_the_other_kernels_at_its_block():
+    trials = [_trial("fused_adamw", 1024, 4, 1.50), _trial("fused_adamw", 2048, 8, 1.60),
+              _trial("block_load", 1024, 4, 0.80), _trial("block_load", 1024, 8, 0.75),
+              _trial("block_load", 2048, 8, 0.50),  # faster, but at a block the tables will not use
+              _trial("grad_sq_norm", 1024, 2, 0.10), _trial("grad_sq_norm", 1024, 4, 0.12)]
+    best = tune.choose(trials)
+    assert (best["fused_adamw"].block_size, best["fused_adamw"].num_warps) == (1024, 4)
+    assert (best["block_load"].block_size, best["block_load"].num_warps) == (1024, 8)
+    assert (best["grad_sq_norm"].block_size, best["grad_sq_norm"].num_warps) == (1024, 2)
+    with pytest.raises(ValueError, match="no fused-step trials"):
+        tune.choose(trials[2:])
+
+
+def test_cache_entries_round_trip_through_the_lookup(fake_gpu):
+    best = tune.choose([_trial("fused_adamw", 1024, 4, 1.5), _trial("block_load", 1024, 8, 0.7)])
+    tuning_cache.write(fake_gpu, tune.cache_entries(best, FAKE, torch.bfloat16, "llama3-8b", 4296.0))
+    lc.reload_cache()
+    assert lc.launch_config(CUDA0) == lc.LaunchConfig(1024, 4)
+    assert lc.launch_config(CUDA0, lc.BLOCK_LOAD) == lc.LaunchConfig(1024, 8)
+    assert lc.launch_config(CUDA0, dtype=torch.float32) == lc.LaunchConfig(2048, 8)  # another dtype class
+
+
+def test_bytes_per_param():
+    assert tune.bytes_per_param(lc.FUSED_STEP, torch.bfloat16) == 28
+    assert tune.bytes_per_param(lc.BLOCK_LOAD, torch.bfloat16) == 14
+    assert tune.bytes_per_param(lc.FUSED_STEP, torch.float32) == 32
+
+
+def test_tuner_cli_refuses_without_a_gpu(capsys):
+    if torch.cuda.is_available() and not K.interpreted():
+        pytest.skip("a GPU is present")
+    assert tune.main([]) == 2
+    assert "needs a CUDA device" in capsys.readouterr().err
+
+
+def test_interpreted_sweep_runs_every_candidate():
+    if not K.interpreted():
+        pytest.skip("needs TRITON_INTERPRET=1")
+    trials = tune.sweep([(300,), (70,)], torch.device("cpu"), torch.bfloat16, 1.0, blocks=[64, 256], warps=[4],
+                        rep_ms=1)
+    assert {(t.kernel, t.block_size) for t in trials} == {(k, b) for k in lc.KERNELS for b in (64, 256)}
+    assert all(t.ms > 0 for t in trials)
+
+
+# ----------------------------------------------------------------------------------------- GPU
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_gpu_tune_writes_the_cache_and_tables_use_it(cache):
+    device = torch.device("cuda", torch.cuda.current_device())
+    _, trials, best = tune.tune(device, "llama3.2-1b", torch.bfloat16, [1024, 2048], [4, 8], copy_gib=0.5,
+                                warmup_ms=5, rep_ms=20, log=lambda _: None)
+    assert len(trials) == 2 * 2 * len(lc.KERNELS)
+    entries = tuning_cache.read(cache)
+    key = lc.device_key(device)
+    assert set(entries) == {key.entry_key(k, "16bit") for k in lc.KERNELS}
+    step = best[lc.FUSED_STEP]
+    tables = K.BlockTables.build([torch.zeros(5000, device=device, dtype=torch.bfloat16)], [0], [True])
+    assert (tables.block_size, tables.num_warps) == (step.block_size, step.num_warps)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_gpu_step_is_bit_identical_across_launch_configs(cache):
+    """The launch configuration changes how elements are split among programs, never a result."""
+    device = torch.device("cuda", torch.cuda.current_device())
+    results = []
+    for block, warps in [(512, 2), (1024, 4), (4096, 8)]:
+        with lc.override(block, warps):
+            layer = tune._Layer([(1000, 37), (4097,), (1,)], device, torch.bfloat16)
+            fns = tune._kernel_fns(layer, block)
+            fns[lc.FUSED_STEP]()
+            fns[lc.FUSED_STEP]()
+            torch.cuda.synchronize()
+            results.append([r.clone() for r in layer.regions] + [w.clone() for w in layer.weights])
+    for other in results[1:]:
+        for a, b in zip(results[0], other):
+            assert torch.equal(a, b)
