@@ -18,7 +18,7 @@ from typing import Any
 
 from torch import nn
 
-from .partition import COMPILE_WRAPPER, find_layer_container
+from .introspection import COMPILE_WRAPPER, find_layer_container
 
 
 def compile_layers(model: nn.Module, **compile_kwargs: Any) -> int:

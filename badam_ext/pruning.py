@@ -32,7 +32,8 @@ import torch
 import torch.utils.checkpoint
 from torch import nn
 
-from .partition import BlockPartition, LayerContainer, find_layer_container, layer_index_map, lowest_trainable_layer
+from .introspection import LayerContainer, find_layer_container, layer_index_map, lowest_trainable_layer
+from .partition import BlockPartition
 
 logger = logging.getLogger(__name__)
 

@@ -11,7 +11,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from badam_ext.partition import find_layer_container
+from badam_ext.introspection import find_layer_container
 
 
 class _Probe(torch.autograd.Function):

@@ -9,7 +9,7 @@ import torch
 from _tiny_models import enable_checkpointing, tiny_batch, tiny_model
 
 from badam_ext import BlockAdam, compile_layers
-from badam_ext.partition import strip_compile_prefix
+from badam_ext.introspection import strip_compile_prefix
 
 pytest.importorskip("transformers")
 

@@ -10,14 +10,12 @@ import torch
 from torch import nn
 
 from _tiny_models import FAMILIES, LAYER_PREFIX, tiny_model
+from badam_ext.introspection import find_layer_container, layer_index_map, lowest_trainable_layer
 from badam_ext.partition import (
     Block,
     BlockPartition,
     apply_requires_grad,
-    find_layer_container,
     infer_partition,
-    layer_index_map,
-    lowest_trainable_layer,
     partition_from_blocks,
     partition_from_prefixes,
 )

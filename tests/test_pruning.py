@@ -17,7 +17,8 @@ from torch import nn
 
 from _probes import add_probes
 from _tiny_models import enable_checkpointing, tiny_batch, tiny_model
-from badam_ext.partition import BlockPartition, apply_requires_grad, find_layer_container, infer_partition
+from badam_ext.introspection import find_layer_container
+from badam_ext.partition import BlockPartition, apply_requires_grad, infer_partition
 from badam_ext.pruning import (
     BackwardPruner,
     CheckpointingInfo,

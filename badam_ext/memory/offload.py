@@ -26,7 +26,7 @@ from typing import Any, Callable, Optional
 import torch
 from torch import nn
 
-from ..partition import find_layer_container
+from ..introspection import find_layer_container
 
 logger = logging.getLogger("badam_ext")
 
