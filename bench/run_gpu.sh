@@ -18,10 +18,16 @@ unset TRITON_INTERPRET
 # Multicast over NVLink stays off on shared hosts.
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
 
-if [[ -d .whl ]]; then  # wheels carried for packages the GPU machine lacks (badam, liger-kernel, torchao)
+if [[ -d .whl ]]; then  # wheels carried for packages the GPU machine lacks (badam, liger-kernel)
   python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site
-  # bitsandbytes unpacked with only its CUDA 13.0 library (the wheel holds one per CUDA version)
-  if [[ -d .whl/extra_site ]]; then export PYTHONPATH=$PYTHONPATH:$PWD/.whl/extra_site; fi
+fi
+# Optional comparisons (torchao, and bitsandbytes unpacked with only its CUDA 13.0 library), on the path
+# only for the stages that compare with them: importing torchao initialises CUDA, which the benches'
+# fork isolation forbids in the parent process.
+OPT_PATH=$PYTHONPATH
+if [[ -d .whl/opt ]]; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site_opt .whl/opt/*.whl 2>/dev/null
+  OPT_PATH=${PYTHONPATH:+$PYTHONPATH:}/tmp/site_opt:$PWD/.whl/opt/site
 fi
 {
   date -u; nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
@@ -54,11 +60,11 @@ for stage in "$@"; do
     budget)
       run bench_budget python3 bench/bench_budget.py --batch 1 --optimizers ref,ref_liger,ours_saved \
         --lengths-for ref=2048,3072 --lengths-for ref_liger=12288,16384 \
-        --lengths-for ours_saved=16384,20480,24576 --bisect-granularity 1024 --out "$OUT/results.jsonl" ;;
+        --lengths-for ours_saved=24576,28672 --bisect-granularity 2048 --out "$OUT/results.jsonl" ;;
     memory)
       run bench_memory python3 bench/bench_memory.py --out "$OUT/results.jsonl" ;;
     memory-check)  # shapes and a model the planner was not fitted on
-      run bench_memory_check_8b python3 bench/bench_memory.py --shapes 2x2048,1x12288,1x20480 --out "$OUT/results.jsonl"
+      run bench_memory_check_8b python3 bench/bench_memory.py --shapes 2x2048,1x12288,1x20480,1x26624 --out "$OUT/results.jsonl"
       run bench_memory_check_1b python3 bench/bench_memory.py --model 1b --shapes 2x1024,1x8192,1x16384 --out "$OUT/results.jsonl" ;;
     e2e-memory)  # the step with the memory savings against the plain one (and regional compilation)
       run bench_e2e_memory python3 bench/bench_e2e.py --model 8b \
