@@ -59,7 +59,7 @@ for stage in "$@"; do
       run bench_e2e_1b python3 bench/bench_e2e.py --model 1b --out "$OUT/results.jsonl" ;;
     budget)
       run bench_budget python3 bench/bench_budget.py --batch 1 --optimizers ref,ref_liger,ours_saved \
-        --lengths-for ref=2048,3072 --lengths-for ref_liger=12288,16384 \
+        --lengths-for ref=2048,3072 --lengths-for ref_liger=12288,14336 \
         --lengths-for ours_saved=24576,28672 --bisect-granularity 2048 --out "$OUT/results.jsonl" ;;
     memory)
       run bench_memory python3 bench/bench_memory.py --out "$OUT/results.jsonl" ;;
