@@ -36,7 +36,9 @@ enable_interpreter_if_cpu_smoke(sys.argv)  # before anything imports triton
 
 import torch  # noqa: E402
 
-import _timing as T  # noqa: E402
+import _harness as H  # noqa: E402
+import _measure as M  # noqa: E402
+import _report as R  # noqa: E402
 from models import MODEL_NAMES, build_model, random_batch  # noqa: E402
 
 SCRIPT = os.path.abspath(__file__)
@@ -51,45 +53,31 @@ warnings.filterwarnings("ignore", message=r"None of the inputs have requires_gra
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--smoke", action="store_true",
-                   help="tiny Llama, seq 16 (on CPU without a GPU): every code path in seconds")
+    H.add_run_args(p)
     p.add_argument("--model", choices=MODEL_NAMES, default=None, help="model shape (default 8b; smoke: tiny)")
     p.add_argument("--batch", type=int, default=2)
     p.add_argument("--seq", type=int, default=None, help="tokens per sequence (default 1024; smoke: 16)")
     p.add_argument("--warmup", type=int, default=None, help="untimed repetitions per row (default 2; smoke: 1)")
     p.add_argument("--reps", type=int, default=None, help="timed repetitions per row (default 5; smoke: 2)")
-    p.add_argument("--variants", type=T.csv_choices(VARIANTS), default=list(VARIANTS))
-    p.add_argument("--depths", type=T.csv_choices(DEPTHS), default=list(DEPTHS))
-    p.add_argument("--isolation", choices=T.ISOLATIONS, default=None,
-                   help="each variant in a fresh process: forked (default; no re-imports, the parent never "
-                        "touches CUDA) or a re-invoked subprocess (--variant X); inline: in this process "
-                        "(smoke default)")
-    p.add_argument("--device", default=None, help="torch device (default cuda; smoke without a GPU: cpu)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--child-timeout", type=float, default=600.0, help="seconds per variant process")
-    p.add_argument("--out", default=None, help="append JSON lines to this file")
-    p.add_argument("--variant", choices=VARIANTS, default=None, help=argparse.SUPPRESS)  # child mode
+    p.add_argument("--variants", type=H.csv_choices(VARIANTS), default=list(VARIANTS))
+    p.add_argument("--depths", type=H.csv_choices(DEPTHS), default=list(DEPTHS))
+    H.add_child_arg(p, VARIANTS)
     args = p.parse_args(argv)
+    H.finish_run_args(args)
     smoke = args.smoke
     args.model = args.model or ("tiny" if smoke else "8b")
     args.seq = args.seq or (16 if smoke else 1024)
     args.warmup = args.warmup if args.warmup is not None else (1 if smoke else 2)
     args.reps = args.reps or (2 if smoke else 5)
-    args.isolation = args.isolation or ("inline" if smoke else "fork")
     if args.batch < 1 or args.seq < 2 or args.reps < 1 or args.warmup < 0:
         p.error("need --batch >= 1, --seq >= 2, --reps >= 1, --warmup >= 0")
     return args
 
 
 def child_argv(args: argparse.Namespace, variant: str) -> list[str]:
-    argv = ["--model", args.model, "--batch", str(args.batch), "--seq", str(args.seq),
-            "--warmup", str(args.warmup), "--reps", str(args.reps), "--depths", ",".join(args.depths),
-            "--seed", str(args.seed), "--variant", variant]
-    if args.device:
-        argv += ["--device", args.device]
-    if args.smoke:
-        argv.append("--smoke")
-    return argv
+    return H.run_child_argv(args) + [
+        "--model", args.model, "--batch", str(args.batch), "--seq", str(args.seq), "--warmup", str(args.warmup),
+        "--reps", str(args.reps), "--depths", ",".join(args.depths), "--variant", variant]
 
 
 # ------------------------------------------------------------------------------------- the child
@@ -143,8 +131,8 @@ def prune_for(model: torch.nn.Module, pruner: Any, params: list[torch.nn.Paramet
     return f"block {block}"
 
 
-def measure_depth(model: torch.nn.Module, batch: dict, params: list[torch.nn.Parameter], clock: T.Clock,
-                  watch: T.MemoryWatch, warmup: int, reps: int) -> dict[str, Any]:
+def measure_depth(model: torch.nn.Module, batch: dict, params: list[torch.nn.Parameter], clock: M.Clock,
+                  watch: M.MemoryWatch, warmup: int, reps: int) -> dict[str, Any]:
     marks = []
     missing = None
     for r in range(warmup + reps):
@@ -164,22 +152,22 @@ def measure_depth(model: torch.nn.Module, batch: dict, params: list[torch.nn.Par
             marks.append((a, b, c))
     fwd = [clock.ms(a, b) for a, b, _ in marks]
     bwd = [clock.ms(b, c) for _, b, c in marks]
-    return {"fwd_ms": T.median(fwd), "bwd_ms": T.median(bwd), "bwd_ms_reps": bwd, "missing_grads": missing}
+    return {"fwd_ms": M.median(fwd), "bwd_ms": M.median(bwd), "bwd_ms_reps": bwd, "missing_grads": missing}
 
 
 def run_variant(args: argparse.Namespace) -> dict[str, Any]:
-    phases = T.ScriptPhases(f"backward/{args.variant}")
-    phases.seconds["import"] = T.import_seconds(_START)
-    device = T.device_for(args.smoke, args.device)
+    phases = M.ScriptPhases(f"backward/{args.variant}")
+    phases.seconds["import"] = H.import_seconds(_START)
+    device = H.device_for(args.smoke, args.device)
     with phases.phase("device_init"):
-        T.init_device(device)
+        H.init_device(device)
     with phases.phase("build"):
         built = build_model(args.model, device, torch.bfloat16, seed=args.seed)
     model = built.model
     with phases.phase("setup"):
         pruner = configure(model, args.variant)
     batch = random_batch(model.config.vocab_size, args.batch, args.seq, device, seed=args.seed)
-    clock, watch = T.Clock(device), T.MemoryWatch(device)
+    clock, watch = M.Clock(device), M.MemoryWatch(device)
     gc.collect()  # settle import / build garbage before timing
     watch.reset()
     record: dict[str, Any] = {"kind": "backward_by_depth", "variant": args.variant, **built.describe(),
@@ -195,13 +183,13 @@ def run_variant(args: argparse.Namespace) -> dict[str, Any]:
             rows[depth] = row
             record[f"{depth}_bwd_ms"] = row["bwd_ms"]
             record[f"{depth}_fwd_ms"] = row["fwd_ms"]
-            T.log(f"[backward/{args.variant}] {depth}: bwd {row['bwd_ms']:.2f} ms, fwd {row['fwd_ms']:.2f} ms, "
+            R.log(f"[backward/{args.variant}] {depth}: bwd {row['bwd_ms']:.2f} ms, fwd {row['fwd_ms']:.2f} ms, "
                   f"missing grads {row['missing_grads']}, pruner {pruning}")
     record["rows"] = rows
     record["grads_ok"] = all(r["missing_grads"] == 0 for r in rows.values())
     record.update(watch.peaks())
     record["pruner_describe"] = pruner.describe() if pruner is not None else None
-    record["env"] = T.env_info(device)
+    record["env"] = R.env_info(device)
     record["phases_s"] = phases.seconds
     watch.close()
     return record
@@ -209,7 +197,7 @@ def run_variant(args: argparse.Namespace) -> dict[str, Any]:
 
 def child_main(argv: list[str]) -> dict[str, Any]:
     args = parse_args(argv)
-    record = T.run_guarded(lambda: run_variant(args))
+    record = H.run_guarded(lambda: run_variant(args))
     record.setdefault("kind", "backward_by_depth")
     record.setdefault("variant", args.variant)
     record.setdefault("model", args.model)
@@ -217,7 +205,7 @@ def child_main(argv: list[str]) -> dict[str, Any]:
 
 
 # ------------------------------------------------------------------------------------ the parent
-def print_summary(records: list[dict[str, Any]], depths: list[str]) -> None:
+def print_summary(args: argparse.Namespace, records: list[dict[str, Any]]) -> None:
     by = {r["variant"]: r for r in records}
     variants = [v for v in VARIANTS if v in by]
     cols = ["row (bwd ms)"] + variants
@@ -225,44 +213,30 @@ def print_summary(records: list[dict[str, Any]], depths: list[str]) -> None:
                                  ("gc_reentrant_pruned", "gc_default")) if a in by and b in by]
     cols += [f"{a} / {b}" for a, b in pairs]
     rows = []
-    for depth in depths:
+    for depth in args.depths:
         key = f"{depth}_bwd_ms"
         row: list[Any] = [depth] + [by[v].get(key) for v in variants]
-        row += [T.fmt_ratio(by[a].get(key), by[b].get(key)) for a, b in pairs]
+        row += [R.fmt_ratio(by[a].get(key), by[b].get(key)) for a, b in pairs]
         rows.append(row)
     rows.append(["peak alloc GiB"] + [by[v].get("peak_alloc_gib") for v in variants] + [""] * len(pairs))
     rows.append(["grads ok"] + [by[v].get("grads_ok", by[v].get("status")) for v in variants] + [""] * len(pairs))
     first = records[0] if records else {}
-    T.print_table(f"Backward by depth: {first.get('model')} bsz {first.get('bsz')} x {first.get('seqlen')} "
+    R.print_table(f"Backward by depth: {first.get('model')} bsz {first.get('bsz')} x {first.get('seqlen')} "
                   f"on {first.get('env', {}).get('device', '?')}", cols, rows)
     for r in records:
         if r.get("status") != "ok":
             print(f"{r['variant']}: {r.get('status')}: {r.get('error')}")
 
 
+def run_all(args: argparse.Namespace, argv: list[str]) -> list[dict[str, Any]]:
+    return [BENCH.run_child(args, argv, child_argv(args, v), f"backward {v}") for v in args.variants]
+
+
+BENCH = H.Bench("backward", SCRIPT, _START, parse_args, child_main, run_all, print_summary)
+
+
 def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    args = parse_args(argv)
-    with T.cpu_threads(args.smoke):
-        return _main(args, argv)
-
-
-def _main(args: argparse.Namespace, argv: list[str]) -> list[dict[str, Any]]:
-    if args.variant is not None:  # child: one variant, answer on stdout
-        record = child_main(argv)
-        T.emit_result(record)
-        return [record]
-    records = []
-    for variant in args.variants:
-        T.log(f"== backward {variant} ({args.isolation})")
-        record = T.dispatch(SCRIPT, child_argv(args, variant), args.isolation, child_main, args.child_timeout)
-        record["command"] = [sys.executable, SCRIPT, *argv]
-        T.log(f"== backward {variant}: {record.get('status')} in {record['child_wall_s']:.1f} s")
-        records.append(record)
-    T.append_jsonl(args.out, records)
-    print_summary(records, args.depths)
-    T.log(f"bench_backward total: {time.perf_counter() - _START:.1f} s")
-    return records
+    return BENCH.main(argv)
 
 
 if __name__ == "__main__":

@@ -32,7 +32,9 @@ enable_interpreter_if_cpu_smoke(sys.argv)  # before anything imports triton
 
 import torch  # noqa: E402
 
-import _timing as T  # noqa: E402
+import _harness as H  # noqa: E402
+import _measure as M  # noqa: E402
+import _report as R  # noqa: E402
 from bench_e2e import (SETUPS, add_common_args, common_child_argv, finish_common_args,  # noqa: E402
                        reference_missing, summarize, train_steps)
 from _memory_setups import liger_missing  # noqa: E402
@@ -65,7 +67,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--lengths", type=_lengths, default=None,
                    help=f"ascending sequence lengths (default {','.join(map(str, DEFAULT_LENGTHS))})")
     p.add_argument("--steps", type=int, default=3, help="training steps per attempt (a switch must happen)")
-    p.add_argument("--optimizers", type=T.csv_choices(OPTIMIZERS), default=list(DEFAULT_OPTIMIZERS),
+    p.add_argument("--optimizers", type=H.csv_choices(OPTIMIZERS), default=list(DEFAULT_OPTIMIZERS),
                    help=f"of {','.join(OPTIMIZERS)} (default {','.join(DEFAULT_OPTIMIZERS)}); ours_saved is "
                         "BlockAdam with apply_memory_savings, *_liger add Liger-Kernel's patches by hand")
     p.add_argument("--lengths-for", action="append", default=[], metavar="VARIANT=L1,L2,...",
@@ -78,9 +80,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--simulate-oom-above", type=int, default=None,
                    help="testing aid: raise an OOM before the forward when seq exceeds this (smoke default 24)")
     p.add_argument("--seq", type=int, default=None, help=argparse.SUPPRESS)  # child mode
-    p.add_argument("--variant", choices=OPTIMIZERS, default=None, help=argparse.SUPPRESS)  # child mode
+    H.add_child_arg(p, OPTIMIZERS)
     args = p.parse_args(argv)
     finish_common_args(p, args)
+    if args.variant is not None and args.seq is None:
+        p.error("child mode needs --seq")
     args.model = args.model or ("tiny" if args.smoke else "8b")
     args.lengths = args.lengths or list(SMOKE_LENGTHS if args.smoke else DEFAULT_LENGTHS)
     args.bisect_granularity = args.bisect_granularity or (4 if args.smoke else 256)
@@ -114,16 +118,16 @@ def apply_budget(device: torch.device, budget_gib: float) -> dict[str, Any]:
     if device.type != "cuda":
         return {"budget_applied": False}
     total = torch.cuda.get_device_properties(device).total_memory
-    fraction = budget_gib * T.GIB / total
+    fraction = budget_gib * M.GIB / total
     if fraction >= 1.0:
-        raise ValueError(f"--budget-gib {budget_gib} is not below the device's {total / T.GIB:.1f} GiB")
+        raise ValueError(f"--budget-gib {budget_gib} is not below the device's {total / M.GIB:.1f} GiB")
     torch.cuda.set_per_process_memory_fraction(fraction, device)
     return {"budget_applied": True, "memory_fraction": fraction}
 
 
 def run_attempt(args: argparse.Namespace, ctx: dict[str, Any]) -> dict[str, Any]:
-    phases = T.ScriptPhases(f"budget/{args.variant}/{args.loss}/{args.seq}")
-    phases.seconds["import"] = T.import_seconds(_START)
+    phases = M.ScriptPhases(f"budget/{args.variant}/{args.loss}/{args.seq}")
+    phases.seconds["import"] = H.import_seconds(_START)
     record: dict[str, Any] = {"phases_s": phases.seconds}
     if args.variant.startswith("ref") and (why := reference_missing()):
         record.update(status="not_installed", error=why)
@@ -131,16 +135,16 @@ def run_attempt(args: argparse.Namespace, ctx: dict[str, Any]) -> dict[str, Any]
     if args.variant.endswith("liger") and (why := liger_missing()):
         record.update(status="not_installed", error=why)
         return record
-    device = T.device_for(args.smoke, args.device)
+    device = H.device_for(args.smoke, args.device)
     record.update(apply_budget(device, args.budget_gib))
-    record["env"] = T.env_info(device)
+    record["env"] = R.env_info(device)
     with phases.phase("device_init"):
-        T.init_device(device)
+        H.init_device(device)
     ctx["phase"] = "build"
     with phases.phase("build"):
         built = build_model(args.model, device, torch.bfloat16, seed=args.seed)
     record.update(built.describe())
-    watch = T.MemoryWatch(device)
+    watch = M.MemoryWatch(device)
     ctx["watch"] = watch
     watch.reset()
     ctx["phase"] = "setup"
@@ -154,7 +158,7 @@ def run_attempt(args: argparse.Namespace, ctx: dict[str, Any]) -> dict[str, Any]
                 f"simulated OOM: seq {args.seq} > --simulate-oom-above {args.simulate_oom_above}")
 
     with phases.phase("train"):
-        timings = train_steps(built.model, harness, batch, args, 0, args.steps, T.Clock(device), watch, ctx,
+        timings = train_steps(built.model, harness, batch, args, 0, args.steps, M.Clock(device), watch, ctx,
                               fail_before_forward=simulate)
     summary = summarize(timings, args, harness.num_blocks)
     record.update({k: summary[k] for k in ("mean_step_ms", "fwd_ms", "bwd_ms", "opt_ms", "opt_switch_ms",
@@ -165,21 +169,13 @@ def run_attempt(args: argparse.Namespace, ctx: dict[str, Any]) -> dict[str, Any]
     watch.close()
     savings = getattr(harness, "savings", None)
     if savings is not None:  # after the steps: what "auto" chose, bytes offloaded, host allocations
-        record["memory_savings"] = T.jsonable(savings.stats())
+        record["memory_savings"] = R.jsonable(savings.stats())
     return record
 
 
 def child_main(argv: list[str]) -> dict[str, Any]:
     args = parse_args(argv)
-    ctx: dict[str, Any] = {"phase": "start", "step": None, "watch": None}
-
-    def on_error() -> dict[str, Any]:
-        info: dict[str, Any] = {"failed_in": ctx["phase"], "failed_at_step": ctx["step"]}
-        if ctx["watch"] is not None:
-            info.update(ctx["watch"].peaks())
-        return info
-
-    record = T.run_guarded(lambda: run_attempt(args, ctx), on_error)
+    record = H.run_tracked(lambda ctx: run_attempt(args, ctx))
     record.update(kind="budget_attempt", variant=args.variant, model=args.model, bsz=args.batch, seqlen=args.seq,
                   loss=args.loss, budget_gib=args.budget_gib, steps=args.steps, switch_every=args.switch_every,
                   simulated_oom_above=args.simulate_oom_above)
@@ -198,11 +194,8 @@ def lengths_for(args: argparse.Namespace, variant: str) -> list[int]:
 
 
 def _attempt(args: argparse.Namespace, argv: list[str], variant: str, seq: int, loss: str) -> dict[str, Any]:
-    T.log(f"== budget {variant} loss={loss} seq={seq} ({args.isolation})")
-    record = T.dispatch(SCRIPT, child_argv(args, variant, seq, loss), args.isolation, child_main, args.child_timeout)
-    record["command"] = [sys.executable, SCRIPT, *argv]
-    T.log(f"== budget {variant} loss={loss} seq={seq}: {record.get('status')} in {record['child_wall_s']:.1f} s")
-    return record
+    label = f"budget {variant} loss={loss} seq={seq}"
+    return BENCH.run_child(args, argv, child_argv(args, variant, seq, loss), label)
 
 
 def search(args: argparse.Namespace, argv: list[str], variant: str, loss: str) -> list[dict[str, Any]]:
@@ -247,12 +240,12 @@ def search(args: argparse.Namespace, argv: list[str], variant: str, loss: str) -
     return attempts + [summary]
 
 
-def print_summary(records: list[dict[str, Any]]) -> None:
+def print_summary(args: argparse.Namespace, records: list[dict[str, Any]]) -> None:
     attempts = [r for r in records if r["kind"] == "budget_attempt"]
     summaries = [r for r in records if r["kind"] == "budget_summary"]
     env = next((r["env"] for r in records if r.get("env")), {}) or {}
     first = summaries[0] if summaries else {}
-    T.print_table(f"Budget attempts: {first.get('model')} bsz {first.get('bsz')}, torch capped at "
+    R.print_table(f"Budget attempts: {first.get('model')} bsz {first.get('bsz')}, torch capped at "
                   f"{first.get('budget_gib')} GiB, on {env.get('device', '?')}",
                   ["optimizer", "loss", "seq", "status", "alloc GiB", "reserved GiB", "NVML GiB", "step ms"],
                   [[a["variant"], a["loss"], a["seqlen"], a.get("status"), a.get("peak_alloc_gib"),
@@ -264,8 +257,8 @@ def print_summary(records: list[dict[str, Any]]) -> None:
         first_oom = s["first_oom_seq"] or ("none" if s["all_lengths_fit"] else "-")
         rows.append([s["variant"], s["loss"], s["max_fit_seq"], first_oom,
                      s["peak_alloc_gib_at_max"], s["peak_reserved_gib_at_max"], s["nvml_peak_gib_at_max"],
-                     T.fmt_ratio(s["max_fit_seq"], base["max_fit_seq"] if base else None)])
-    T.print_table("Longest sequence within the budget (ratio vs the reference with the same loss)",
+                     R.fmt_ratio(s["max_fit_seq"], base["max_fit_seq"] if base else None)])
+    R.print_table("Longest sequence within the budget (ratio vs the reference with the same loss)",
                   ["optimizer", "loss", "max seq", "first OOM", "alloc GiB @max", "reserved GiB @max",
                    "NVML GiB @max", "max seq vs ref"], rows)
     for s in summaries:
@@ -275,29 +268,19 @@ def print_summary(records: list[dict[str, Any]]) -> None:
             print(f"{s['variant']} ({s['loss']}) first OOM: {s['oom_error']}")
 
 
-def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    args = parse_args(argv)
-    with T.cpu_threads(args.smoke):
-        return _main(args, argv)
-
-
-def _main(args: argparse.Namespace, argv: list[str]) -> list[dict[str, Any]]:
-    if args.variant is not None:
-        if args.seq is None:
-            raise SystemExit("child mode needs --seq")
-        record = child_main(argv)
-        T.emit_result(record)
-        return [record]
+def run_all(args: argparse.Namespace, argv: list[str]) -> list[dict[str, Any]]:
     records: list[dict[str, Any]] = []
-    losses = ["hf", "chunked"] if args.chunked_loss else ["hf"]
-    for loss in losses:
+    for loss in ["hf", "chunked"] if args.chunked_loss else ["hf"]:
         for variant in args.optimizers:
             records += search(args, argv, variant, loss)
-    T.append_jsonl(args.out, records)
-    print_summary(records)
-    T.log(f"bench_budget total: {time.perf_counter() - _START:.1f} s")
     return records
+
+
+BENCH = H.Bench("budget", SCRIPT, _START, parse_args, child_main, run_all, print_summary)
+
+
+def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
+    return BENCH.main(argv)
 
 
 if __name__ == "__main__":

@@ -44,7 +44,9 @@ import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 import torch.multiprocessing as mp  # noqa: E402
 
-import _timing as T  # noqa: E402
+import _harness as H  # noqa: E402
+import _measure as M  # noqa: E402
+import _report as R  # noqa: E402
 from models import MODEL_NAMES, build_model, random_batch  # noqa: E402
 
 from badam_ext import BlockAdam  # noqa: E402
@@ -95,7 +97,7 @@ def train_and_time(args: argparse.Namespace, device: torch.device, distributed: 
     if sync is not None:
         sync.check_replicas(list(model.parameters()), "initial weights")
     batch = random_batch(model.config.vocab_size, args.batch, args.seq, device, seed=args.seed + 1000 * rank)
-    clock = T.Clock(device)
+    clock = M.Clock(device)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     marks, grad_bytes, losses = [], [], []
@@ -122,7 +124,7 @@ def train_and_time(args: argparse.Namespace, device: torch.device, distributed: 
         "ddp_full_grad_bytes": full_model_grad_bytes(model),
         "params": built.num_params,
         "build_s": round(built.build_s, 3),
-        "peak_alloc_gib": torch.cuda.max_memory_allocated(device) / T.GIB if device.type == "cuda" else None,
+        "peak_alloc_gib": torch.cuda.max_memory_allocated(device) / M.GIB if device.type == "cuda" else None,
     }
     return record, model, opt
 
@@ -138,10 +140,10 @@ def run_rank(args: argparse.Namespace, rank: int, world: int, device: torch.devi
     """This rank's part of the benchmark; rank 0 returns the result records."""
     base = {"kind": "dp", "model": args.model, "bsz_per_rank": args.batch, "seqlen": args.seq,
             "switch_every": args.switch_every, "switch_mode": "ascending", "backend": args.backend,
-            "warmup": args.warmup, "steps": args.steps, "env": T.env_info(device)}
+            "warmup": args.warmup, "steps": args.steps, "env": R.env_info(device)}
     records: list[dict[str, Any]] = []
     if world > 1:
-        T.log(f"[rank {rank}] data parallel, world {world}")
+        R.log(f"[rank {rank}] data parallel, world {world}")
         rec, model, opt = train_and_time(args, device, True, rank)
         slowest = torch.tensor([rec["median_step_ms"]], dtype=torch.float64, device=_comm_device(device))
         dist.all_reduce(slowest, op=dist.ReduceOp.MAX)
@@ -158,7 +160,7 @@ def run_rank(args: argparse.Namespace, rank: int, world: int, device: torch.devi
         release()
     if world == 1 or args.world1:
         if rank == 0:
-            T.log("[rank 0] 1 process alone (baseline)")
+            R.log("[rank 0] 1 process alone (baseline)")
             rec, model, opt = train_and_time(args, device, False, rank)
             rec["tokens_per_s"] = args.batch * args.seq * 1e3 / rec["median_step_ms"]
             rec["grad_bytes_per_step"] = 0
@@ -196,7 +198,7 @@ def print_summary(records: list[dict[str, Any]]) -> None:
     rows = [[r["world_size"], r.get("median_step_ms_slowest_rank", r["median_step_ms"]), r["tokens_per_s"],
              r["grad_bytes_per_step"] / 1e9 if r["world_size"] > 1 else None, r["ddp_full_grad_bytes"] / 1e9,
              r.get("replicas_identical")] for r in runs]
-    T.print_table(title, cols, rows)
+    R.print_table(title, cols, rows)
     for r in records:
         if r["kind"] == "dp_scaling":
             verdict = "" if r["target"] is None else (" (meets" if r["meets_target"] else " (misses") + \
@@ -226,7 +228,7 @@ def _rank_main(args: argparse.Namespace, rank: int, world: int, local_rank: int,
         dist.init_process_group(backend, init_method=init_method, rank=rank, world_size=world,
                                 timeout=datetime.timedelta(minutes=10), **extra)
     try:
-        with T.cpu_threads(args.smoke):
+        with H.cpu_threads(args.smoke):
             records = run_rank(args, rank, world, device)
     finally:
         if world > 1:
@@ -237,9 +239,9 @@ def _rank_main(args: argparse.Namespace, rank: int, world: int, local_rank: int,
 def _finish(args: argparse.Namespace, records: list[dict[str, Any]], started: float) -> int:
     for r in records:
         r["command"] = [sys.executable, *sys.argv]
-    T.append_jsonl(args.out, records)
+    R.append_jsonl(args.out, records)
     print_summary(records)
-    T.log(f"bench_dp total: {time.perf_counter() - started:.1f} s")
+    R.log(f"bench_dp total: {time.perf_counter() - started:.1f} s")
     diverged = any(r["kind"] == "dp" and r.get("replicas_identical") is False for r in records)
     return 1 if diverged else 0
 

@@ -47,7 +47,9 @@ enable_interpreter_if_cpu_smoke(sys.argv)  # before anything imports triton
 
 import torch  # noqa: E402
 
-import _timing as T  # noqa: E402
+import _harness as H  # noqa: E402
+import _measure as M  # noqa: E402
+import _report as R  # noqa: E402
 from _memory_setups import make_setups  # noqa: E402
 from models import LOSS_MODES, MODEL_NAMES, build_model, causal_lm_loss, config_for, random_batch  # noqa: E402
 
@@ -62,8 +64,7 @@ warnings.filterwarnings("ignore", message=r".*gradient_checkpointing_enable.*", 
 
 def add_common_args(p: argparse.ArgumentParser) -> None:
     """Options shared with bench_budget.py."""
-    p.add_argument("--smoke", action="store_true",
-                   help="tiny Llama, seq 16 (on CPU without a GPU): every code path in seconds")
+    H.add_run_args(p)
     p.add_argument("--batch", type=int, default=2)
     p.add_argument("--switch-every", type=int, default=2, help="K: optimizer steps per block")
     p.add_argument("--lr", type=float, default=1e-5)
@@ -72,31 +73,18 @@ def add_common_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--loss", choices=LOSS_MODES, default="hf",
                    help="hf: the model's own loss (full fp32 logits); chunked: chunked cross-entropy")
     p.add_argument("--loss-chunk", type=int, default=512, help="tokens per chunk for --loss chunked")
-    p.add_argument("--isolation", choices=T.ISOLATIONS, default=None,
-                   help="each variant in a fresh process: forked (default; no re-imports, the parent never "
-                        "touches CUDA) or a re-invoked subprocess (--variant X); inline: in this process "
-                        "(smoke default)")
-    p.add_argument("--device", default=None, help="torch device (default cuda; smoke without a GPU: cpu)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--child-timeout", type=float, default=600.0, help="seconds per variant process")
-    p.add_argument("--out", default=None, help="append JSON lines to this file")
 
 
 def finish_common_args(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
-    args.isolation = args.isolation or ("inline" if args.smoke else "fork")
+    H.finish_run_args(args)
     if args.batch < 1 or args.switch_every < 1 or args.loss_chunk < 1:
         p.error("need --batch >= 1, --switch-every >= 1, --loss-chunk >= 1")
 
 
 def common_child_argv(args: argparse.Namespace) -> list[str]:
-    argv = ["--batch", str(args.batch), "--switch-every", str(args.switch_every), "--lr", repr(args.lr),
-            "--backend", args.backend, "--loss", args.loss, "--loss-chunk", str(args.loss_chunk),
-            "--seed", str(args.seed)]
-    if args.device:
-        argv += ["--device", args.device]
-    if args.smoke:
-        argv.append("--smoke")
-    return argv
+    return H.run_child_argv(args) + [
+        "--batch", str(args.batch), "--switch-every", str(args.switch_every), "--lr", repr(args.lr),
+        "--backend", args.backend, "--loss", args.loss, "--loss-chunk", str(args.loss_chunk)]
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -110,11 +98,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--warmup", type=int, default=None,
                    help="untimed steps first (default K + 1: a switch and a forward on the next block, whose "
                         "first pruned forward pays one-time kernel set-up)")
-    p.add_argument("--variants", type=T.csv_choices(ALL_VARIANTS), default=list(VARIANTS),
+    p.add_argument("--variants", type=H.csv_choices(ALL_VARIANTS), default=list(VARIANTS),
                    help=f"comma-separated, of {','.join(ALL_VARIANTS)} (default: {','.join(VARIANTS)})")
     p.add_argument("--compile-backend", default="inductor",
                    help="torch.compile backend of ours_compiled (aot_eager: CPU smoke runs without C++ codegen)")
-    p.add_argument("--variant", choices=ALL_VARIANTS, default=None, help=argparse.SUPPRESS)  # child mode
+    H.add_child_arg(p, ALL_VARIANTS)
     args = p.parse_args(argv)
     finish_common_args(p, args)
     args.model = args.model or ("tiny" if args.smoke else "8b")
@@ -220,13 +208,13 @@ SETUPS.update(make_setups(SETUPS))
 
 
 def train_steps(model: torch.nn.Module, h: Harness, batch: dict[str, torch.Tensor], args: argparse.Namespace,
-                warmup: int, steps: int, clock: T.Clock, watch: T.MemoryWatch, ctx: dict[str, Any],
+                warmup: int, steps: int, clock: M.Clock, watch: M.MemoryWatch, ctx: dict[str, Any],
                 fail_before_forward: Callable[[], None] | None = None) -> dict[str, Any]:
     """``warmup + steps`` training steps; per-step phase times of the measured ones, and switch flags."""
     marks: list[tuple] = []
     device_type = next(model.parameters()).device.type
     gc.collect()  # settle what imports, build and setup left behind, so no full collection is due at once
-    gcw = T.GcWatch()
+    gcw = M.GcWatch()
     graphs_at_warmup_end = compiled_graphs()
     with gcw:
         for i in range(warmup + steps):
@@ -256,7 +244,7 @@ def compiled_graphs() -> int:
 
 
 def _one_step(model: torch.nn.Module, h: Harness, batch: dict[str, torch.Tensor], args: argparse.Namespace,
-              i: int, measured: bool, marks: list, clock: T.Clock, watch: T.MemoryWatch, ctx: dict[str, Any],
+              i: int, measured: bool, marks: list, clock: M.Clock, watch: M.MemoryWatch, ctx: dict[str, Any],
               device_type: str, fail_before_forward: Callable[[], None] | None) -> None:
     """Forward, backward, optimizer step; appends ``(e0, e1, e2, e3, switched, loss)`` when measured."""
     ctx["step"] = i
@@ -291,14 +279,14 @@ def summarize(t: dict[str, Any], args: argparse.Namespace, num_blocks: int) -> d
     opt_switch = [x for x, s in zip(t["opt"], sw) if s]
     step_plain = [x for x, s in zip(t["step"], sw) if not s]
     step_switch = [x for x, s in zip(t["step"], sw) if s]
-    mean_step = T.mean(t["step"])
+    mean_step = M.mean(t["step"])
     epoch_steps = num_blocks * args.switch_every
     out = {
         "steps": len(t["step"]), "switches": sum(sw), "num_blocks": num_blocks, "switch_every": args.switch_every,
-        "fwd_ms": T.mean(t["fwd"]), "bwd_ms": T.mean(t["bwd"]),
-        "opt_ms": T.mean(opt_plain), "opt_switch_ms": T.mean(opt_switch),
-        "mean_step_ms": mean_step, "median_step_ms": T.median(t["step"]),
-        "step_ms_plain": T.mean(step_plain), "step_ms_switch": T.mean(step_switch),
+        "fwd_ms": M.mean(t["fwd"]), "bwd_ms": M.mean(t["bwd"]),
+        "opt_ms": M.mean(opt_plain), "opt_switch_ms": M.mean(opt_switch),
+        "mean_step_ms": mean_step, "median_step_ms": M.median(t["step"]),
+        "step_ms_plain": M.mean(step_plain), "step_ms_switch": M.mean(step_switch),
         "epoch_steps": epoch_steps,
         "epoch_s": None if mean_step is None else mean_step * epoch_steps / 1e3,
         "epoch_measured": len(t["step"]) >= epoch_steps,
@@ -315,24 +303,24 @@ def summarize(t: dict[str, Any], args: argparse.Namespace, num_blocks: int) -> d
 
 def run_variant(args: argparse.Namespace, ctx: dict[str, Any]) -> dict[str, Any]:
     variant = args.variant
-    phases = T.ScriptPhases(f"e2e/{args.model}/{variant}")
-    phases.seconds["import"] = T.import_seconds(_START)
+    phases = M.ScriptPhases(f"e2e/{args.model}/{variant}")
+    phases.seconds["import"] = H.import_seconds(_START)
     record: dict[str, Any] = {"kind": "e2e", "variant": variant, "model": args.model, "bsz": args.batch,
                               "seqlen": args.seq, "loss": args.loss, "phases_s": phases.seconds}
     if variant in REFERENCE_VARIANTS and (why := reference_missing()):
         record.update(status="not_installed", error=why)
         return record
-    device = T.device_for(args.smoke, args.device)
-    record["env"] = T.env_info(device)
+    device = H.device_for(args.smoke, args.device)
+    record["env"] = R.env_info(device)
     dtype = torch.float32 if variant == "full_adamw" else torch.bfloat16
     with phases.phase("device_init"):
-        T.init_device(device)
+        H.init_device(device)
     ctx["phase"] = "build"
     with phases.phase("build"):
         built = build_model(args.model, device, dtype, seed=args.seed)
     record.update(built.describe())
     model = built.model
-    watch = T.MemoryWatch(device)
+    watch = M.MemoryWatch(device)
     ctx["watch"] = watch
     watch.reset()
     ctx["phase"] = "setup"
@@ -341,7 +329,7 @@ def run_variant(args: argparse.Namespace, ctx: dict[str, Any]) -> dict[str, Any]
     record["notes"] = harness.notes
     batch = random_batch(model.config.vocab_size, args.batch, args.seq, device, seed=args.seed)
     with phases.phase("train"):
-        timings = train_steps(model, harness, batch, args, args.warmup, args.steps, T.Clock(device), watch, ctx)
+        timings = train_steps(model, harness, batch, args, args.warmup, args.steps, M.Clock(device), watch, ctx)
     record.update(summarize(timings, args, harness.num_blocks))
     record.update(watch.peaks())
     watch.close()
@@ -350,15 +338,7 @@ def run_variant(args: argparse.Namespace, ctx: dict[str, Any]) -> dict[str, Any]
 
 def child_main(argv: list[str]) -> dict[str, Any]:
     args = parse_args(argv)
-    ctx: dict[str, Any] = {"phase": "start", "step": None, "watch": None}
-
-    def on_error() -> dict[str, Any]:
-        info: dict[str, Any] = {"failed_in": ctx["phase"], "failed_at_step": ctx["step"]}
-        if ctx["watch"] is not None:
-            info.update(ctx["watch"].peaks())
-        return info
-
-    record = T.run_guarded(lambda: run_variant(args, ctx), on_error)
+    record = H.run_tracked(lambda ctx: run_variant(args, ctx))
     for key, value in (("kind", "e2e"), ("variant", args.variant), ("model", args.model),
                        ("bsz", args.batch), ("seqlen", args.seq), ("loss", args.loss)):
         record.setdefault(key, value)
@@ -366,7 +346,7 @@ def child_main(argv: list[str]) -> dict[str, Any]:
 
 
 # ------------------------------------------------------------------------------------ the parent
-def print_summary(records: list[dict[str, Any]]) -> None:
+def print_summary(args: argparse.Namespace, records: list[dict[str, Any]]) -> None:
     first = next((r for r in records if "env" in r), records[0] if records else {})
     title = (f"End to end: {first.get('model')} bsz {first.get('bsz')} x {first.get('seqlen')}, "
              f"loss {first.get('loss')}, on {first.get('env', {}).get('device', '?')}")
@@ -376,15 +356,15 @@ def print_summary(records: list[dict[str, Any]]) -> None:
              r.get("bwd_ms"), r.get("opt_ms"), r.get("opt_switch_ms"), r.get("peak_alloc_gib"),
              r.get("peak_reserved_gib"), r.get("nvml_peak_gib"), r.get("epoch_s"), r.get("tokens_per_s")]
             for r in records]
-    T.print_table(title, cols, rows)
+    R.print_table(title, cols, rows)
     base = next((r for r in records if r["variant"] == "ref" and r.get("status") == "ok"), None)
     if base is not None:
         keys = [("mean_step_ms", "step time"), ("peak_alloc_gib", "peak alloc"),
                 ("peak_reserved_gib", "peak reserved"), ("nvml_peak_gib", "peak NVML"),
                 ("epoch_s", "block epoch"), ("tokens_per_s", "tokens/s")]
-        rows = [[r["variant"]] + [T.fmt_ratio(r.get(k), base.get(k)) for k, _ in keys]
+        rows = [[r["variant"]] + [R.fmt_ratio(r.get(k), base.get(k)) for k, _ in keys]
                 for r in records if r.get("status") == "ok"]
-        T.print_table("Ratios vs the reference (ref = 1.00x; below 1 is better except tokens/s)",
+        R.print_table("Ratios vs the reference (ref = 1.00x; below 1 is better except tokens/s)",
                       ["variant"] + [name for _, name in keys], rows)
     else:
         print("no successful `ref` run: ratios vs the reference not available")
@@ -410,29 +390,15 @@ def print_compiled_comparison(records: list[dict[str, Any]]) -> None:
               f"({eager['mean_step_ms'] / compiled['mean_step_ms']:.2f}x)")
 
 
+def run_all(args: argparse.Namespace, argv: list[str]) -> list[dict[str, Any]]:
+    return [BENCH.run_child(args, argv, child_argv(args, v), f"e2e {args.model} {v}") for v in args.variants]
+
+
+BENCH = H.Bench("e2e", SCRIPT, _START, parse_args, child_main, run_all, print_summary)
+
+
 def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    args = parse_args(argv)
-    with T.cpu_threads(args.smoke):
-        return _main(args, argv)
-
-
-def _main(args: argparse.Namespace, argv: list[str]) -> list[dict[str, Any]]:
-    if args.variant is not None:
-        record = child_main(argv)
-        T.emit_result(record)
-        return [record]
-    records = []
-    for variant in args.variants:
-        T.log(f"== e2e {args.model} {variant} ({args.isolation})")
-        record = T.dispatch(SCRIPT, child_argv(args, variant), args.isolation, child_main, args.child_timeout)
-        record["command"] = [sys.executable, SCRIPT, *argv]
-        T.log(f"== e2e {args.model} {variant}: {record.get('status')} in {record['child_wall_s']:.1f} s")
-        records.append(record)
-    T.append_jsonl(args.out, records)
-    print_summary(records)
-    T.log(f"bench_e2e total: {time.perf_counter() - _START:.1f} s")
-    return records
+    return BENCH.main(argv)
 
 
 if __name__ == "__main__":

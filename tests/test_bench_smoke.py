@@ -16,7 +16,8 @@ import torch
 BENCH = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench")
 sys.path.insert(0, BENCH)
 
-import _timing as T  # noqa: E402
+import _harness as H  # noqa: E402
+import _report as R  # noqa: E402
 import bench_backward  # noqa: E402
 import bench_budget  # noqa: E402
 import bench_e2e  # noqa: E402
@@ -99,19 +100,42 @@ def test_chunked_loss_equals_hf_loss_on_a_model():
 
 # ----------------------------------------------------------------------------------------- helpers
 def test_oom_classification_and_guard():
-    assert T.is_oom(torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 1.47 GiB"))
-    assert T.is_oom(RuntimeError("CUBLAS_STATUS_ALLOC_FAILED when calling cublasCreate"))
-    assert not T.is_oom(ValueError("out of memory"))
-    assert not T.is_oom(RuntimeError("shape mismatch"))
+    assert H.is_oom(torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 1.47 GiB"))
+    assert H.is_oom(RuntimeError("CUBLAS_STATUS_ALLOC_FAILED when calling cublasCreate"))
+    assert not H.is_oom(ValueError("out of memory"))
+    assert not H.is_oom(RuntimeError("shape mismatch"))
 
     def boom():
         raise torch.OutOfMemoryError("Tried to allocate 2.00 GiB\nmore text")
 
-    rec = T.run_guarded(boom, lambda: {"failed_in": "forward"})
+    rec = H.run_guarded(boom, lambda: {"failed_in": "forward"})
     assert rec["status"] == "oom" and rec["failed_in"] == "forward"
     assert rec["error"] == "OutOfMemoryError: Tried to allocate 2.00 GiB"
-    assert T.run_guarded(lambda: {"x": 1}) == {"x": 1, "status": "ok"}
-    assert T.jsonable({"a": float("nan"), "b": (1, float("inf"))}) == {"a": None, "b": [1, None]}
+    assert H.run_guarded(lambda: {"x": 1}) == {"x": 1, "status": "ok"}
+    assert R.jsonable({"a": float("nan"), "b": (1, float("inf"))}) == {"a": None, "b": [1, None]}
+
+
+def test_tracked_failure_says_where_it_happened():
+    class Watch:
+        def peaks(self):
+            return {"peak_alloc_gib": 1.5}
+
+    def fail(ctx):
+        ctx.update(phase="backward", step=3, watch=Watch())
+        raise torch.OutOfMemoryError("Tried to allocate 2.00 GiB")
+
+    rec = H.run_tracked(fail)
+    assert (rec["status"], rec["failed_in"], rec["failed_at_step"], rec["peak_alloc_gib"]) == ("oom", "backward", 3, 1.5)
+    assert H.run_tracked(lambda ctx: {"x": 1}) == {"x": 1, "status": "ok"}
+
+
+def test_child_mode_answers_one_result_line(capsys):
+    argv = bench_backward.child_argv(bench_backward.parse_args(["--smoke", "--depths", "last_layer"]), "no_gc")
+    (record,) = bench_backward.main(argv)
+    answer = H.parse_child_output(capsys.readouterr().out)
+    assert answer["variant"] == record["variant"] == "no_gc" and answer["status"] == "ok"
+    with pytest.raises(SystemExit):
+        bench_budget.parse_args(["--smoke", "--variant", "ours"])  # a budget child needs --seq
 
 
 # -------------------------------------------------------------------------------------- the scripts
@@ -208,7 +232,7 @@ def test_bad_arguments_are_rejected():
 def test_variant_runs_in_a_fresh_subprocess():
     """The parent's real path: the script re-invoked with --variant answers one JSON line."""
     argv = bench_e2e.child_argv(bench_e2e.parse_args(["--smoke", "--steps", "1", "--warmup", "0"]), "full_adamw")
-    record = T.run_subprocess(bench_e2e.SCRIPT, argv, timeout_s=300)
+    record = H.run_subprocess(bench_e2e.SCRIPT, argv, timeout_s=300)
     assert record["child_returncode"] == 0, record
     assert record["status"] == "ok" and record["variant"] == "full_adamw" and record["steps"] == 1
     assert record["child_command"][1] == bench_e2e.SCRIPT and _positive(record["child_wall_s"])
@@ -222,7 +246,7 @@ def test_variant_runs_in_a_forked_child():
 
 
 def test_a_forked_child_that_dies_is_an_error_record():
-    record = T.run_forked(lambda argv: os._exit(3), [], timeout_s=60)
+    record = H.run_forked(lambda argv: os._exit(3), [], timeout_s=60)
     assert record["status"] == "error" and "exited with code 3" in record["error"]
     assert record["child_returncode"] == 3
 
