@@ -100,12 +100,7 @@ class _Layer:
 
 def _kernel_fns(layer: _Layer, block_size: int) -> dict[str, Callable[[], None]]:
     """The three launches over ``layer`` with chunk tables of ``block_size`` (warps from the lookup)."""
-    from .adamw import fused_adamw_step
-    from .contract import new_step_state
-    from .norm import grad_sq_norm
-    from .step_state import advance_step
-    from .switch_load import block_load
-    from .tables import BlockTables
+    from . import BlockTables, advance_step, block_load, fused_adamw_step, grad_sq_norm, new_step_state
 
     tables = BlockTables.build(layer.weights, layer.offsets, layer.decay, block_size=block_size)
     state = new_step_state(layer.device)
