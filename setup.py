@@ -23,6 +23,7 @@ setup(
         "badam_ext.kernels",
         "badam_ext.memory",
         "badam_ext.profiling",
+        "badam_ext.states",
     ],
     # The Triton kernels live in the top-level folder triton_kernels/ but are imported as
     # badam_ext.kernels: the bare name `triton_kernels` belongs to OpenAI's Triton and a PyPI package.

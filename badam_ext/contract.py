@@ -1,7 +1,7 @@
 """The backend-independent part of the kernel contract, in plain torch (no triton import).
 
-Argument checks shared by the Triton launchers and ``badam_ext.torch_ops``, and the fp64 step state
-``[t, beta1^t, beta2^t]`` both backends advance on device.
+Argument checks shared by the Triton launchers (``badam_ext.kernels``) and ``badam_ext.torch_ops``,
+and the fp64 step state ``[t, beta1^t, beta2^t]`` both backends advance on device.
 """
 from __future__ import annotations
 
@@ -9,10 +9,12 @@ from typing import Optional, Sequence
 
 import torch
 
+from .states.spec import ALIGNMENT_BYTES
+
 #: weight and gradient dtypes both backends accept
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-#: arena offsets are multiples of this many elements (256 bytes of fp32); the kernels rely on it
-OFFSET_ALIGN = 64
+#: arena offsets are multiples of this many elements (ALIGNMENT_BYTES of fp32); the kernels rely on it
+OFFSET_ALIGN = ALIGNMENT_BYTES // 4
 
 
 def check_weights(weights: Sequence[torch.Tensor]) -> tuple[torch.device, torch.dtype]:
@@ -53,7 +55,8 @@ def check_offsets(offsets: Sequence[int], numels: Sequence[int]) -> tuple[int, .
         if off < 0:
             raise ValueError(f"offset {i} is negative ({off})")
         if off % OFFSET_ALIGN:
-            raise ValueError(f"offset {i} ({off}) is not a multiple of {OFFSET_ALIGN} elements (256 bytes)")
+            raise ValueError(f"offset {i} ({off}) is not a multiple of {OFFSET_ALIGN} elements "
+                             f"({ALIGNMENT_BYTES} bytes)")
         out.append(off)
     spans = sorted(zip(out, numels, range(len(out))))
     for (a_off, a_n, a_i), (b_off, _, b_i) in zip(spans, spans[1:]):

@@ -10,7 +10,7 @@ from typing import Any, Callable, Sequence
 
 import torch
 
-from .kernels.contract import SUPPORTED_DTYPES
+from .contract import SUPPORTED_DTYPES
 
 #: integer dtype of each float width, to compare weights bit for bit
 _BITS = {2: torch.int16, 4: torch.int32}

@@ -24,8 +24,9 @@ from torch import nn
 from torch.utils.hooks import RemovableHandle
 
 from .arena import ArenaLayout, BlockArena, required_capacity
+from .states import FP32, StateSpec
 from .fsdp import local_tensor, sharding_of
-from .kernels.contract import SUPPORTED_DTYPES
+from .contract import SUPPORTED_DTYPES
 from .launch_groups import LaunchGroup, MissingGradError, build_launch_groups
 from .logs import show_info
 from .ops import get_backend
@@ -184,6 +185,7 @@ class BlockAdam(torch.optim.Optimizer):
             raise ValueError(f"all block parameters must be on one device; found {sorted(map(str, devices))}")
         self.device = devices.pop()
         self._sharding = sharding_of(managed)  # FSDP2: the arena and the step see local shards only
+        self._spec: StateSpec = FP32
         for index in range(len(self.partition)):  # every block up front: a later switch must not fail
             self._check_block_tensors(index)
 
@@ -216,7 +218,7 @@ class BlockAdam(torch.optim.Optimizer):
         _close_other_owners(self.partition.params.items())
         capacity = max(self._local_capacity(i) for i in range(len(self.partition)))
         # a rank whose shards of every block are empty still needs an arena to exist
-        self.arena = BlockArena(capacity or required_capacity([1]), self.device)
+        self.arena = BlockArena(capacity or required_capacity([1], self._spec), self.device, self._spec)
         self._step_states = [self._ops.new_step_state(self.device) for _ in self.param_groups]
         self._partials: Optional[torch.Tensor] = None
         self.last_grad_norm: Optional[torch.Tensor] = None
@@ -238,7 +240,7 @@ class BlockAdam(torch.optim.Optimizer):
         self.active_block: int = -1
         self._trainable: list[nn.Parameter] = []
         self._launch_groups: list[LaunchGroup] = []
-        self._views: tuple[list[torch.Tensor], ...] = ()
+        self._state_views: dict[str, list[torch.Tensor]] = {}
         self._activate(self.schedule.active)
         self._claim = _claim_parameters(self, self.partition.params.items())
 
@@ -262,7 +264,12 @@ class BlockAdam(torch.optim.Optimizer):
         numels = [t.numel() for _, _, t in self._local_named(index)]
         if not numels and self._sharding is not None:  # every shard of the block is empty on this rank
             return 0
-        return required_capacity(numels)
+        return required_capacity(numels, self._spec)
+
+    @property
+    def _views(self) -> tuple[list[torch.Tensor], ...]:
+        """The active block's state views, one list per region in the format's order."""
+        return tuple(self._state_views.values())
 
     @property
     def active_params(self) -> list[nn.Parameter]:
@@ -357,9 +364,9 @@ class BlockAdam(torch.optim.Optimizer):
         names = [n for n, _ in block.named]
         params = [p for _, p in block.named]
         self._trainable = params
-        self._views = ([], [], [])
+        self._state_views = {name: [] for name in self._spec.region_names}
         if block.layout is not None:
-            self._views = self.arena.views(block.layout, [list(t.shape) for _, _, t in block.held])
+            self._state_views = self.arena.views(block.layout, [list(t.shape) for _, _, t in block.held])
         self._launch_groups = block.launch_groups
         master, exp_avg, exp_avg_sq = (self.arena.flat(r) for r in _REGIONS)
         for lg in self._launch_groups:
@@ -387,7 +394,7 @@ class BlockAdam(torch.optim.Optimizer):
             "index": index,
             "name": self.partition.blocks[index].name,
             "num_params": numel,
-            "arena_bytes": 3 * 4 * self._local_capacity(index),
+            "arena_bytes": self._spec.bytes(self._local_capacity(index)),
             "grad_bytes": sum(t.numel() * t.element_size() for _, _, t in self._local_named(index)),
         }
 
@@ -570,7 +577,7 @@ class BlockAdam(torch.optim.Optimizer):
         if self._grad_sync is not None:
             self._grad_sync.attach([])
         # our own views of the arena would keep its buffer alive after release()
-        self._views = ()
+        self._state_views = {}
         self._launch_groups = []
         self._trainable = []
         self._partials = None
@@ -628,14 +635,14 @@ class BlockAdam(torch.optim.Optimizer):
         self._check_open("check_replicas")
         if self._grad_sync is not None:
             self._sync_masters()
-            self._grad_sync.check_replicas(list(self._views[0]), what="fp32 master weights")
+            self._grad_sync.check_replicas(list(self._state_views["master"]), what="fp32 master weights")
 
     # ------------------------------------------------------------------- state
     def state_dict(self) -> dict[str, Any]:
         """Everything needed to resume bit-identically: schedule, block, step counters, master/m/v."""
         self._check_open("state_dict")
         self._sync_masters()  # weights loaded since the last step: save the master that goes with them
-        master, exp_avg, exp_avg_sq = self._views[:3]
+        master, exp_avg, exp_avg_sq = (self._state_views[r] for r in _REGIONS)
         return {
             "format": STATE_FORMAT,
             "fingerprint": self.partition.fingerprint(),
@@ -663,8 +670,8 @@ class BlockAdam(torch.optim.Optimizer):
         for group, saved in zip(self.param_groups, groups):
             group.update(saved)
         self._commit_block(block)
-        for views, key in zip(self._views[:3], _REGIONS):
-            for view, tensor in zip(views, state_dict[key]):
+        for key in _REGIONS:
+            for view, tensor in zip(self._state_views[key], state_dict[key]):
                 view.copy_(tensor)
         for state, saved in zip(self._step_states, state_dict["step_states"]):
             state.copy_(saved)

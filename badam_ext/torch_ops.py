@@ -14,7 +14,7 @@ from typing import Optional, Sequence
 
 import torch
 
-from .kernels.contract import (
+from .contract import (
     check_decay,
     check_device_scalar,
     check_grads,

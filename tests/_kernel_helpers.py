@@ -10,10 +10,11 @@ import pytest
 import torch
 
 from badam_ext import kernels as K
+from badam_ext.contract import OFFSET_ALIGN
 
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 LOW_PRECISION = (torch.float16, torch.bfloat16)
-ALIGN = 64  # arena offsets are multiples of 64 elements
+ALIGN = OFFSET_ALIGN  # arena offsets are multiples of this many elements
 
 DEVICE_PARAMS = [
     pytest.param("cpu", id="cpu"),

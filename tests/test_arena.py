@@ -13,7 +13,8 @@ import pytest
 import torch
 
 from badam_ext import _C
-from badam_ext.arena import ArenaLayout, BlockArena, arena_for_blocks, required_capacity
+from badam_ext.arena import ArenaLayout, BlockArena, StateSpec, required_capacity
+from badam_ext.states import ALIGNMENT_BYTES, FP32, QUANT_BLOCK, STATE_FORMATS, is_quantized, state_spec
 
 CUDA = torch.cuda.is_available()
 gpu = [pytest.mark.gpu, pytest.mark.skipif(not CUDA, reason="needs a CUDA device")]
@@ -21,13 +22,14 @@ DEVICES = [
     pytest.param(torch.device("cpu"), id="cpu"),
     pytest.param(torch.device("cuda"), id="cuda", marks=gpu),
 ]
-REGIONS = ["master", "exp_avg", "exp_avg_sq", "grad"]
+REGIONS = ["master", "exp_avg", "exp_avg_sq"]
+SPECS = {f"{states}-{'master' if master else 'nomaster'}": state_spec(states, master)
+         for states in STATE_FORMATS for master in (True, False)}
 
 
-def padded_total(numels: list[int], alignment_bytes: int = 256) -> int:
+def padded_total(numels: list[int], align_elems: int = ALIGNMENT_BYTES // 4) -> int:
     """Reference for required_capacity: each parameter starts on an alignment boundary."""
-    step = alignment_bytes // 4
-    return sum(-(-n // step) * step for n in numels)
+    return sum(-(-n // align_elems) * align_elems for n in numels)
 
 
 def other_device(device: torch.device) -> torch.device:
@@ -36,12 +38,11 @@ def other_device(device: torch.device) -> torch.device:
 
 
 def fill_random(arena: BlockArena, generator: torch.Generator) -> dict[str, torch.Tensor]:
-    """Fill every region with random values and return clones of them."""
+    """Fill every region with random bytes and return clones of them."""
     saved = {}
-    for name in REGIONS[: arena.num_regions]:
-        region = arena.flat(name)
-        values = torch.rand(region.numel(), generator=generator) + 0.5
-        region.copy_(values)
+    for name in arena.spec.region_names:
+        region = arena.flat(name).view(torch.uint8)
+        region.copy_(torch.randint(0, 256, (region.numel(),), generator=generator, dtype=torch.uint8))
         saved[name] = region.clone()
     return saved
 
@@ -49,63 +50,100 @@ def fill_random(arena: BlockArena, generator: torch.Generator) -> dict[str, torc
 def test_extension_is_compiled() -> None:
     assert _C.__file__ is not None and _C.__file__.endswith((".so", ".pyd"))
     assert BlockArena is _C.BlockArena and ArenaLayout is _C.ArenaLayout
+    assert ALIGNMENT_BYTES == _C.ALIGNMENT_BYTES == 256
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("alignment", [4, 64, 256, 1024])
-@pytest.mark.parametrize("with_grad", [False, True])
-def test_offsets_and_regions_aligned(device: torch.device, alignment: int, with_grad: bool) -> None:
-    numels = [7, 129, 1, 64, 300]
-    arena = BlockArena(required_capacity(numels, alignment) + 3, device, with_grad, alignment)
-    assert arena.alignment_bytes == alignment
+@pytest.mark.parametrize("spec_name", sorted(SPECS))
+def test_offsets_and_regions_aligned(device: torch.device, spec_name: str) -> None:
+    spec = SPECS[spec_name]
+    numels = [7, 129, 1, 64, 300, 257]
+    arena = BlockArena(required_capacity(numels, spec) + 3, device, spec)
+    align = spec.element_alignment
+    assert align == (QUANT_BLOCK if is_quantized(spec) else ALIGNMENT_BYTES // 4)
     layout = arena.layout(numels)
     assert layout.numels == numels
-    assert all(off % (alignment // 4) == 0 for off in layout.offsets)
-    assert layout.total_numel == padded_total(numels, alignment)
-    for name in REGIONS[: arena.num_regions]:
-        assert arena.flat(name).data_ptr() % alignment == 0, name
+    assert all(off % align == 0 for off in layout.offsets)
+    assert layout.total_numel == padded_total(numels, align)
+    for name in spec.region_names:
+        assert arena.flat(name).data_ptr() % ALIGNMENT_BYTES == 0, name
+        assert arena.flat(name).dtype == spec.dtype(name)
     views = arena.views(layout, [[n] for n in numels])
-    assert len(views) == arena.num_regions
-    for region in views:
-        assert [v.data_ptr() % alignment for v in region] == [0] * len(numels)
+    assert list(views) == spec.region_names
+    for name, region in views.items():
+        block = spec.block(name)
+        for view, n in zip(region, numels):
+            assert view.dtype == spec.dtype(name)
+            assert view.numel() == -(-n // block)
+            if block == 1:
+                assert view.data_ptr() % ALIGNMENT_BYTES == 0, name
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("with_grad", [False, True])
-def test_regions_disjoint_inside_one_buffer(device: torch.device, with_grad: bool) -> None:
-    arena = BlockArena(1000, device, with_grad=with_grad)
-    assert arena.num_regions == (4 if with_grad else 3)
+@pytest.mark.parametrize("spec_name", sorted(SPECS))
+def test_regions_disjoint_inside_one_buffer(device: torch.device, spec_name: str) -> None:
+    spec = SPECS[spec_name]
+    arena = BlockArena(1000, device, spec)
+    assert arena.num_regions == len(spec.region_names)
     buffer = arena.buffer()
-    assert buffer.dtype == torch.float32 and buffer.dim() == 1
-    assert buffer.numel() * 4 == arena.capacity_bytes
-    regions_bytes = arena.num_regions * arena.capacity_padded * 4
-    assert regions_bytes <= arena.capacity_bytes < regions_bytes + arena.alignment_bytes
+    assert buffer.dtype == torch.uint8 and buffer.dim() == 1
+    assert buffer.numel() == arena.capacity_bytes == spec.bytes(1000) + ALIGNMENT_BYTES - 1
     begin, end = buffer.data_ptr(), buffer.data_ptr() + arena.capacity_bytes
     spans = []
-    for name in REGIONS[: arena.num_regions]:
+    for name in spec.region_names:
         region = arena.flat(name)
-        assert region.numel() == arena.capacity_numel == 1000
-        assert region.dtype == torch.float32 and region.is_contiguous()
-        assert region.device == arena.device
+        assert region.numel() == spec.items(name, 1000)
+        assert region.is_contiguous() and region.device == arena.device
         assert region.untyped_storage().data_ptr() == buffer.untyped_storage().data_ptr()
-        lo, hi = region.data_ptr(), region.data_ptr() + region.numel() * 4
+        lo, hi = region.data_ptr(), region.data_ptr() + region.numel() * region.element_size()
         assert begin <= lo and hi <= end
         assert all(hi <= a or lo >= b for a, b in spans), f"{name} overlaps another region"
         spans.append((lo, hi))
 
 
+def test_spec_bytes_per_format() -> None:
+    """What the optimizer asks the arena for: bytes per format, each region padded to the alignment."""
+    n = 4096
+    assert SPECS["fp32-master"].bytes(n) == 12 * n
+    assert SPECS["fp32-nomaster"].bytes(n) == 8 * n
+    assert SPECS["8bit-master"].bytes(n) == 6 * n + 2 * ALIGNMENT_BYTES  # 16 scales each, padded
+    assert SPECS["8bit-nomaster"].bytes(n) == 2 * n + 2 * ALIGNMENT_BYTES
+    assert SPECS["8bit-master"].bytes(2**20) == 6 * 2**20 + 2 * 4 * 2**20 // QUANT_BLOCK
+    assert SPECS["fp32-master"].bytes(1) == 3 * ALIGNMENT_BYTES
+    assert SPECS["fp32-master"] == FP32 == StateSpec.fp32() and SPECS["8bit-master"] != FP32
+    assert repr(SPECS["8bit-master"]).startswith("StateSpec('8bit', [master: float32, exp_avg: uint8, "
+                                                  "exp_avg_scale: float32 per 256")
+
+
+@pytest.mark.parametrize(
+    "name, regions, exc, match",
+    [
+        ("x", [], ValueError, "a state needs at least one region"),
+        ("", [("a", torch.float32, 1)], ValueError, "the name must not be empty"),
+        ("x", [("a", torch.float32, 1), ("a", torch.uint8, 1)], ValueError, "region 'a' appears twice"),
+        ("x", [("a", torch.float64, 1)], TypeError, "region 'a' has dtype float64"),
+        ("x", [("a", torch.float32, 3)], ValueError, "region 'a' has block 3"),
+        ("x", [("a", torch.float32, 0)], ValueError, "has block 0"),
+        ("x", [("a", torch.float32)], ValueError, "each region is (name, dtype, block)"),
+    ],
+)
+def test_spec_errors(name: str, regions: list, exc: type, match: str) -> None:
+    with pytest.raises(exc, match=re.escape(match)):
+        StateSpec(name, regions)
+
+
 @pytest.mark.parametrize("device", DEVICES)
 def test_views_alias_the_arena(device: torch.device) -> None:
     gen = torch.Generator().manual_seed(0)
-    arena = BlockArena(4096, device, with_grad=True)
+    arena = BlockArena(4096, device)
     shapes = [[3, 5], [7, 11, 2], [], [1000]]
     numels = [15, 154, 1, 1000]
     layout = arena.layout(numels)
     views = arena.views(layout, shapes)
-    assert len(views) == 4
-    for r, name in enumerate(REGIONS):
+    assert list(views) == REGIONS
+    for name in REGIONS:
         flat = arena.flat(name)
-        for i, view in enumerate(views[r]):
+        for i, view in enumerate(views[name]):
             assert list(view.shape) == shapes[i]
             assert view.dtype == torch.float32 and view.device == arena.device
             # view -> flat
@@ -118,10 +156,30 @@ def test_views_alias_the_arena(device: torch.device) -> None:
             span.copy_(values)
             assert torch.equal(view.flatten(), values)
     # Each region's last write survives: the regions do not overlap.
-    snapshot = [[v.clone() for v in region] for region in views]
-    arena.flat("grad").fill_(float("nan"))
-    for r in range(3):
-        assert all(torch.equal(a, b) for a, b in zip(views[r], snapshot[r]))
+    snapshot = {name: [v.clone() for v in views[name]] for name in REGIONS}
+    arena.flat("exp_avg_sq").fill_(float("nan"))
+    for name in REGIONS[:2]:
+        assert all(torch.equal(a, b) for a, b in zip(views[name], snapshot[name]))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_quantized_views_own_their_blocks(device: torch.device) -> None:
+    """8-bit: each parameter's codes and scales are its own (offsets are whole quantization blocks)."""
+    spec = SPECS["8bit-master"]
+    numels = [1, 255, 257, 512]
+    arena = BlockArena(required_capacity(numels, spec), device, spec)
+    layout = arena.layout(numels)
+    assert layout.offsets == [0, 256, 512, 1024]
+    views = arena.views(layout, [[n] for n in numels])
+    for i, view in enumerate(views["exp_avg_scale"]):
+        view.fill_(float(i + 1))
+    scales = arena.flat("exp_avg_scale").cpu()
+    assert scales[:6].tolist() == [1.0, 2.0, 3.0, 3.0, 4.0, 4.0]
+    for i, view in enumerate(views["exp_avg"]):
+        view.fill_(i + 10)
+    codes = arena.flat("exp_avg").cpu()
+    for i, (off, n) in enumerate(zip(layout.offsets, numels)):
+        assert torch.all(codes[off:off + n] == i + 10)
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -143,9 +201,8 @@ def test_many_switches_never_allocate(device: torch.device) -> None:
         for numels in blocks:
             layout = arena.layout(numels)
             views = arena.views(layout, [[n] for n in numels])
-            arena.zero_state(layout)
             assert arena.used_bytes == layout.total_numel * 4 * 3
-            for region in views:
+            for region in views.values():
                 assert {v.untyped_storage().data_ptr() for v in region} == {storage_ptr}
             assert arena.buffer().data_ptr() == buffer_ptr
             assert arena.allocations == 1
@@ -154,6 +211,32 @@ def test_many_switches_never_allocate(device: torch.device) -> None:
         torch.cuda.synchronize()
         assert torch.cuda.memory_stats()["allocation.all.allocated"] == stats_before
         assert torch.cuda.memory_allocated() == allocated_before
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_growth_is_counted_as_an_allocation(device: torch.device) -> None:
+    """The counter counts real allocations: a grown arena reports two, and the device agrees."""
+    arena = BlockArena(1000, device)
+    small = arena.layout([1000])
+    old = arena.views(small, [[1000]])["master"][0]
+    old.fill_(2.0)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        allocs_before = torch.cuda.memory_stats()["allocation.all.allocated"]
+    assert arena.reserve(1000) is False and arena.allocations == 1
+    assert arena.reserve(5000) is True
+    assert arena.allocations == 2 and arena.capacity_numel == 5000 and arena.used_bytes == 0
+    assert arena.capacity_bytes == FP32.bytes(5000) + ALIGNMENT_BYTES - 1
+    if device.type == "cuda":
+        assert torch.cuda.memory_stats()["allocation.all.allocated"] == allocs_before + 1
+    with pytest.raises(ValueError, match="views: the layout was made by another BlockArena, or by this one "
+                                         "before it grew"):
+        arena.views(small, [[1000]])
+    arena.views(arena.layout([5000]), [[5000]])
+    assert torch.all(old == 2.0)  # a view handed out before the growth keeps the old memory alive
+    assert "allocations=2" in repr(arena)
+    with pytest.raises(ValueError, match="reserve: capacity_numel must be > 0"):
+        arena.reserve(0)
 
 
 @pytest.mark.parametrize(
@@ -190,9 +273,8 @@ def test_block_fits_when_its_last_parameter_does() -> None:
     assert arena.capacity_padded == 1024
     layout = arena.layout([1000])
     assert layout.total_numel == 1024 and layout.offsets == [0]
-    master, exp_avg, exp_avg_sq = arena.views(layout, [[10, 100]])
+    master = arena.views(layout, [[10, 100]])["master"]
     assert master[0].numel() == arena.flat("master").numel() == 1000
-    arena.zero_state(layout)
     assert arena.layout([900, 36]).offsets == [0, 960]  # ends at 996
     with pytest.raises(ValueError, match=re.escape(
             "block needs 1,024 elements (padded), 1,001 up to the end of its last parameter, but the arena "
@@ -217,9 +299,7 @@ def test_capacity_must_be_an_int(capacity) -> None:
     [
         ((0, "cpu"), {}, ValueError, "capacity_numel must be > 0, got 0"),
         ((-5, "cpu"), {}, ValueError, "capacity_numel must be > 0, got -5"),
-        ((10, "cpu"), {"alignment_bytes": 2}, ValueError, "power of two >= 4"),
-        ((10, "cpu"), {"alignment_bytes": 96}, ValueError, "power of two >= 4"),
-        ((10, "cpu"), {"alignment_bytes": 0}, ValueError, "got 0"),
+        ((10, "cpu"), {"spec": "fp32"}, TypeError, "spec must be a StateSpec (badam_ext.states.state_spec()) or None, got <class 'str'>"),
         ((10, "meta"), {}, ValueError, "supports cpu and cuda devices, got meta"),
         ((10, 3), {}, TypeError, "device must be a torch.device or a string"),
         ((10, "gpu7"), {}, RuntimeError, "gpu7"),
@@ -269,43 +349,23 @@ def test_views_errors(make_layout: str, shapes: list, match: str) -> None:
 def test_foreign_layout_rejected_everywhere() -> None:
     arena = BlockArena(1024, "cpu")
     foreign = BlockArena(1024, "cpu").layout([6])
-    with pytest.raises(ValueError, match="zero_state: the layout was made by another BlockArena"):
-        arena.zero_state(foreign)
     with pytest.raises(ValueError, match="check_tensors: the layout was made by another BlockArena"):
         arena.check_tensors(foreign, [torch.zeros(6)])
 
 
 @pytest.mark.parametrize(
-    "with_grad, name, match",
+    "spec, name, match",
     [
-        (False, "grad", "flat('grad'): this arena has no grad region (create it with with_grad=True)"),
-        (True, "momentum", "flat: unknown region 'momentum'; expected one of master, exp_avg"),
-        (False, "", "flat: unknown region ''"),
+        (None, "grad", "flat: unknown region 'grad'; the 'fp32' state has master, exp_avg, exp_avg_sq"),
+        ("8bit-nomaster", "master", "flat: unknown region 'master'; the '8bit-nomaster' state has exp_avg, "
+                                    "exp_avg_scale, exp_avg_sq, exp_avg_sq_scale"),
+        (None, "", "flat: unknown region ''"),
     ],
 )
-def test_flat_errors(with_grad: bool, name: str, match: str) -> None:
-    arena = BlockArena(100, "cpu", with_grad=with_grad)
+def test_flat_errors(spec, name: str, match: str) -> None:
+    arena = BlockArena(100, "cpu", SPECS[spec] if spec else None)
     with pytest.raises(ValueError, match=re.escape(match)):
         arena.flat(name)
-
-
-@pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("with_grad", [False, True])
-def test_zero_state_zeros_only_moments_over_the_span(device: torch.device, with_grad: bool) -> None:
-    gen = torch.Generator().manual_seed(2)
-    arena = BlockArena(2000, device, with_grad=with_grad)
-    saved = {k: v.cpu() for k, v in fill_random(arena, gen).items()}
-    layout = arena.layout([100, 301])  # offsets 0, 128; span 448
-    assert layout.total_numel == 448
-    arena.zero_state(layout)
-    span = layout.total_numel
-    for name in ("exp_avg", "exp_avg_sq"):
-        region = arena.flat(name).cpu()
-        assert torch.count_nonzero(region[:span]) == 0
-        assert torch.equal(region[span:], saved[name][span:])
-    assert torch.equal(arena.flat("master").cpu(), saved["master"])
-    if with_grad:
-        assert torch.equal(arena.flat("grad").cpu(), saved["grad"])
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -349,16 +409,16 @@ RELEASED_CALLS = {
     "views": lambda a, l: a.views(l, [[100]]),
     "flat": lambda a, l: a.flat("master"),
     "buffer": lambda a, l: a.buffer(),
-    "zero_state": lambda a, l: a.zero_state(l),
+    "reserve": lambda a, l: a.reserve(10_000),
     "check_tensors": lambda a, l: a.check_tensors(l, [torch.zeros(100)]),
 }
 
 
 @pytest.mark.parametrize("call", sorted(RELEASED_CALLS))
 def test_release_then_use_errors(call: str) -> None:
-    arena = BlockArena(512, "cpu", with_grad=True)
+    arena = BlockArena(512, "cpu")
     layout = arena.layout([100])
-    (master, *_), *_ = arena.views(layout, [[100]])
+    (master,) = arena.views(layout, [[100]])["master"]
     master.fill_(3.0)
     arena.release()
     arena.release()  # a second release is a no-op
@@ -373,80 +433,53 @@ def test_release_then_use_errors(call: str) -> None:
 def test_stats_are_read_only() -> None:
     arena = BlockArena(100, "cpu")
     for name in ("capacity_numel", "capacity_bytes", "used_bytes", "allocations", "switches",
-                 "device", "alignment_bytes", "with_grad", "released", "num_regions"):
+                 "device", "spec", "released", "num_regions"):
         getattr(arena, name)
         with pytest.raises(AttributeError):
             setattr(arena, name, 1)
 
 
 def test_stats_and_reprs() -> None:
-    arena = BlockArena(1000, "cpu", with_grad=True, alignment_bytes=512)
-    assert (arena.capacity_numel, arena.alignment_bytes, arena.with_grad) == (1000, 512, True)
+    spec = SPECS["8bit-master"]
+    arena = BlockArena(1000, "cpu", spec)
+    assert arena.capacity_numel == 1000 and arena.spec == spec
     assert arena.capacity_padded == 1024 and arena.allocations == 1 and not arena.released
-    layout = arena.layout([5, 200, 129])
+    layout = arena.layout([5, 200, 257])
     assert len(layout) == 3
-    assert layout.offsets == [0, 128, 384]
-    assert layout.numels == [5, 200, 129]
-    assert layout.total_numel == 640
-    arena.views(layout, [[5], [10, 20], [129]])
-    assert arena.switches == 1 and arena.used_bytes == 640 * 4 * 4
-    assert repr(layout) == "ArenaLayout(params=3, total_numel=640, offsets=[0, 128, 384], numels=[5, 200, 129])"
+    assert layout.offsets == [0, 256, 512]
+    assert layout.numels == [5, 200, 257]
+    assert layout.total_numel == 1024
+    arena.views(layout, [[5], [10, 20], [257]])
+    assert arena.switches == 1 and arena.used_bytes == spec.bytes(1024) == 4096 + 2 * 1024 + 2 * 256
+    assert repr(layout) == "ArenaLayout(params=3, total_numel=1024, offsets=[0, 256, 512], numels=[5, 200, 257])"
     text = repr(arena)
-    for part in ("device=cpu", "capacity_numel=1000", "regions=[master, exp_avg, exp_avg_sq, grad]",
-                 "alignment_bytes=512", f"capacity_bytes={arena.capacity_bytes}",
-                 f"used_bytes={640 * 16}", "switches=1", "allocations=1"):
+    for part in ("device=cpu", "state=8bit", "capacity_numel=1000",
+                 "regions=[master, exp_avg, exp_avg_scale, exp_avg_sq, exp_avg_sq_scale]",
+                 f"capacity_bytes={arena.capacity_bytes}", f"used_bytes={arena.used_bytes}", "switches=1",
+                 "allocations=1"):
         assert part in text
     long = BlockArena(1000, "cpu").layout([1] * 12)
     assert "... (4 more)" in repr(long)
 
 
-@pytest.mark.parametrize("alignment", [4, 8, 64, 256, 4096])
-def test_required_capacity_matches_reference(alignment: int) -> None:
-    gen = torch.Generator().manual_seed(alignment)
+@pytest.mark.parametrize("spec_name", sorted(SPECS))
+def test_required_capacity_matches_reference(spec_name: str) -> None:
+    spec = SPECS[spec_name]
+    gen = torch.Generator().manual_seed(len(spec_name))
     for _ in range(20):
         numels = [int(n) for n in torch.randint(1, 5000, (int(torch.randint(1, 8, (1,), generator=gen)),), generator=gen)]
-        assert required_capacity(numels, alignment) == padded_total(numels, alignment)
+        assert required_capacity(numels, spec) == padded_total(numels, spec.element_alignment)
     assert required_capacity([1]) == 64
+    assert required_capacity([1], SPECS["8bit-master"]) == 256
 
 
 @pytest.mark.parametrize(
-    "numels, alignment, match",
-    [([], 256, "empty block"), ([3, 0], 256, "parameter 1 has numel 0"), ([3], 24, "power of two")],
+    "numels, match",
+    [([], "empty block"), ([3, 0], "parameter 1 has numel 0")],
 )
-def test_required_capacity_errors(numels: list[int], alignment: int, match: str) -> None:
+def test_required_capacity_errors(numels: list[int], match: str) -> None:
     with pytest.raises(ValueError, match=match):
-        required_capacity(numels, alignment)
-
-
-@pytest.mark.parametrize("device", DEVICES)
-def test_arena_for_blocks_sizes_for_the_largest_block(device: torch.device) -> None:
-    blocks = [
-        [torch.empty(10, 10), torch.empty(7)],
-        [torch.empty(65, 3), torch.empty(1), torch.empty(300)],  # the largest: 256 + 64 + 320
-        [torch.empty(500, dtype=torch.bfloat16)],
-    ]
-    arena = arena_for_blocks(blocks, device, with_grad=True)
-    assert arena.capacity_numel == 640 == max(padded_total([t.numel() for t in b]) for b in blocks)
-    assert arena.with_grad and arena.num_regions == 4
-    assert arena.device.type == device.type
-    for block in blocks:
-        arena.views(arena.layout([t.numel() for t in block]), [list(t.shape) for t in block])
-    assert arena.switches == 3
-    assert arena_for_blocks(blocks, device, alignment_bytes=4).capacity_numel == 500
-
-
-@pytest.mark.parametrize(
-    "blocks, exc, match",
-    [
-        ([], ValueError, "arena_for_blocks: no blocks given"),
-        ([[torch.empty(3)], []], ValueError, "arena_for_blocks: block 1: empty block"),
-        ([[torch.empty(3), torch.empty(0)]], ValueError, "block 0: parameter 1 has numel 0"),
-        ([[torch.empty(3), [1.0]]], TypeError, "block 0 item 1 is a list, not a torch.Tensor"),
-    ],
-)
-def test_arena_for_blocks_errors(blocks: list, exc: type, match: str) -> None:
-    with pytest.raises(exc, match=re.escape(match)):
-        arena_for_blocks(blocks, "cpu")
+        required_capacity(numels)
 
 
 def test_missing_extension_raises_import_error(monkeypatch: pytest.MonkeyPatch) -> None:

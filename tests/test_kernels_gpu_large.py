@@ -8,13 +8,14 @@ import torch
 from _kernel_helpers import adamw_reference, assert_close_rel, ulp_distance
 from badam_ext import kernels as K
 from badam_ext import torch_ops
+from badam_ext.contract import OFFSET_ALIGN
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
 
 LLAMA3_8B_LAYER = [(4096, 4096), (1024, 4096), (1024, 4096), (4096, 4096),
                    (14336, 4096), (14336, 4096), (4096, 14336), (4096,), (4096,)]
 HYPER = dict(beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.01)
-ALIGN = 64
+ALIGN = OFFSET_ALIGN
 
 
 @pytest.fixture(autouse=True)

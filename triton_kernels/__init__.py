@@ -11,7 +11,7 @@ One launch per launch group (the tensors of one param group with one weight dtyp
 On CPU tensors the kernels run in Triton's interpreter (``TRITON_INTERPRET=1`` before triton is
 imported); otherwise they need CUDA tensors.
 
-Names are resolved lazily, so ``badam_ext.kernels.contract`` (plain torch) imports without triton.
+Names are resolved lazily; the backend-independent contract (plain torch) is ``badam_ext.contract``.
 """
 from __future__ import annotations
 
@@ -28,8 +28,8 @@ _EXPORTS = {
     "grad_norm": ".norm",
     "grad_sq_norm": ".norm",
     "interpreted": ".launch_config",
-    "new_step_state": ".contract",
-    "reset_step_state": ".contract",
+    "new_step_state": "..contract",
+    "reset_step_state": "..contract",
 }
 
 __all__ = sorted([*_EXPORTS, "name"])

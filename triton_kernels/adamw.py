@@ -19,7 +19,7 @@ import triton
 import triton.language as tl
 
 from .chunk_map import as_pointer, program_chunk
-from .contract import check_device_scalar, check_hyper, check_seed, check_step_state
+from ..contract import check_device_scalar, check_hyper, check_seed, check_step_state
 from .launch_config import device_guard
 from .rounding import to_weight_dtype
 from .tables import TL_DTYPES, BlockTables, align_hint

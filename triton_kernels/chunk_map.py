@@ -4,7 +4,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .contract import OFFSET_ALIGN
+from ..contract import OFFSET_ALIGN
 from .tables import META_COLS, META_DECAY, META_NUMEL, META_OFFSET, META_WEIGHT
 
 _META_COLS = tl.constexpr(META_COLS)

@@ -8,7 +8,7 @@ import triton
 import triton.language as tl
 
 from .chunk_map import as_pointer, program_chunk
-from .contract import check_partials
+from ..contract import check_partials
 from .launch_config import device_guard
 from .tables import TL_DTYPES, BlockTables, align_hint
 

@@ -8,7 +8,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .contract import check_beta, check_device_scalar, check_step_state, new_step_state, reset_step_state
+from ..contract import check_beta, check_device_scalar, check_step_state, new_step_state, reset_step_state
 from .launch_config import check_launch_device, device_guard
 
 __all__ = ["advance_step", "new_step_state", "reset_step_state"]

@@ -7,7 +7,7 @@ from typing import Optional, Sequence
 import torch
 import triton.language as tl
 
-from .contract import (
+from ..contract import (
     check_decay,
     check_grads,
     check_offsets,
