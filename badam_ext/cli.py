@@ -40,6 +40,9 @@ def _add_train_args(p: argparse.ArgumentParser, *, steps_help: str) -> None:
                    help="train with the model's own loss (full logits) and no checkpoint offload")
     p.add_argument("--offload-checkpoints", choices=["auto", "on", "off"], default="auto",
                    help="checkpointed layer inputs to host memory (auto: when the memory plan says it must)")
+    p.add_argument("--layer-kernels", choices=["auto", "on", "off"], default="auto",
+                   help="Liger-Kernel's RMSNorm and SwiGLU in the layers (auto: Llama-family models on CUDA "
+                        "with Liger-Kernel installed)")
     p.add_argument("--budget-gib", type=float, help="device memory the step may use (default: the device's)")
     p.add_argument("--max-grad-norm", type=float, default=1.0, help="clip by global norm (0: off)")
     p.add_argument("--seed", type=int, default=0)

@@ -70,6 +70,7 @@ class TrainConfig:
     gradient_checkpointing: bool = False
     memory_savings: bool = True  # badam_ext.apply_memory_savings: fused loss, checkpoint offload
     offload_checkpoints: str = "auto"  # "auto", "on" or "off"
+    layer_kernels: str = "auto"  # "auto", "on" or "off": Liger-Kernel's RMSNorm / SwiGLU
     budget_gib: Optional[float] = None  # None: the device's memory
     max_grad_norm: Optional[float] = 1.0
     seed: int = 0
@@ -158,8 +159,11 @@ def enable_memory_savings(cfg: TrainConfig, model: Any):
     offload = {"auto": "auto", "on": True, "off": False}.get(cfg.offload_checkpoints)
     if offload is None:
         raise ValueError(f"offload_checkpoints must be auto, on or off, got {cfg.offload_checkpoints!r}")
+    layer_kernels = {"auto": "auto", "on": True, "off": False}.get(cfg.layer_kernels)
+    if layer_kernels is None:
+        raise ValueError(f"layer_kernels must be auto, on or off, got {cfg.layer_kernels!r}")
     return default_memory_savings(model, offload_checkpoints=offload, budget_gib=cfg.budget_gib,
-                                  batch_size=cfg.batch_size, seq_len=cfg.seq_len)
+                                  batch_size=cfg.batch_size, seq_len=cfg.seq_len, layer_kernels=layer_kernels)
 
 
 def _lr(cfg: TrainConfig) -> float:

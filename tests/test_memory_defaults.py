@@ -26,6 +26,21 @@ def test_train_uses_the_fused_loss_by_default_and_can_opt_out(tmp_path) -> None:
     off = run(TrainConfig(out=str(tmp_path / "off"), memory_savings=False, **common))
     assert off["memory_savings"] is None
     assert abs(on["train_loss_first"] - off["train_loss_first"]) < 1e-5
+    # layer kernels: auto stays off without CUDA / Liger; "on" where they cannot run is refused
+    assert on["memory_savings"]["layer_kernels"] is (torch.cuda.is_available() and _liger())
+    if not torch.cuda.is_available():
+        from badam_ext.memory.layer_kernels import LayerKernelsUnavailable
+
+        with pytest.raises(LayerKernelsUnavailable):
+            run(TrainConfig(out=str(tmp_path / "lk"), layer_kernels="on", **common))
+    with pytest.raises(ValueError, match="layer_kernels must be auto, on or off"):
+        run(TrainConfig(out=str(tmp_path / "bad"), layer_kernels="yes", **common))
+
+
+def _liger() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("liger_kernel") is not None
 
 
 def test_trainer_helper_applies_them_once(tmp_path) -> None:
