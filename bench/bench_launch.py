@@ -8,6 +8,8 @@ beside the H100 default and torch's AdamW plus casts, in one run.
      fused                 our fused AdamW step (one launch for the block)
      fused b2048 w8        the same at the H100 default, 2048 elements x 8 warps
      block-load            our switch load (master = fp32(weight), m = v = 0)
+     block-load own warps  the load at the block size above and the warps tuned for it (when those differ
+                           from the step's: what the load gets once its launcher asks for its own warps)
      block-load b2048 w8   the same at the H100 default
      ref-fused             grad .float(), torch AdamW(fused=True), cast + copy into the bf16 weight (CUDA)
      ref-foreach           the same with AdamW(foreach=True)
@@ -42,10 +44,11 @@ from _common import (  # noqa: E402
 from bench_update import Layer, fused_step_fn, reference_step_fn  # noqa: E402
 from badam_ext import kernels as K  # noqa: E402
 from badam_ext.kernels import launch_config as lc  # noqa: E402
-from badam_ext.kernels import tune, tuning_cache  # noqa: E402
+from badam_ext.kernels import tune  # noqa: E402
 
 STEP_BYTES, LOAD_BYTES = 28, 14
-TARGETS = {"fused": 0.97, "block-load": 0.93}
+OWN_WARPS_LOAD = "block-load own warps"
+TARGETS = {"fused": 0.97, "block-load": 0.93, OWN_WARPS_LOAD: 0.93}
 H100_DEFAULT = (2048, 8)
 SMOKE_BLOCKS, SMOKE_WARPS = [1024, 4096], [4]
 
@@ -68,11 +71,8 @@ def run_sweep(args, device: torch.device, copy_gbs: float, env: dict, layer_name
     best = tune.choose(trials)
     written = None
     if device.type == "cuda" and not args.no_write:
-        written = str(tuning_cache.cache_path())
-        tuning_cache.write(tuning_cache.cache_path(),
-                           tune.cache_entries(best, lc.device_key(device), torch.bfloat16, layer_name, copy_gbs))
-        lc.reload_cache()
-        print(f"wrote the launch cache {written}")
+        path = tune.write_choice(best, device, torch.bfloat16, layer_name, copy_gbs)
+        written = None if path is None else str(path)
     records = []
     for t in trials:
         records.append({**env, "bench": "launch-sweep", "layer": layer_name, "kernel": t.kernel,
@@ -95,6 +95,10 @@ def run_layer(name: str, device: torch.device, args, copy_gbs: float, env: dict)
                                                         STEP_BYTES) + H100_DEFAULT,
     }
     paths["block-load"] = (load, LOAD_BYTES) + tuned
+    own_warps = lc.default_num_warps(tables.block_size, device, lc.BLOCK_LOAD)
+    if own_warps != tables.num_warps:  # the load's own tuned warps, once its launcher asks for them
+        _, own = block_load_fn(layer, tables.block_size, own_warps)
+        paths[OWN_WARPS_LOAD] = (own, LOAD_BYTES, tables.block_size, own_warps)
     _, load_h100 = block_load_fn(layer, *H100_DEFAULT)
     paths[f"block-load b{H100_DEFAULT[0]} w{H100_DEFAULT[1]}"] = (load_h100, LOAD_BYTES) + H100_DEFAULT
     if device.type == "cuda":  # torch's fused AdamW has no CPU kernel in every version

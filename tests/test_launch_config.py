@@ -215,6 +215,19 @@ def test_cache_entries_round_trip_through_the_lookup(fake_gpu):
     assert lc.launch_config(CUDA0, dtype=torch.float32) == lc.LaunchConfig(2048, 8)  # another dtype class
 
 
+def test_write_choice_reports_an_unwritable_cache(fake_gpu, monkeypatch, tmp_path):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    monkeypatch.setenv(tuning_cache.CACHE_ENV, str(blocker / "sub"))  # a directory below a file
+    lines = []
+    best = tune.choose([_trial("fused_adamw", 1024, 4, 1.5)])
+    assert tune.write_choice(best, CUDA0, torch.bfloat16, "llama3-8b", 4296.0, log=lines.append) is None
+    assert "could not write the launch cache" in lines[0] and "BADAM_EXT_CACHE" in lines[0]
+    monkeypatch.setenv(tuning_cache.CACHE_ENV, str(tmp_path / "ok"))
+    assert tune.write_choice(best, CUDA0, torch.bfloat16, "llama3-8b", 4296.0, log=lines.append) is not None
+    assert lc.launch_config(CUDA0) == lc.LaunchConfig(1024, 4)
+
+
 def test_bytes_per_param():
     assert tune.bytes_per_param(lc.FUSED_STEP, torch.bfloat16) == 28
     assert tune.bytes_per_param(lc.BLOCK_LOAD, torch.bfloat16) == 14

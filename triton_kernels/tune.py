@@ -20,6 +20,7 @@ import datetime as _dt
 import sys
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
 
 import torch
@@ -83,7 +84,7 @@ class _Layer:
     """One layer's weights and grads in ``dtype`` and an fp32 master / m / v arena for them."""
 
     def __init__(self, shapes: Sequence[tuple[int, ...]], device: torch.device, dtype: torch.dtype) -> None:
-        from .contract import OFFSET_ALIGN
+        from ..contract import OFFSET_ALIGN
 
         gen = torch.Generator(device=device).manual_seed(0)
         self.weights = [(torch.randn(s, device=device, generator=gen) * 0.02).to(dtype) for s in shapes]
@@ -161,6 +162,21 @@ def cache_entries(best: dict[str, Trial], key: tuning_cache.DeviceKey, dtype: to
         "torch": torch.__version__, "date": date} for kernel, t in best.items()}
 
 
+def write_choice(best: dict[str, Trial], device: torch.device, dtype: torch.dtype, layer: str, copy_gbs: float,
+                 log: Callable[[str], None] = print) -> Optional[Path]:
+    """Merge the chosen trials into the cache and make this process read it again; the path, or None
+    (with the reason logged) when the cache cannot be written."""
+    path = tuning_cache.cache_path()
+    try:
+        tuning_cache.write(path, cache_entries(best, lc.device_key(device), dtype, layer, copy_gbs))
+    except OSError as exc:
+        log(f"could not write the launch cache {path} ({exc}); set {tuning_cache.CACHE_ENV} to a writable directory")
+        return None
+    lc.reload_cache()
+    log(f"wrote the launch cache {path}")
+    return path
+
+
 def _ints(text: str) -> list[int]:
     try:
         values = [int(x) for x in text.split(",") if x.strip()]
@@ -211,10 +227,7 @@ def tune(device: torch.device, layer: str, dtype: torch.dtype, blocks: Sequence[
         log(f"best {kernel}: BLOCK {t.block_size} x {t.num_warps} warps, {t.ms:.3f} ms, "
             f"{t.gbs:.0f} GB/s = {100 * t.frac_copy_bw:.1f}% of copy bandwidth")
     if write:
-        path = tuning_cache.cache_path()
-        tuning_cache.write(path, cache_entries(best, lc.device_key(device), dtype, layer, copy_gbs))
-        lc.reload_cache()
-        log(f"wrote {path}")
+        write_choice(best, device, dtype, layer, copy_gbs, log)
     return copy_gbs, trials, best
 
 
