@@ -69,6 +69,50 @@ def test_moments_by_hand() -> None:
         active, sum(P._align(n * a) for n in shape.layer_numels[3]) + int(P.GRAD_TAIL_FRACTION * active)))
 
 
+def test_layer_kernels_and_liger_loss_by_hand() -> None:
+    from badam_ext.memory.loss import liger_chunk_mem_const
+
+    cfg = _config()
+    b, seq, h, i, v, a = 2, 64, cfg.hidden_size, cfg.intermediate_size, cfg.vocab_size, 2
+    tokens = b * seq
+    shape = P.model_shape(cfg)
+    layer_input = P._align(tokens * h * a)
+    lean = tokens * (P.LEAN_RECOMPUTE_PER_HIDDEN * h + P.LEAN_RECOMPUTE_PER_INTERMEDIATE * i) * a
+    frozen, active = int(lean * P.FROZEN_RECOMPUTE_FRACTION), int(lean)
+    grads0 = sum(P._align(n * a) for n in shape.layer_numels[0])
+    static = 2 * _hand_sizes(cfg)["params"] + P.arena_bytes(shape) + P.RUNTIME_BYTES
+    # Liger's chunk: 128 tokens fit in one chunk of a 128-entry vocabulary
+    assert liger_chunk_mem_const(tokens, h, v) >= 1
+    chunk = tokens
+    loss = tokens * h * 2 * a + tokens * h * a + chunk * v * a + tokens * 4
+    forward = max(int(tokens * (1.5 * h + P.LEAN_FORWARD_PER_INTERMEDIATE * i) * a), loss)
+    for offload, held_fwd, held_top in ((False, 4, 4), (True, 1, 2 + P.LEAN_OFFLOAD_EXTRA_INPUTS)):
+        top = min(held_top, 4) * layer_input + frozen + layer_input
+        lowest = layer_input + max(active, grads0 + int(P.GRAD_TAIL_FRACTION * active))
+        expected = static + max(held_fwd * layer_input + forward, top, lowest)
+        plan = P.plan_block(shape, 0, batch_size=b, seq_len=seq, fused_loss=True, offload=offload,
+                            layer_kernels=True, loss_backend="liger")
+        assert plan.peak == expected, (offload, plan)
+    hf = plan_memory(cfg, batch_size=1, seq_len=4096, offload=False, loss_backend="liger", limits=False)
+    kernels = plan_memory(cfg, batch_size=1, seq_len=4096, offload=False, loss_backend="liger", limits=False,
+                          layer_kernels=True)
+    assert kernels.peak_bytes < hf.peak_bytes and kernels.to_dict()["layer_kernels"] is True
+    with pytest.raises(ValueError, match="unknown fused-loss backend"):
+        plan_memory(cfg, loss_backend="cuda", limits=False)
+
+
+def test_liger_chunks_hold_up_to_the_byte_budget() -> None:
+    from badam_ext.memory.loss import LIGER_CHUNK_BYTES, liger_chunk_mem_const, loss_chunk_rows
+
+    # Llama-3-8B head: Liger's default makes 64-token chunks at 2048 tokens; ours 1024
+    assert loss_chunk_rows(2048, 4096, 128256, "liger") == 1024
+    assert liger_chunk_mem_const(2048, 4096, 128256) > 1
+    for tokens in (100, 2048, 8192, 18432, 65536):
+        rows = loss_chunk_rows(tokens, 4096, 128256, "liger")
+        assert rows <= tokens and (rows * 128256 * 2 <= LIGER_CHUNK_BYTES or
+                                   liger_chunk_mem_const(tokens, 4096, 128256) == 1)
+
+
 def test_block_zero_is_the_worst_and_offload_lowers_the_peak() -> None:
     cfg = _config(num_hidden_layers=32, max_position_embeddings=8192)
     plan = plan_memory(cfg, batch_size=1, seq_len=8192, offload=False)
