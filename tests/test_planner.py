@@ -178,6 +178,11 @@ def test_cli_plan_json_and_errors(tmp_path, capsys) -> None:
     out = json.loads(capsys.readouterr().out)
     assert rc == 0 and out["fits"] is True and len(out["blocks"]) == 4
     assert set(out["limits"]) == {"hf_loss", "fused_loss", "fused_loss+offload"}
+    rc = cli_main(["plan", "--config", str(path), "--seq-len", "64", "--json", "--states", "8bit", "--no-master",
+                   "--layer-kernels", "--loss-backend", "liger"])
+    compact = json.loads(capsys.readouterr().out)
+    assert rc == 0 and compact["states"] == "8bit" and compact["master"] is False and compact["layer_kernels"]
+    assert compact["blocks"][0]["arena"] < out["blocks"][0]["arena"]
     assert cli_main(["plan", "--config", str(path), "--budget-gib", "0.0001"]) == 3  # does not fit
     capsys.readouterr()
     assert cli_main(["plan", "--config", str(tmp_path / "nope.json")]) == 2
@@ -188,3 +193,21 @@ def test_host_bytes_for_offload() -> None:
     shape = P.model_shape(_config())
     assert P.checkpoint_host_bytes(shape, 2, 100) == 4 * P._align(2 * 100 * 32 * 2, 256)
     assert torch.empty((), dtype=torch.bfloat16).element_size() == shape.dtype_bytes
+
+
+def test_the_state_format_sizes_the_arena() -> None:
+    from badam_ext.states import state_spec
+
+    cfg = _config()
+    shape = P.model_shape(cfg)
+    layer = sorted(_hand_sizes(cfg)["layer_numels"], reverse=True)
+    fp32 = plan_memory(cfg, batch_size=1, seq_len=64, limits=False)
+    compact = plan_memory(cfg, batch_size=1, seq_len=64, limits=False, states="8bit")
+    bare = plan_memory(cfg, batch_size=1, seq_len=64, limits=False, states="8bit", master=False)
+    assert fp32.blocks[0].arena == 12 * required_capacity(layer)
+    spec = state_spec("8bit")
+    assert compact.blocks[0].arena == spec.bytes(required_capacity(layer, spec)) == P.arena_bytes(shape, "8bit")
+    assert bare.blocks[0].arena < compact.blocks[0].arena < fp32.blocks[0].arena
+    assert compact.to_dict()["states"] == "8bit" and bare.to_dict()["master"] is False
+    with pytest.raises(ValueError, match="unknown states"):
+        plan_memory(cfg, limits=False, states="4bit")

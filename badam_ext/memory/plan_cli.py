@@ -22,6 +22,10 @@ def add_plan_parser(sub: Any) -> argparse.ArgumentParser:
                    help="plan the layer kernels (Liger-Kernel's RMSNorm and SwiGLU, on by default where Liger is installed)")
     p.add_argument("--loss-backend", choices=["auto", "torch", "liger"], default="auto",
                    help="the fused loss's implementation (default: what this machine would use)")
+    p.add_argument("--states", choices=["fp32", "8bit"], default="fp32",
+                   help="BlockAdam's optimizer-state format (sizes the arena; default fp32)")
+    p.add_argument("--no-master", dest="master", action="store_false",
+                   help="BlockAdam(master=False): no fp32 master copy in the arena")
     p.add_argument("--include-embedding", action="store_true")
     p.add_argument("--include-lm-head", action="store_true")
     p.add_argument("--json", action="store_true", help="print the plan as JSON")
@@ -35,7 +39,7 @@ def run_plan(args: argparse.Namespace) -> int:
         plan = plan_memory(args.config, batch_size=args.batch_size, seq_len=args.seq_len, budget_gib=args.budget_gib,
                            fused_loss=args.fused_loss, offload=offload, include_embedding=args.include_embedding,
                            include_lm_head=args.include_lm_head, layer_kernels=args.layer_kernels,
-                           loss_backend=args.loss_backend)
+                           loss_backend=args.loss_backend, states=args.states, master=args.master)
     except (FileNotFoundError, ValueError, TypeError) as exc:
         print(f"badam-ext plan: {exc}", file=sys.stderr)
         return 2
@@ -54,7 +58,8 @@ def print_plan(plan: Any) -> None:
     console = Console(width=max(Console().width, 120))
     table = Table(title=f"Memory plan: {plan.model_type}, {plan.batch_size} x {plan.seq_len} tokens, "
                         f"fused loss {plan.loss_backend if plan.fused_loss else 'off'}, "
-                        f"offload {'on' if plan.offload else 'off'}, layer kernels {'on' if plan.layer_kernels else 'off'}")
+                        f"offload {'on' if plan.offload else 'off'}, layer kernels {'on' if plan.layer_kernels else 'off'}, "
+                        f"states {plan.states}{'' if plan.master else ' (no master)'}")
     columns = ("block", "weights", "arena", "grads", "checkpoints", "recompute", "loss", "peak GiB", "at")
     for c in columns:
         table.add_column(c, justify="left" if c in ("block", "at") else "right")

@@ -56,7 +56,6 @@ GRAD_TAIL_FRACTION = 0.39
 DEFAULT_FRAGMENTATION_GIB = 1.0
 # cuBLAS workspaces, rotary tables, masks and other step-independent buffers.
 RUNTIME_BYTES = 64 * 2 ** 20
-ARENA_BYTES_PER_ELEMENT = 12  # fp32 master, exp_avg, exp_avg_sq
 
 
 @dataclass
@@ -116,6 +115,8 @@ class MemoryPlan:
     auto_offload: Optional[bool] = None
     layer_kernels: bool = False
     loss_backend: str = "liger"
+    states: str = "fp32"
+    master: bool = True
 
     @property
     def worst(self) -> BlockPlan:
@@ -135,7 +136,7 @@ class MemoryPlan:
         return {
             "model_type": self.model_type, "batch_size": self.batch_size, "seq_len": self.seq_len,
             "fused_loss": self.fused_loss, "offload": self.offload, "layer_kernels": self.layer_kernels,
-            "loss_backend": self.loss_backend,
+            "loss_backend": self.loss_backend, "states": self.states, "master": self.master,
             "budget_gib": None if self.budget_bytes is None else self.budget_bytes / GIB,
             "fragmentation_gib": self.fragmentation_bytes / GIB,
             "peak_gib": round(self.peak_bytes / GIB, 3), "worst_block": self.worst.index, "fits": self.fits,
@@ -230,11 +231,14 @@ def _align(n: int, to: int = 512) -> int:
     return (n + to - 1) // to * to
 
 
-def arena_bytes(shape: ModelShape) -> int:
-    """BlockAdam's arena: the largest block, padded, times 12 bytes (fp32 master, m, v)."""
+def arena_bytes(shape: ModelShape, states: str = "fp32", master: bool = True) -> int:
+    """BlockAdam's arena for the largest block in the state format ``states`` (``BlockAdam(states=,
+    master=)``): 12 bytes per parameter for fp32, about 6 for "8bit"; the arena's spec counts them."""
     from ..arena import required_capacity
+    from ..states import state_spec
 
-    return max(required_capacity(n) for n in shape.layer_numels) * ARENA_BYTES_PER_ELEMENT
+    spec = state_spec(states, master)
+    return max(spec.bytes(required_capacity(n, spec)) for n in shape.layer_numels)
 
 
 def recompute_bytes(shape: ModelShape, tokens: int, trainable: bool, layer_kernels: bool = False) -> int:
@@ -288,7 +292,7 @@ def loss_bytes(shape: ModelShape, tokens: int, fused: bool, head_trainable: bool
 
 def plan_block(shape: ModelShape, index: int, *, batch_size: int, seq_len: int, fused_loss: bool,
                offload: bool, gradient_checkpointing: bool = True, layer_kernels: bool = False,
-               loss_backend: str = "auto") -> BlockPlan:
+               loss_backend: str = "auto", states: str = "fp32", master: bool = True) -> BlockPlan:
     """The predicted peak of block ``index`` as the active block (see the module doc for the moments)."""
     tokens = batch_size * seq_len
     a = shape.dtype_bytes
@@ -325,17 +329,19 @@ def plan_block(shape: ModelShape, index: int, *, batch_size: int, seq_len: int, 
             else (grads, held_low, tail, 0)
     at = max(moments, key=lambda k: sum(moments[k]))
     g, c, r, l_ = moments[at]
-    weights, arena = shape.param_bytes, arena_bytes(shape)
+    weights, arena = shape.param_bytes, arena_bytes(shape, states, master)
     return BlockPlan(index=index, name=shape.block_names[index], weights=weights, arena=arena, grads=g,
                      checkpoints=c, recompute=r, loss=l_, runtime=RUNTIME_BYTES,
                      peak=weights + arena + RUNTIME_BYTES + g + c + r + l_, peak_at=at)
 
 
 def _plan(shape: ModelShape, batch_size: int, seq_len: int, fused_loss: bool, offload: bool,
-          gradient_checkpointing: bool, layer_kernels: bool = False, loss_backend: str = "auto") -> list[BlockPlan]:
+          gradient_checkpointing: bool, layer_kernels: bool = False, loss_backend: str = "auto",
+          states: tuple[str, bool] = ("fp32", True)) -> list[BlockPlan]:
     return [plan_block(shape, i, batch_size=batch_size, seq_len=seq_len, fused_loss=fused_loss, offload=offload,
                        gradient_checkpointing=gradient_checkpointing, layer_kernels=layer_kernels,
-                       loss_backend=loss_backend) for i in range(len(shape.block_names))]
+                       loss_backend=loss_backend, states=states[0], master=states[1])
+            for i in range(len(shape.block_names))]
 
 
 def _largest(fits: Any, count: int) -> int:
@@ -351,8 +357,8 @@ def _largest(fits: Any, count: int) -> int:
 
 
 def _peak(shape: ModelShape, batch: int, seq: int, fused: bool, offload: bool, gc: bool, lean: bool,
-          backend: str) -> int:
-    return max(b.peak for b in _plan(shape, batch, seq, fused, offload, gc, lean, backend))
+          backend: str, states: tuple[str, bool]) -> int:
+    return max(b.peak for b in _plan(shape, batch, seq, fused, offload, gc, lean, backend, states))
 
 
 def plan_memory(config: Any, *, batch_size: int = 1, seq_len: int = 2048, budget_gib: Optional[float] = None,
@@ -360,7 +366,7 @@ def plan_memory(config: Any, *, batch_size: int = 1, seq_len: int = 2048, budget
                 include_embedding: bool = False, include_lm_head: bool = False,
                 dtype: torch.dtype = torch.bfloat16, fragmentation_gib: float = DEFAULT_FRAGMENTATION_GIB,
                 shape: Optional[ModelShape] = None, limits: bool = True, layer_kernels: bool = False,
-                loss_backend: str = "auto") -> MemoryPlan:
+                loss_backend: str = "auto", states: str = "fp32", master: bool = True) -> MemoryPlan:
     """Plan a BlockAdam step of ``batch_size x seq_len`` tokens for the model of ``config``.
 
     Args:
@@ -372,6 +378,8 @@ def plan_memory(config: Any, *, batch_size: int = 1, seq_len: int = 2048, budget
         layer_kernels: the layers run Liger-Kernel's RMSNorm and SwiGLU (``apply_memory_savings``'s
             ``layer_kernels``), which shrink every layer's recompute working set.
         loss_backend: the fused loss's implementation (``"auto"``: what this machine would use).
+        states, master: BlockAdam's optimizer-state format (``"fp32"`` or ``"8bit"``, with or
+            without the fp32 master), which sizes the arena.
         limits: also search the longest sequence and largest batch per saving (about 70 plans).
     """
     if batch_size < 1 or seq_len < 2:
@@ -381,6 +389,8 @@ def plan_memory(config: Any, *, batch_size: int = 1, seq_len: int = 2048, budget
     shape = shape or model_shape(config, dtype=dtype, include_embedding=include_embedding,
                                  include_lm_head=include_lm_head)
     loss_backend = planned_loss_backend(loss_backend)
+    fmt = (states, master)
+    arena_bytes(shape, states, master)  # an unknown format fails here, with the formats listed
     budget = None if budget_gib is None else int(budget_gib * GIB)
     frag = int(fragmentation_gib * GIB)
     found: dict[str, Any] = {}
@@ -388,23 +398,24 @@ def plan_memory(config: Any, *, batch_size: int = 1, seq_len: int = 2048, budget
     if budget is not None:
         limit = budget - frag
         no_offload = _plan(shape, batch_size, seq_len, fused_loss, False, gradient_checkpointing, layer_kernels,
-                           loss_backend)
+                           loss_backend, fmt)
         auto_choice = max(b.peak for b in no_offload) > limit
         variants = {"hf_loss": (False, False), "fused_loss": (True, False), "fused_loss+offload": (True, True)}
         for label, (fused, off) in (variants.items() if limits else ()):
             found[label] = {  # in steps of 256 tokens up to 1M; batches up to 4096
                 "longest_seq": 256 * _largest(lambda k: _peak(shape, batch_size, 256 * k, fused, off,
                                                               gradient_checkpointing, layer_kernels,
-                                                              loss_backend) <= limit, 1 << 12),
+                                                              loss_backend, fmt) <= limit, 1 << 12),
                 "largest_batch": _largest(lambda k: _peak(shape, k, seq_len, fused, off, gradient_checkpointing,
-                                                          layer_kernels, loss_backend) <= limit, 4096),
+                                                          layer_kernels, loss_backend, fmt) <= limit, 4096),
             }
     use_offload = auto_choice if offload == "auto" else bool(offload)
     blocks = _plan(shape, batch_size, seq_len, fused_loss, bool(use_offload), gradient_checkpointing, layer_kernels,
-                   loss_backend)
+                   loss_backend, fmt)
     return MemoryPlan(model_type=shape.model_type, batch_size=batch_size, seq_len=seq_len, fused_loss=fused_loss,
                       offload=bool(use_offload), budget_bytes=budget, fragmentation_bytes=frag, blocks=blocks,
-                      limits=found, auto_offload=auto_choice, layer_kernels=layer_kernels, loss_backend=loss_backend)
+                      limits=found, auto_offload=auto_choice, layer_kernels=layer_kernels, loss_backend=loss_backend,
+                      states=states, master=master)
 
 
 def checkpoint_host_bytes(shape_or_model: Any, batch_size: int, seq_len: int) -> int:

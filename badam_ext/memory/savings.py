@@ -95,9 +95,11 @@ class MemorySavings:
             return self.decisions[key]
         if self._shape is None:
             self._shape = model_shape(self.model.config, dtype=next(self.model.parameters()).dtype)
+        states, master = self._state_format()
         plan = plan_memory(self.model.config, batch_size=batch, seq_len=seq, budget_gib=self.budget_gib,
                            fused_loss=self.loss is not None, offload="auto", shape=self._shape, limits=False,
-                           layer_kernels=self.layers is not None, loss_backend=self._loss_backend())
+                           layer_kernels=self.layers is not None, loss_backend=self._loss_backend(),
+                           states=states, master=master)
         needed = bool(plan.auto_offload)
         logger.info("memory savings: %d x %d tokens, predicted peak %.2f GiB of %.2f: offload %s",
                     batch, seq, plan.peak_bytes / GIB, self.budget_gib, "on" if needed else "off")
@@ -120,6 +122,17 @@ class MemorySavings:
         self.offloader.active = self._wants_offload(batch, seq)
         if self.offloader.active:
             self.offloader.begin_forward(checkpoint_host_bytes(self.model, batch, seq))
+
+    def _state_format(self) -> tuple[str, bool]:
+        """The arena format of the BlockAdam training this model (fp32 with a master if none is open)."""
+        from ..optimizer import _owner
+        from ..states import is_quantized
+
+        for p in self.model.parameters():
+            opt = _owner(p)
+            if opt is not None:
+                return ("8bit" if is_quantized(opt._spec) else "fp32"), opt._spec.has("master")
+        return "fp32", True
 
     def _loss_backend(self) -> str:
         return self.loss.backend if self.loss is not None else "auto"
