@@ -182,7 +182,6 @@ def test_cli_plan_json_and_errors(tmp_path, capsys) -> None:
                    "--layer-kernels", "--loss-backend", "liger"])
     compact = json.loads(capsys.readouterr().out)
     assert rc == 0 and compact["states"] == "8bit" and compact["master"] is False and compact["layer_kernels"]
-    assert compact["blocks"][0]["arena"] < out["blocks"][0]["arena"]
     assert cli_main(["plan", "--config", str(path), "--budget-gib", "0.0001"]) == 3  # does not fit
     capsys.readouterr()
     assert cli_main(["plan", "--config", str(tmp_path / "nope.json")]) == 2
