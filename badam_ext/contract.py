@@ -5,11 +5,11 @@ and the fp64 step state ``[t, beta1^t, beta2^t]`` both backends advance on devic
 """
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from typing import Any, Optional, Sequence
 
 import torch
 
-from .states.spec import ALIGNMENT_BYTES
+from .states.spec import ALIGNMENT_BYTES, QUANT_BLOCK
 
 #: weight and gradient dtypes both backends accept
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -105,19 +105,54 @@ def check_grads(grads: Sequence[Optional[torch.Tensor]], shapes: Sequence[torch.
     return dtype
 
 
-def check_regions(device: torch.device, span: int, **regions: torch.Tensor) -> None:
-    """Arena regions: contiguous 1-D fp32 tensors on ``device`` with at least ``span`` elements."""
+def check_regions(device: torch.device, span: int, dtype: torch.dtype = torch.float32, **regions: torch.Tensor) -> None:
+    """Arena regions: contiguous 1-D tensors of ``dtype`` on ``device`` with at least ``span`` elements."""
     for name, t in regions.items():
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-        if t.dtype != torch.float32:
-            raise TypeError(f"{name} must be float32 (an arena region), got {t.dtype}")
+        if t.dtype != dtype:
+            raise TypeError(f"{name} must be {str(dtype).removeprefix('torch.')} (an arena region), got {t.dtype}")
         if t.dim() != 1 or not t.is_contiguous():
             raise ValueError(f"{name} must be a contiguous 1-D tensor, got shape {tuple(t.shape)}")
         if t.device != device:
             raise ValueError(f"{name} is on {t.device}, the weights on {device}")
         if t.numel() < span:
             raise ValueError(f"{name} has {t.numel()} elements; the tables reach element {span}")
+
+
+def check_state(tables: Any, master: Optional[torch.Tensor], exp_avg: torch.Tensor, exp_avg_sq: torch.Tensor,
+                exp_avg_scale: Optional[torch.Tensor] = None, exp_avg_sq_scale: Optional[torch.Tensor] = None) -> bool:
+    """Check the state regions a launch over ``tables`` works on; True for the 8-bit format.
+
+    fp32 moments: two fp32 regions, no scales. 8-bit moments: two uint8 code regions and both fp32
+    absmax regions (one item per ``QUANT_BLOCK`` elements), tensors starting on whole blocks.
+    ``master`` None: no fp32 master, the weights (bf16 or fp32) are updated directly.
+    """
+    device, span = tables.device, tables.span
+    if master is not None:
+        check_regions(device, span, master=master)
+    elif tables.dtype == torch.float16:
+        raise TypeError("a state without an fp32 master updates the weights directly, which needs bfloat16 "
+                        "(stochastic rounding) or float32 weights; these are float16")
+    scales = {"exp_avg_scale": exp_avg_scale, "exp_avg_sq_scale": exp_avg_sq_scale}
+    if not (isinstance(exp_avg, torch.Tensor) and exp_avg.dtype == torch.uint8):
+        check_regions(device, span, exp_avg=exp_avg, exp_avg_sq=exp_avg_sq)
+        for name, t in scales.items():
+            if t is not None:
+                raise ValueError(f"{name} is given but the moments are float32: absmax scales belong to 8-bit "
+                                 "(uint8) moments")
+        return False
+    check_regions(device, span, torch.uint8, exp_avg=exp_avg, exp_avg_sq=exp_avg_sq)
+    for name, t in scales.items():
+        if t is None:
+            raise ValueError(f"{name} is required with 8-bit (uint8) moments: one float32 absmax per "
+                             f"{QUANT_BLOCK} elements")
+    check_regions(device, -(-span // QUANT_BLOCK), **scales)
+    for i, off in enumerate(tables.offsets):
+        if off % QUANT_BLOCK:
+            raise ValueError(f"offset {i} ({off}) is not a multiple of {QUANT_BLOCK} elements: 8-bit moments need "
+                             "each tensor to start on a quantization block (lay it out with the 8-bit StateSpec)")
+    return True
 
 
 def check_partials(partials: torch.Tensor, device: torch.device, needed: int) -> None:

@@ -8,6 +8,7 @@ block, writing the low-precision weights in the same pass.
 from __future__ import annotations
 
 import contextlib
+import functools
 import gc
 import logging
 import math
@@ -24,12 +25,13 @@ from torch import nn
 from torch.utils.hooks import RemovableHandle
 
 from .arena import ArenaLayout, BlockArena, required_capacity
-from .states import FP32, StateSpec
+from .states import QUANT_BLOCK, StateSpec, check_states, is_quantized, state_spec
+from .states import describe as describe_states
 from .fsdp import local_tensor, sharding_of
 from .contract import SUPPORTED_DTYPES
 from .launch_groups import LaunchGroup, MissingGradError, build_launch_groups
 from .logs import show_info
-from .ops import get_backend
+from .ops import get_backend, grad_sq_sum
 from .param_groups import named_parameter_pairs
 from .partition import (
     BlockPartition,
@@ -46,10 +48,13 @@ NamedParams = Iterable[tuple[str, nn.Parameter]]
 SwitchHook = Callable[[Optional[int], int, dict], None]
 
 STATE_FORMAT = "badam_ext.BlockAdam/1"
-#: every key of a state_dict(); load_state_dict() requires them all
+#: every key of a state_dict(); load_state_dict() requires them all. A state without an fp32 master
+#: saves an empty "master" list; the 8-bit format adds "exp_avg_scale" / "exp_avg_sq_scale", and every
+#: compact format a "states" entry (a state without one is the fp32 format with a master).
 STATE_KEYS = ("format", "fingerprint", "active_block", "active_param_names", "schedule", "param_groups",
               "step_states", "master", "exp_avg", "exp_avg_sq", "sr_counter", "seed")
 _REGIONS = ("master", "exp_avg", "exp_avg_sq")
+_DEFAULT_STATES = {"states": "fp32", "master": True}
 _GROUP_HYPER_KEYS = ("lr", "betas", "eps", "weight_decay")
 
 _NOT_COPYABLE = (
@@ -106,6 +111,12 @@ class BlockAdam(torch.optim.Optimizer):
         no_decay: ``f(name, param) -> bool``; True excludes a tensor from weight decay.
         max_grad_norm: clip the active block's gradient by its global norm, on device (None: off).
         stochastic_rounding: round bf16 weights stochastically instead of to nearest even.
+        states: the optimizer-state format (opt-in, see docs/states.md): ``"fp32"`` (the default,
+            bit-exact: 12 B/param of arena) or ``"8bit"`` (blockwise 8-bit moments with an fp32 absmax
+            per 256 elements, the scheme of bitsandbytes ``Adam8bit`` / torchao ``AdamW8bit``; about
+            6 B/param with the master).
+        master: keep an fp32 master copy of the active block (default). ``False`` updates the bf16 (or
+            fp32) weights directly, rounding bf16 stochastically (4 fewer B/param; fp16 refused).
         backend: ``"auto"`` (Triton on CUDA, torch on CPU), ``"triton"`` or ``"torch"``.
         prune_backward: when ``params`` is a module, keep backward from running below the active block
             (undoes HF's ``enable_input_require_grads`` and handles reentrant checkpointing).
@@ -152,6 +163,8 @@ class BlockAdam(torch.optim.Optimizer):
         no_decay: Callable[[str, torch.Tensor], bool] = default_no_decay,
         max_grad_norm: Optional[float] = None,
         stochastic_rounding: bool = False,
+        states: str = "fp32",
+        master: bool = True,
         backend: str = "auto",
         prune_backward: bool = True,
         param_groups: Optional[Sequence[dict]] = None,
@@ -185,7 +198,7 @@ class BlockAdam(torch.optim.Optimizer):
             raise ValueError(f"all block parameters must be on one device; found {sorted(map(str, devices))}")
         self.device = devices.pop()
         self._sharding = sharding_of(managed)  # FSDP2: the arena and the step see local shards only
-        self._spec: StateSpec = FP32
+        self._spec: StateSpec = state_spec(check_states(states), master)
         for index in range(len(self.partition)):  # every block up front: a later switch must not fail
             self._check_block_tensors(index)
 
@@ -200,6 +213,8 @@ class BlockAdam(torch.optim.Optimizer):
         self.no_decay = no_decay
         self.max_grad_norm = max_grad_norm
         self.stochastic_rounding = stochastic_rounding
+        self.states = states
+        self.master = master
         self.verbose = verbose
         if verbose:
             show_info(logger)  # an unconfigured logger would drop the INFO lines verbose asks for
@@ -282,6 +297,12 @@ class BlockAdam(torch.optim.Optimizer):
         """
         block = f"block {index} ({self.partition.blocks[index].name})"
         for name, param in self._active_named(index):
+            if param.dtype == torch.float16 and not self._spec.has("master"):
+                raise TypeError(
+                    f"parameter {name!r} of {block} is float16: master=False updates the weights directly, "
+                    "with stochastic rounding for bfloat16 (float32 is exact); float16 weights need the fp32 "
+                    "master (master=True) or a bfloat16 model"
+                )
             if param.dtype not in SUPPORTED_DTYPES:
                 raise TypeError(
                     f"parameter {name!r} of {block} has dtype {param.dtype}: BlockAdam trains float32, "
@@ -340,11 +361,14 @@ class BlockAdam(torch.optim.Optimizer):
             layout = self.arena.layout([t.numel() for _, _, t in held])
             self.arena.check_tensors(layout, [t.detach() for _, _, t in held])
             offsets = list(layout.offsets)
+        build_tables = self._ops.BlockTables.build
+        if is_quantized(self._spec):  # every program covers whole quantization blocks
+            build_tables = functools.partial(build_tables, min_block_size=QUANT_BLOCK)
         launch_groups = build_launch_groups(
             [n for n, _, _ in held], [p for _, p, _ in held], offsets,
             group_of=lambda p: self._group_of[id(p)],
             decays=lambda n, p: not self.no_decay(n, p),
-            build_tables=self._ops.BlockTables.build,
+            build_tables=build_tables,
             local=local_tensor,
         )
         return _PreparedBlock(index, self._active_named(index), held, layout, launch_groups)
@@ -368,9 +392,9 @@ class BlockAdam(torch.optim.Optimizer):
         if block.layout is not None:
             self._state_views = self.arena.views(block.layout, [list(t.shape) for _, _, t in block.held])
         self._launch_groups = block.launch_groups
-        master, exp_avg, exp_avg_sq = (self.arena.flat(r) for r in _REGIONS)
+        regions = self._regions()
         for lg in self._launch_groups:
-            self._ops.block_load(lg.tables, master, exp_avg, exp_avg_sq)
+            self._ops.block_load(lg.tables, *regions[:3], exp_avg_scale=regions[3], exp_avg_sq_scale=regions[4])
             lg.record_versions()
         for state in self._step_states:
             self._ops.reset_step_state(state)
@@ -447,7 +471,8 @@ class BlockAdam(torch.optim.Optimizer):
             self.last_grad_norm = norm
             coef = (self.max_grad_norm / (norm + 1e-6)).clamp_(max=1.0)
             grad_scale = coef if grad_scale is None else grad_scale * coef
-        master, exp_avg, exp_avg_sq = (self.arena.flat(r) for r in _REGIONS)
+        regions = self._regions()
+        stochastic = self.stochastic_rounding or not self._spec.has("master")
         stepped_groups = set()
         for lg, lg_grads in zip(self._launch_groups, grads):
             hyper = hypers[lg.group_index]
@@ -456,10 +481,11 @@ class BlockAdam(torch.optim.Optimizer):
                 self._ops.advance_step(state, hyper.beta1, hyper.beta2, found_inf)
                 stepped_groups.add(lg.group_index)
             self._ops.fused_adamw_step(
-                lg.tables, lg_grads, master, exp_avg, exp_avg_sq, state,
+                lg.tables, lg_grads, *regions[:3], state,
                 lr=hyper.lr, beta1=hyper.beta1, beta2=hyper.beta2, eps=hyper.eps,
                 weight_decay=hyper.weight_decay, grad_scale=grad_scale, found_inf=found_inf,
-                stochastic_rounding=self.stochastic_rounding, seed=self._seed * 1_000_003 + self._sr_counter,
+                stochastic_rounding=stochastic, seed=self._seed * 1_000_003 + self._sr_counter,
+                exp_avg_scale=regions[3], exp_avg_sq_scale=regions[4],
             )
             lg.record_versions()  # our own write: the Triton kernels bump no version counter
         self._sr_counter += 1
@@ -508,6 +534,13 @@ class BlockAdam(torch.optim.Optimizer):
             schedule.load_state_dict(snapshot)
             raise
 
+    def _regions(self) -> tuple[Optional[torch.Tensor], ...]:
+        """The arena's flat regions as the kernels take them: master (None without one), exp_avg,
+        exp_avg_sq, exp_avg_scale, exp_avg_sq_scale (None for fp32 moments)."""
+        spec = self._spec
+        return tuple(self.arena.flat(r) if spec.has(r) else None
+                     for r in ("master", "exp_avg", "exp_avg_sq", "exp_avg_scale", "exp_avg_sq_scale"))
+
     def _sync_masters(self) -> None:
         """Re-load the fp32 master of active weights written in place by someone else since our last write.
 
@@ -521,6 +554,9 @@ class BlockAdam(torch.optim.Optimizer):
             rewritten = lg.rewritten()
             if not rewritten:
                 continue
+            if not self._spec.has("master"):  # the weights are the state: nothing to re-load
+                lg.record_versions()
+                continue
             if master is None:
                 master = self.arena.flat("master")
             lg.resync_master(master, rewritten)
@@ -531,15 +567,12 @@ class BlockAdam(torch.optim.Optimizer):
 
     def _grad_norm(self, grads: list[list[torch.Tensor]]) -> torch.Tensor:
         """Global L2 norm of the active block's gradients, on device, deterministic."""
-        total = sum(lg.tables.num_chunks for lg in self._launch_groups)
+        tables = [lg.tables for lg in self._launch_groups]
+        total = sum(t.num_chunks for t in tables)
         if self._partials is None or self._partials.numel() < total:
             self._partials = torch.empty(total, dtype=torch.float32, device=self.device)
-        start = 0
-        for lg, lg_grads in zip(self._launch_groups, grads):
-            n = lg.tables.num_chunks
-            self._ops.grad_sq_norm(lg.tables, lg_grads, self._partials[start:start + n])
-            start += n
-        sq = self._partials[:total].sum()
+        # FSDP2: a rank may hold no element of the block (no launch group): its squares are zero
+        sq = grad_sq_sum(self._ops, tables, grads, self._partials) if tables else self._partials[:0].sum()
         if self._sharding is not None:  # local shards: the global norm sums every rank's squares
             self._sharding.all_reduce_sum(sq)
         return sq.sqrt()
@@ -635,15 +668,18 @@ class BlockAdam(torch.optim.Optimizer):
         self._check_open("check_replicas")
         if self._grad_sync is not None:
             self._sync_masters()
-            self._grad_sync.check_replicas(list(self._state_views["master"]), what="fp32 master weights")
+            if self._spec.has("master"):
+                self._grad_sync.check_replicas(list(self._state_views["master"]), what="fp32 master weights")
+            else:
+                self._grad_sync.check_replicas([p.detach() for p in self.active_params], what="weights")
 
     # ------------------------------------------------------------------- state
     def state_dict(self) -> dict[str, Any]:
         """Everything needed to resume bit-identically: schedule, block, step counters, master/m/v."""
         self._check_open("state_dict")
         self._sync_masters()  # weights loaded since the last step: save the master that goes with them
-        master, exp_avg, exp_avg_sq = (self._state_views[r] for r in _REGIONS)
-        return {
+        views = self._state_views
+        out = {
             "format": STATE_FORMAT,
             "fingerprint": self.partition.fingerprint(),
             "active_block": self.active_block,
@@ -652,12 +688,19 @@ class BlockAdam(torch.optim.Optimizer):
             "param_groups": [{k: v for k, v in g.items() if k != "params"} for g in self.param_groups],
             "step_states": [s.detach().cpu().clone() for s in self._step_states],
             # on the host: a checkpoint must not double the active block's state in device memory
-            "master": [t.detach().to("cpu", copy=True) for t in master],
-            "exp_avg": [t.detach().to("cpu", copy=True) for t in exp_avg],
-            "exp_avg_sq": [t.detach().to("cpu", copy=True) for t in exp_avg_sq],
+            **{r: [t.detach().to("cpu", copy=True) for t in views.get(r, [])] for r in _REGIONS},
             "sr_counter": self._sr_counter,
             "seed": self._seed,
         }
+        if self._states_entry() != _DEFAULT_STATES:
+            out["states"] = self._states_entry()
+            for r in ("exp_avg_scale", "exp_avg_sq_scale"):
+                if r in views:
+                    out[r] = [t.detach().to("cpu", copy=True) for t in views[r]]
+        return out
+
+    def _states_entry(self) -> dict[str, Any]:
+        return {"states": "8bit" if is_quantized(self._spec) else "fp32", "master": self._spec.has("master")}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Restore a state saved by ``state_dict()`` of the same model and partition.
@@ -670,7 +713,7 @@ class BlockAdam(torch.optim.Optimizer):
         for group, saved in zip(self.param_groups, groups):
             group.update(saved)
         self._commit_block(block)
-        for key in _REGIONS:
+        for key in self._spec.region_names:
             for view, tensor in zip(self._state_views[key], state_dict[key]):
                 view.copy_(tensor)
         for state, saved in zip(self._step_states, state_dict["step_states"]):
@@ -690,6 +733,16 @@ class BlockAdam(torch.optim.Optimizer):
         if missing:
             raise ValueError(f"BlockAdam state_dict lacks key(s) {missing}: it was truncated or edited; "
                              "save a complete one with state_dict()")
+        saved_states = state_dict.get("states", _DEFAULT_STATES)
+        if saved_states != self._states_entry():
+            raise ValueError(
+                f"this state_dict holds {_describe_entry(saved_states)} optimizer states but this BlockAdam uses "
+                f"{_describe_entry(self._states_entry())}: loading one state format into another is refused "
+                "(build the BlockAdam with the saved format to resume)"
+            )
+        missing = [k for k in self._spec.region_names if k not in state_dict]
+        if missing:
+            raise ValueError(f"BlockAdam state_dict lacks key(s) {missing} of its state format")
         if state_dict["fingerprint"] != self.partition.fingerprint():
             raise ValueError(
                 "this BlockAdam state was saved for another model or block partition "
@@ -702,9 +755,14 @@ class BlockAdam(torch.optim.Optimizer):
         if [n for n, _ in self._active_named(active)] != state_dict["active_param_names"]:
             raise ValueError("active block parameters in the state do not match this model's block")
         self._check_state_schedule(state_dict["schedule"], active)
-        expected = [(name, held.shape) for name, _, held in self._local_named(active)]
-        for key in _REGIONS:
-            _check_state_tensors(key, state_dict[key], expected)
+        held = self._local_named(active)
+        for key in self._spec.region_names:
+            block = self._spec.block(key)
+            expected = [(name, t.shape if block == 1 else torch.Size([self._spec.items(key, t.numel())]))
+                        for name, _, t in held]
+            _check_state_tensors(key, state_dict[key], expected, self._spec.dtype(key))
+        if not self._spec.has("master") and state_dict["master"]:
+            raise ValueError("state_dict['master'] must be an empty list for a state without an fp32 master")
         _check_step_states(state_dict["step_states"], len(self.param_groups))
         _state_count(state_dict, "sr_counter", minimum=0)
         _state_count(state_dict, "seed")
@@ -754,6 +812,7 @@ class BlockAdam(torch.optim.Optimizer):
         return (
             f"BlockAdam(blocks={len(self.partition)}, active={self.active_block}, "
             f"mode={self.schedule.mode!r}, K={self.schedule.switch_every}, backend={self._ops.name!r}, "
+            f"{describe_states(self._spec)}, "
             f"arena={self.arena.capacity_bytes / 2**20:.1f} MiB{', closed' if self._closed else ''})"
         )
 
@@ -917,17 +976,25 @@ def _state_count(state_dict: dict, key: str, minimum: Optional[int] = None) -> i
     return number
 
 
-def _check_state_tensors(key: str, saved: Any, expected: Sequence[tuple[str, torch.Size]]) -> None:
-    """``saved`` must be one dense float32 tensor per active tensor, of its shape (any device)."""
+def _describe_entry(entry: Any) -> str:
+    if isinstance(entry, dict) and set(entry) == {"states", "master"}:
+        return f"states={entry['states']!r}, master={entry['master']}"
+    return f"an unknown format ({entry!r})"
+
+
+def _check_state_tensors(key: str, saved: Any, expected: Sequence[tuple[str, torch.Size]],
+                         dtype: torch.dtype = torch.float32) -> None:
+    """``saved`` must be one dense tensor of ``dtype`` per active tensor, of its shape (any device)."""
+    kind = str(dtype).removeprefix("torch.")
     if not isinstance(saved, (list, tuple)) or len(saved) != len(expected):
         got = f"{len(saved)} items" if isinstance(saved, (list, tuple)) else type(saved).__name__
-        raise ValueError(f"state_dict[{key!r}] must be a list of {len(expected)} float32 tensors (one per tensor "
+        raise ValueError(f"state_dict[{key!r}] must be a list of {len(expected)} {kind} tensors (one per tensor "
                          f"of the active block), got {got}")
     for i, (tensor, (name, shape)) in enumerate(zip(saved, expected)):
-        want = f"expected a float32 tensor of shape {tuple(shape)}"
+        want = f"expected a {kind} tensor of shape {tuple(shape)}"
         if not isinstance(tensor, torch.Tensor):
             raise ValueError(f"state_dict[{key!r}][{i}] ({name}) is a {type(tensor).__name__}; {want}")
-        if tensor.dtype != torch.float32 or tensor.shape != shape or tensor.layout != torch.strided:
+        if tensor.dtype != dtype or tensor.shape != shape or tensor.layout != torch.strided:
             raise ValueError(f"state_dict[{key!r}][{i}] ({name}) is a {tensor.dtype} tensor of shape "
                              f"{tuple(tensor.shape)}; {want}")
 

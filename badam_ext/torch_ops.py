@@ -1,11 +1,11 @@
 """The kernel contract in plain torch, one tensor at a time.
 
 The same entry points as :mod:`badam_ext.kernels` (``BlockTables`` here is :class:`TorchTables`),
-with the same arithmetic in the same order, so on CPU the two agree bit for bit (stochastic
-rounding aside, which draws from torch's generator instead of Triton's Philox stream; and the
-gradient norm, summed per tensor here and per chunk there, which can move a clipped step by one
-fp32 ulp). It serves
-CPU users and is the oracle the Triton kernels are tested against. No triton import, no host sync.
+for every state format, with the same arithmetic in the same order, so on CPU the two agree bit for
+bit, 8-bit codes included (stochastic rounding aside, which draws from torch's generator instead of
+Triton's Philox stream; and the gradient norm, summed per tensor here and per chunk there, which
+can move a clipped step by one fp32 ulp). It serves CPU users and is the oracle the Triton kernels
+are tested against. No triton import, no host sync.
 """
 from __future__ import annotations
 
@@ -15,6 +15,7 @@ from typing import Optional, Sequence
 import torch
 
 from .contract import (
+    check_state,
     check_decay,
     check_device_scalar,
     check_grads,
@@ -28,6 +29,7 @@ from .contract import (
     new_step_state,
     reset_step_state,
 )
+from .states.quant import QUANT_BLOCK, dequantize, quantize, signed_map, unsigned_map, zero_code
 
 name = "torch"
 
@@ -37,7 +39,6 @@ __all__ = [
     "advance_step",
     "block_load",
     "fused_adamw_step",
-    "grad_norm",
     "grad_sq_norm",
     "name",
     "new_step_state",
@@ -49,7 +50,7 @@ class TorchTables:
     """Per-switch description of one launch group (same ``build`` API as the Triton tables).
 
     ``num_chunks`` is the number of tensors: :func:`grad_sq_norm` writes one partial per tensor.
-    ``block_size`` is accepted for API parity and ignored.
+    ``block_size`` and ``min_block_size`` are accepted for API parity and ignored.
     """
 
     def __init__(self, weights: tuple[torch.Tensor, ...], offsets: tuple[int, ...], decay: tuple[bool, ...]):
@@ -64,7 +65,7 @@ class TorchTables:
 
     @classmethod
     def build(cls, weights: Sequence[torch.Tensor], offsets: Sequence[int], decay: Sequence[bool],
-              block_size: Optional[int] = None) -> "TorchTables":
+              block_size: Optional[int] = None, min_block_size: int = 1) -> "TorchTables":
         weights = tuple(weights)
         check_weights(weights)
         offs = check_offsets(offsets, [w.numel() for w in weights])
@@ -97,14 +98,30 @@ class TorchTables:
 BlockTables = TorchTables
 
 
-def block_load(tables: TorchTables, master_flat: torch.Tensor, exp_avg_flat: torch.Tensor,
-               exp_avg_sq_flat: torch.Tensor) -> None:
-    """``master[off + i] = float(weight[i])``; exp_avg = exp_avg_sq = 0 over each tensor's range."""
-    tables.check_arena(master=master_flat, exp_avg=exp_avg_flat, exp_avg_sq=exp_avg_sq_flat)
+def _quant_views(tables: TorchTables, sl: slice, codes: torch.Tensor, scales: torch.Tensor
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """A tensor's codes and its absmax items (its offset is a whole number of quantization blocks)."""
+    first = sl.start // QUANT_BLOCK
+    return codes[sl], scales[first:first + -(-(sl.stop - sl.start) // QUANT_BLOCK)]
+
+
+def block_load(tables: TorchTables, master_flat: Optional[torch.Tensor], exp_avg_flat: torch.Tensor,
+               exp_avg_sq_flat: torch.Tensor, *, exp_avg_scale: Optional[torch.Tensor] = None,
+               exp_avg_sq_scale: Optional[torch.Tensor] = None) -> None:
+    """``master[off + i] = float(weight[i])`` (with a master); the moments zero over each tensor's range
+    (8-bit: the code of zero and absmax 0)."""
+    quantized = check_state(tables, master_flat, exp_avg_flat, exp_avg_sq_flat, exp_avg_scale, exp_avg_sq_scale)
     for w, sl in zip(tables.weights, tables.slices()):
-        master_flat[sl].copy_(w.reshape(-1))
-        exp_avg_flat[sl].zero_()
-        exp_avg_sq_flat[sl].zero_()
+        if master_flat is not None:
+            master_flat[sl].copy_(w.reshape(-1))
+        if not quantized:
+            exp_avg_flat[sl].zero_()
+            exp_avg_sq_flat[sl].zero_()
+            continue
+        for codes, scales, signed in ((exp_avg_flat, exp_avg_scale, True), (exp_avg_sq_flat, exp_avg_sq_scale, False)):
+            c, a = _quant_views(tables, sl, codes, scales)
+            c.fill_(zero_code(signed))
+            a.zero_()
 
 
 def advance_step(step_state: torch.Tensor, beta1: float, beta2: float,
@@ -128,21 +145,6 @@ def grad_sq_norm(tables: TorchTables, grads: Sequence[torch.Tensor], partials: t
     partials[: tables.num_chunks].copy_(sums)
     if partials.numel() > tables.num_chunks:
         partials[tables.num_chunks:].zero_()
-
-
-def grad_norm(tables_list: Sequence[TorchTables], grads_list: Sequence[Sequence[torch.Tensor]]) -> torch.Tensor:
-    """Global L2 norm over several launch groups, as a 0-dim fp32 tensor on their device."""
-    if len(tables_list) != len(grads_list):
-        raise ValueError(f"got {len(tables_list)} tables for {len(grads_list)} gradient lists")
-    if len(tables_list) == 0:
-        raise ValueError("grad_norm needs at least one launch group")
-    total = sum(t.num_chunks for t in tables_list)
-    partials = torch.empty(total, dtype=torch.float32, device=tables_list[0].device)
-    start = 0
-    for tables, grads in zip(tables_list, grads_list):
-        grad_sq_norm(tables, grads, partials[start:start + tables.num_chunks])
-        start += tables.num_chunks
-    return partials.sum().sqrt()
 
 
 def _fp32(x: float) -> float:
@@ -174,7 +176,7 @@ def round_bf16_stochastic(x: torch.Tensor, generator: torch.Generator) -> torch.
 def fused_adamw_step(
     tables: TorchTables,
     grads: Sequence[torch.Tensor],
-    master_flat: torch.Tensor,
+    master_flat: Optional[torch.Tensor],
     exp_avg_flat: torch.Tensor,
     exp_avg_sq_flat: torch.Tensor,
     step_state: torch.Tensor,
@@ -188,10 +190,13 @@ def fused_adamw_step(
     found_inf: Optional[torch.Tensor] = None,
     stochastic_rounding: bool = False,
     seed: int = 0,
+    exp_avg_scale: Optional[torch.Tensor] = None,
+    exp_avg_sq_scale: Optional[torch.Tensor] = None,
 ) -> None:
-    """One AdamW step per tensor, the kernels' arithmetic in the kernels' order (torch AdamW's)."""
+    """One AdamW step per tensor, the kernels' arithmetic in the kernels' order (torch AdamW's), for
+    every state format (8-bit: dequantize, update, requantize, as the kernels do)."""
     lr, beta1, beta2, eps, weight_decay = check_hyper(lr, beta1, beta2, eps, weight_decay)
-    tables.check_arena(master=master_flat, exp_avg=exp_avg_flat, exp_avg_sq=exp_avg_sq_flat)
+    quantized = check_state(tables, master_flat, exp_avg_flat, exp_avg_sq_flat, exp_avg_scale, exp_avg_sq_scale)
     check_step_state(step_state)
     if step_state.device != tables.device:
         raise ValueError(f"step_state is on {step_state.device}, the weights on {tables.device}")
@@ -210,7 +215,14 @@ def fused_adamw_step(
         generator = torch.Generator(device=tables.device)
         generator.manual_seed(seed % (1 << 63))
     for w, g, sl, decay in zip(tables.weights, grads, tables.slices(), tables.decay):
-        p_old, m_old, v_old = master_flat[sl], exp_avg_flat[sl], exp_avg_sq_flat[sl]
+        p_old = master_flat[sl] if master_flat is not None else w.reshape(-1).float()
+        if quantized:
+            m_codes, m_scale = _quant_views(tables, sl, exp_avg_flat, exp_avg_scale)
+            v_codes, v_scale = _quant_views(tables, sl, exp_avg_sq_flat, exp_avg_sq_scale)
+            m_old = dequantize(m_codes, m_scale, signed_map(tables.device))
+            v_old = dequantize(v_codes, v_scale, unsigned_map(tables.device))
+        else:
+            m_old, v_old = exp_avg_flat[sl], exp_avg_sq_flat[sl]
         g = g.reshape(-1).float()
         if grad_scale is not None:
             g = g * grad_scale.reshape(())
@@ -224,10 +236,24 @@ def fused_adamw_step(
         else:
             w_new = p.to(w.dtype)
         w_new = w_new.view(w.shape)
-        if keep is not None:
-            p, m, v = (torch.where(keep, new, old) for new, old in ((p, p_old), (m, m_old), (v, v_old)))
-            w_new = torch.where(keep, w_new, w)
-        p_old.copy_(p)
-        m_old.copy_(m)
-        v_old.copy_(v)
-        w.copy_(w_new)
+        if quantized:
+            _store_8bit(m, m_codes, m_scale, signed_map(tables.device), keep)
+            _store_8bit(v, v_codes, v_scale, unsigned_map(tables.device), keep)
+        else:
+            if keep is not None:
+                m, v = (torch.where(keep, new, old) for new, old in ((m, m_old), (v, v_old)))
+            m_old.copy_(m)
+            v_old.copy_(v)
+        if master_flat is not None:
+            p_old.copy_(p if keep is None else torch.where(keep, p, p_old))
+        w.copy_(w_new if keep is None else torch.where(keep, w_new, w))
+
+
+def _store_8bit(x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor, qmap: torch.Tensor,
+                keep: Optional[torch.Tensor]) -> None:
+    """Requantize ``x`` into ``codes`` / ``scales`` (unless ``keep`` is False: a skipped step)."""
+    new_codes, new_scales = quantize(x, qmap)
+    if keep is not None:
+        new_codes, new_scales = torch.where(keep, new_codes, codes), torch.where(keep, new_scales, scales)
+    codes.copy_(new_codes)
+    scales.copy_(new_scales)

@@ -44,14 +44,24 @@ def build(kernel, types, constexprs, **options):
 
 tables = dict(meta_ptr="*i64", chunk_ptr="*i32", grad_table_ptr="*i64")
 arena = dict(master_ptr="*fp32", exp_avg_ptr="*fp32", exp_avg_sq_ptr="*fp32")
+unused = dict(exp_avg_scale_ptr="*fp32", exp_avg_sq_scale_ptr="*fp32", m_map_ptr="*fp32", v_map_ptr="*fp32")
+arena8 = dict(master_ptr="*fp32", exp_avg_ptr="*u8", exp_avg_sq_ptr="*u8", exp_avg_scale_ptr="*fp32",
+              exp_avg_sq_scale_ptr="*fp32", m_map_ptr="*fp32", v_map_ptr="*fp32")
+fp32_state = dict(HAS_MASTER=True, QUANT=False, QBLOCK=256)
 scalars = dict(state_ptr="*fp64", grad_scale_ptr="*fp32", found_inf_ptr="*fp32", lr="fp32", decay_factor="fp32",
                beta2="fp32", one_minus_beta1="fp32", one_minus_beta2="fp32", eps="fp32", seed_lo="i32", seed_hi="i32")
 out = {
-    "adamw": build(adamw._fused_adamw_kernel, {**tables, **arena, **scalars},
+    "adamw": build(adamw._fused_adamw_kernel, {**tables, **arena, **unused, **scalars},
                    dict(W_DTYPE=tl.bfloat16, G_DTYPE=tl.bfloat16, W_ALIGN=8, G_ALIGN=8, HAS_SCALE=True,
-                        HAS_FOUND_INF=True, STOCHASTIC=False, BLOCK=2048), enable_fp_fusion=False),
-    "load": build(switch_load._block_load_kernel, {**tables, **arena},
-                  dict(W_DTYPE=tl.bfloat16, W_ALIGN=8, BLOCK=2048)),
+                        HAS_FOUND_INF=True, STOCHASTIC=False, BLOCK=2048, **fp32_state), enable_fp_fusion=False),
+    "adamw8": build(adamw._fused_adamw_kernel, {**tables, **arena8, **scalars},
+                    dict(W_DTYPE=tl.bfloat16, G_DTYPE=tl.bfloat16, W_ALIGN=8, G_ALIGN=8, HAS_SCALE=True,
+                         HAS_FOUND_INF=True, STOCHASTIC=False, BLOCK=2048, HAS_MASTER=True, QUANT=True, QBLOCK=256),
+                    enable_fp_fusion=False),
+    "load": build(switch_load._block_load_kernel, {**tables, **arena, "exp_avg_scale_ptr": "*fp32",
+                                                   "exp_avg_sq_scale_ptr": "*fp32"},
+                  dict(W_DTYPE=tl.bfloat16, W_ALIGN=8, BLOCK=2048, HAS_MASTER=True, QUANT=False, M_ZERO=127,
+                       V_ZERO=0, QBLOCK=256)),
     "norm": build(norm._grad_sq_norm_kernel, {**tables, "partials_ptr": "*fp32"},
                   dict(G_DTYPE=tl.bfloat16, G_ALIGN=16, BLOCK=2048)),
 }
@@ -91,3 +101,13 @@ def test_switch_and_norm_kernels_vectorize(codegen):
     load, norm = codegen["load"], codegen["norm"]
     assert load["v4_stores"] >= 6 and load["v2_loads"] >= 2 and load["shared"] == 0, load
     assert norm["v4_loads"] >= 1 and norm["local"] == 0, norm
+
+
+def test_8bit_step_kernel_stays_in_registers_with_ieee_arithmetic(codegen):
+    """The 8-bit step: no spills, IEEE division and square root, no fused multiply-add (code parity
+    with the torch twin). Its throughput is measured by bench/bench_states.py on the GPU."""
+    k = codegen["adamw8"]
+    assert k["local"] == 0, f"local-memory spills: {k}"
+    assert k["sqrt_rn"] > 0 and k["sqrt_approx"] == 0 and k["div_rn"] > 0 and k["div_approx"] == 0, k
+    assert k["fma"] == 0, k
+    assert k["v4_loads"] >= 2, f"the fp32 master should still load as 16-byte vectors: {k}"

@@ -127,3 +127,94 @@ def test_tensor_over_2_pow_31_elements():
         assert_close_rel(r[o + idx], e, 1e-6, f"big tensor {name}")
     assert torch.equal(big[idx], regions[0][o + idx].bfloat16())
     assert regions[0][o + n_big:].isnan().all()
+
+
+def _arena_regions(spec, weights, device):
+    from badam_ext.arena import BlockArena, required_capacity
+
+    numels = [w.numel() for w in weights]
+    arena = BlockArena(required_capacity(numels, spec), device, spec)
+    for name in spec.region_names:
+        flat = arena.flat(name)
+        flat.fill_(0xAB) if flat.dtype == torch.uint8 else flat.fill_(float("nan"))
+    names = ("master", "exp_avg", "exp_avg_sq", "exp_avg_scale", "exp_avg_sq_scale")
+    return arena, arena.layout(numels).offsets, [arena.flat(r) if spec.has(r) else None for r in names]
+
+
+@pytest.mark.parametrize("master", [True, False], ids=["8bit", "8bit-nomaster"])
+def test_llama3_8b_layer_8bit_matches_torch_twin(master):
+    """8-bit states on the full layer: kernel against the torch twin on the GPU. First step from a
+    block load: codes identical (m and v depend on g alone); second step: at most one code apart
+    where a tie resolves differently, master within fp32 rounding."""
+    from badam_ext.states import QUANT_BLOCK, state_spec
+
+    device = torch.device("cuda")
+    spec = state_spec("8bit", master)
+    gen = torch.Generator(device=device).manual_seed(62)
+    weights = [(torch.randn(s, device=device, generator=gen) * 0.02).bfloat16() for s in LLAMA3_8B_LAYER]
+    twins = [w.clone() for w in weights]
+    decay = [w.dim() > 1 for w in weights]
+    a_arena, offsets, ours = _arena_regions(spec, weights, device)
+    b_arena, _, theirs = _arena_regions(spec, twins, device)
+    tables = K.BlockTables.build(weights, offsets, decay, min_block_size=QUANT_BLOCK)
+    ttables = torch_ops.TorchTables.build(twins, offsets, decay)
+    for backend, t, r in ((K, tables, ours), (torch_ops, ttables, theirs)):
+        backend.block_load(t, *r[:3], exp_avg_scale=r[3], exp_avg_sq_scale=r[4])
+    states = [K.new_step_state(device), torch_ops.new_step_state(device)]
+    for step in (1, 2):
+        grads = [(torch.randn(w.shape, device=device, generator=gen) * 1e-3).bfloat16() for w in weights]
+        for backend, t, r, s in ((K, tables, ours, states[0]), (torch_ops, ttables, theirs, states[1])):
+            backend.advance_step(s, HYPER["beta1"], HYPER["beta2"])
+            backend.fused_adamw_step(t, grads, *r[:3], s, lr=1e-4, **HYPER, stochastic_rounding=not master,
+                                     seed=step, exp_avg_scale=r[3], exp_avg_sq_scale=r[4])
+        torch.cuda.synchronize()
+        va = a_arena.views(a_arena.layout([w.numel() for w in weights]), [list(w.shape) for w in weights])
+        vb = b_arena.views(b_arena.layout([w.numel() for w in weights]), [list(w.shape) for w in weights])
+        for name in ("exp_avg", "exp_avg_sq"):
+            for i, (x, y) in enumerate(zip(va[name], vb[name])):
+                diff = (x.int() - y.int()).abs()
+                if step == 1:
+                    assert torch.equal(x, y), f"step 1 {name} {i}: {int((diff > 0).sum())} codes differ"
+                else:
+                    assert int(diff.max()) <= 1 and float((diff > 0).float().mean()) <= 1e-4, f"{name} {i}"
+        if master:
+            for i, (x, y) in enumerate(zip(va["master"], vb["master"])):
+                assert_close_rel(x, y.double(), 1e-6, f"step {step} master {i}")
+            for w, tw in zip(weights, twins):
+                assert int(ulp_distance(w, tw).max()) <= 1
+        else:  # both round stochastically, from different streams
+            for w, tw in zip(weights, twins):
+                assert int(ulp_distance(w, tw).max()) <= 2
+
+
+def test_8bit_tensor_over_2_pow_31_elements():
+    """int64 indexing of codes and scales: the tail of a tensor past 2^31 elements after one step."""
+    from badam_ext.states import QUANT_BLOCK, state_spec
+    from badam_ext.states.quant import quantize, signed_map, unsigned_map
+
+    device = torch.device("cuda")
+    n_big = (1 << 31) + 4097
+    need = n_big * (2 + 2 + 4 + 2) + (1 << 31)
+    free, _ = torch.cuda.mem_get_info()
+    if free < need:
+        pytest.skip(f"needs {need / 2**30:.1f} GiB free, {free / 2**30:.1f} GiB available")
+    spec = state_spec("8bit")
+    gen = torch.Generator(device=device).manual_seed(63)
+    big = torch.empty(n_big, device=device, dtype=torch.bfloat16).normal_(0.0, 0.02, generator=gen)
+    arena, offsets, regions = _arena_regions(spec, [big], device)
+    tables = K.BlockTables.build([big], offsets, [True], min_block_size=QUANT_BLOCK)
+    K.block_load(tables, *regions[:3], exp_avg_scale=regions[3], exp_avg_sq_scale=regions[4])
+    grad = torch.empty_like(big).normal_(0.0, 1e-3, generator=gen)
+    state = K.new_step_state(device)
+    K.advance_step(state, HYPER["beta1"], HYPER["beta2"])
+    K.fused_adamw_step(tables, [grad], *regions[:3], state, lr=1e-3, **HYPER,
+                       exp_avg_scale=regions[3], exp_avg_sq_scale=regions[4])
+    torch.cuda.synchronize()
+    for start in ((1 << 31) - 2 * QUANT_BLOCK, n_big - n_big % QUANT_BLOCK - 2 * QUANT_BLOCK):
+        g = grad[start:start + 3 * QUANT_BLOCK].float()
+        m_codes, m_scale = quantize((1 - HYPER["beta1"]) * g, signed_map(device))
+        v_codes, v_scale = quantize(((1 - HYPER["beta2"]) * g) * g, unsigned_map(device))
+        sl, ql = slice(start, start + g.numel()), slice(start // QUANT_BLOCK, start // QUANT_BLOCK + m_scale.numel())
+        assert torch.equal(regions[1][sl], m_codes) and torch.equal(regions[3][ql], m_scale)
+        assert torch.equal(regions[2][sl], v_codes) and torch.equal(regions[4][ql], v_scale)
+    assert torch.all(regions[1][n_big:arena.capacity_padded] == 0xAB), "padding after the big tensor was written"

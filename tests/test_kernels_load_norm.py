@@ -8,7 +8,7 @@ import torch
 
 from _kernel_helpers import DTYPES, kdevice, make_block, random_grads  # noqa: F401  (kdevice is a fixture)
 from badam_ext import kernels as K
-from badam_ext import torch_ops
+from badam_ext import ops, torch_ops
 
 SHAPES = [(1,), (7,), (4097,), (33, 65)]
 
@@ -88,14 +88,14 @@ def test_grad_norm_over_groups_matches_float64_and_torch_backend(kdevice):
     ga, gb = random_grads(a, seed=9), random_grads(b, seed=10)
     ta = K.BlockTables.build(a.weights, a.offsets, a.decay)
     tb = K.BlockTables.build(b.weights, b.offsets, b.decay)
-    norm = K.grad_norm([ta, tb], [ga, gb])
+    norm = ops.grad_norm(K, [ta, tb], [ga, gb])
     assert norm.dim() == 0 and norm.dtype == torch.float32 and norm.device == kdevice
     ref = math.sqrt(sum(float(g.double().square().sum()) for g in ga + gb))
     assert abs(float(norm) - ref) <= 1e-6 * ref
-    tnorm = torch_ops.grad_norm(
-        [torch_ops.TorchTables.build(a.weights, a.offsets, a.decay), torch_ops.TorchTables.build(b.weights, b.offsets, b.decay)],
+    tnorm = ops.grad_norm(
+        torch_ops, [torch_ops.TorchTables.build(a.weights, a.offsets, a.decay), torch_ops.TorchTables.build(b.weights, b.offsets, b.decay)],
         [ga, gb],
     )
     assert abs(float(tnorm) - ref) <= 1e-6 * ref
     with pytest.raises(ValueError, match="got 2 tables for 1 gradient lists"):
-        K.grad_norm([ta, tb], [ga])
+        ops.grad_norm(K, [ta, tb], [ga])

@@ -3,10 +3,10 @@
 One launch per launch group (the tensors of one param group with one weight dtype):
 
 - :class:`BlockTables` -- per-switch pointer / offset / chunk tables (``BlockTables.build``)
-- :func:`block_load` -- master = fp32(weight), exp_avg = exp_avg_sq = 0
+- :func:`block_load` -- master = fp32(weight), moments zero (every state format)
 - :func:`new_step_state`, :func:`reset_step_state`, :func:`advance_step` -- the fp64 ``[t, b1^t, b2^t]``
-- :func:`grad_sq_norm`, :func:`grad_norm` -- deterministic gradient norm
-- :func:`fused_adamw_step` -- the AdamW step, writing master, m, v and the low-precision weight
+- :func:`grad_sq_norm` -- per-chunk sums of squares of the gradients (the norm: ``badam_ext.ops.grad_norm``)
+- :func:`fused_adamw_step` -- the AdamW step, writing master, m, v (fp32 or 8-bit) and the low-precision weight
 
 On CPU tensors the kernels run in Triton's interpreter (``TRITON_INTERPRET=1`` before triton is
 imported); otherwise they need CUDA tensors.
@@ -25,7 +25,6 @@ _EXPORTS = {
     "advance_step": ".step_state",
     "block_load": ".switch_load",
     "fused_adamw_step": ".adamw",
-    "grad_norm": ".norm",
     "grad_sq_norm": ".norm",
     "interpreted": ".launch_config",
     "new_step_state": "..contract",

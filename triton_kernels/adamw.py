@@ -1,8 +1,10 @@
-"""The fused AdamW step: one pass over a launch group, one launch.
+"""The fused AdamW step: one pass over a launch group, one launch, for every state format.
 
-Reads the gradient (its dtype) and fp32 master / exp_avg / exp_avg_sq; writes the three fp32
-regions and the weight in its own dtype. The arithmetic follows torch's single-tensor AdamW in
-order and rounding (IEEE division and square root, no fused multiply-add):
+Reads the gradient (its dtype), the master (fp32, or the weight itself without a master) and the
+moments (fp32, or 8-bit codes with an fp32 absmax per block of 256, dequantized in registers);
+writes them back (requantizing 8-bit moments from the new fp32 values) and the weight in its own
+dtype. The arithmetic follows torch's single-tensor AdamW in order and rounding (IEEE division and
+square root, no fused multiply-add):
 
     p = p * (1 - lr * wd)                     (flagged tensors only)
     m = m + (1 - beta1) * (g - m)             (torch: m.lerp_(g, 1 - beta1))
@@ -19,8 +21,10 @@ import triton
 import triton.language as tl
 
 from .chunk_map import as_pointer, program_chunk
-from ..contract import check_device_scalar, check_hyper, check_seed, check_step_state
+from ..contract import check_device_scalar, check_hyper, check_seed, check_state, check_step_state
+from ..states.quant import QUANT_BLOCK, signed_map, unsigned_map
 from .launch_config import device_guard
+from .quant import dequantize_rows, quantize_rows
 from .rounding import to_weight_dtype
 from .tables import TL_DTYPES, BlockTables, align_hint
 
@@ -31,11 +35,14 @@ _SEED_BITS = 31  # each half of the seed stays an int32 argument: no new compila
 def _adamw_chunk(w_ptr, g_ptr, master_ptr, exp_avg_ptr, exp_avg_sq_ptr, start, numel, arena_offset,
                  grad_scale, p_scale, beta2, one_minus_beta1, one_minus_beta2, eps, neg_step_size, bc2_sqrt,
                  seed, BLOCK: tl.constexpr, MASKED: tl.constexpr, HAS_SCALE: tl.constexpr,
-                 W_DTYPE: tl.constexpr, STOCHASTIC: tl.constexpr):
+                 W_DTYPE: tl.constexpr, STOCHASTIC: tl.constexpr, HAS_MASTER: tl.constexpr):
     idx = start + tl.arange(0, BLOCK)
     mask = idx < numel if MASKED else None
     g = tl.load(g_ptr + idx, mask=mask, eviction_policy="evict_first").to(tl.float32)
-    p = tl.load(master_ptr + idx, mask=mask, eviction_policy="evict_first")
+    if HAS_MASTER:
+        p = tl.load(master_ptr + idx, mask=mask, eviction_policy="evict_first")
+    else:
+        p = tl.load(w_ptr + idx, mask=mask).to(tl.float32)
     m = tl.load(exp_avg_ptr + idx, mask=mask, eviction_policy="evict_first")
     v = tl.load(exp_avg_sq_ptr + idx, mask=mask, eviction_policy="evict_first")
     if HAS_SCALE:
@@ -45,7 +52,8 @@ def _adamw_chunk(w_ptr, g_ptr, master_ptr, exp_avg_ptr, exp_avg_sq_ptr, start, n
     v = v * beta2 + (one_minus_beta2 * g) * g
     denom = tl.div_rn(tl.sqrt_rn(v), bc2_sqrt) + eps
     p = p + tl.div_rn(neg_step_size * m, denom)
-    tl.store(master_ptr + idx, p, mask=mask)
+    if HAS_MASTER:
+        tl.store(master_ptr + idx, p, mask=mask)
     tl.store(exp_avg_ptr + idx, m, mask=mask)
     tl.store(exp_avg_sq_ptr + idx, v, mask=mask)
     # The random stream is indexed by arena position: unique per element of the block, per seed.
@@ -53,13 +61,71 @@ def _adamw_chunk(w_ptr, g_ptr, master_ptr, exp_avg_ptr, exp_avg_sq_ptr, start, n
     tl.store(w_ptr + idx, w, mask=mask)
 
 
+@triton.jit
+def _load(ptr, mask, MASKED: tl.constexpr):
+    """A load that yields 0 outside ``mask`` (masked chunks only)."""
+    if MASKED:
+        return tl.load(ptr, mask=mask, other=0, eviction_policy="evict_first")
+    else:
+        return tl.load(ptr, eviction_policy="evict_first")
+
+
+@triton.jit
+def _adamw_chunk_8bit(w_ptr, g_ptr, master_ptr, m_codes_ptr, m_scale_ptr, v_codes_ptr, v_scale_ptr,
+                      m_map_ptr, v_map_ptr, start, numel, arena_offset,
+                      grad_scale, p_scale, beta2, one_minus_beta1, one_minus_beta2, eps, neg_step_size, bc2_sqrt,
+                      seed, BLOCK: tl.constexpr, MASKED: tl.constexpr, HAS_SCALE: tl.constexpr,
+                      W_DTYPE: tl.constexpr, STOCHASTIC: tl.constexpr, HAS_MASTER: tl.constexpr,
+                      QBLOCK: tl.constexpr):
+    # One row per quantization block: chunks start on whole blocks (BLOCK is a multiple of QBLOCK).
+    rows = tl.arange(0, BLOCK // QBLOCK)
+    idx = start + rows[:, None] * QBLOCK + tl.arange(0, QBLOCK)[None, :]
+    qrow = start // QBLOCK + rows
+    mask = idx < numel
+    row_mask = start + rows * QBLOCK < numel
+    g = _load(g_ptr + idx, mask, MASKED).to(tl.float32)
+    if HAS_MASTER:
+        p = _load(master_ptr + idx, mask, MASKED)
+    else:
+        p = _load(w_ptr + idx, mask, MASKED).to(tl.float32)
+    m = dequantize_rows(_load(m_codes_ptr + idx, mask, MASKED), _load(m_scale_ptr + qrow, row_mask, MASKED),
+                        m_map_ptr)
+    v = dequantize_rows(_load(v_codes_ptr + idx, mask, MASKED), _load(v_scale_ptr + qrow, row_mask, MASKED),
+                        v_map_ptr)
+    if HAS_SCALE:
+        g = g * grad_scale
+    p = p * p_scale
+    m = m + one_minus_beta1 * (g - m)
+    v = v * beta2 + (one_minus_beta2 * g) * g
+    denom = tl.div_rn(tl.sqrt_rn(v), bc2_sqrt) + eps
+    p = p + tl.div_rn(neg_step_size * m, denom)
+    if MASKED:  # elements past the tensor must not count in their block's absmax
+        m = tl.where(mask, m, 0.0)
+        v = tl.where(mask, v, 0.0)
+    m_codes, m_absmax = quantize_rows(m, m_map_ptr)
+    v_codes, v_absmax = quantize_rows(v, v_map_ptr)
+    store_mask = mask if MASKED else None
+    store_row_mask = row_mask if MASKED else None
+    if HAS_MASTER:
+        tl.store(master_ptr + idx, p, mask=store_mask)
+    tl.store(m_codes_ptr + idx, m_codes, mask=store_mask)
+    tl.store(v_codes_ptr + idx, v_codes, mask=store_mask)
+    tl.store(m_scale_ptr + qrow, m_absmax, mask=store_row_mask)
+    tl.store(v_scale_ptr + qrow, v_absmax, mask=store_row_mask)
+    w = to_weight_dtype(p, seed, arena_offset + idx, W_DTYPE, STOCHASTIC)
+    tl.store(w_ptr + idx, w, mask=store_mask)
+
+
 @triton.jit(do_not_specialize=["seed_lo", "seed_hi"])
 def _fused_adamw_kernel(meta_ptr, chunk_ptr, grad_table_ptr, master_ptr, exp_avg_ptr, exp_avg_sq_ptr,
+                        exp_avg_scale_ptr, exp_avg_sq_scale_ptr, m_map_ptr, v_map_ptr,
                         state_ptr, grad_scale_ptr, found_inf_ptr,
                         lr, decay_factor, beta2, one_minus_beta1, one_minus_beta2, eps, seed_lo, seed_hi,
                         W_DTYPE: tl.constexpr, G_DTYPE: tl.constexpr, W_ALIGN: tl.constexpr,
                         G_ALIGN: tl.constexpr, HAS_SCALE: tl.constexpr, HAS_FOUND_INF: tl.constexpr,
-                        STOCHASTIC: tl.constexpr, BLOCK: tl.constexpr):
+                        STOCHASTIC: tl.constexpr, BLOCK: tl.constexpr,
+                        # the state format: one specialization each, no runtime branches in the loop
+                        HAS_MASTER: tl.constexpr, QUANT: tl.constexpr, QBLOCK: tl.constexpr):
     if HAS_FOUND_INF:
         run = tl.load(found_inf_ptr) == 0
     else:
@@ -83,14 +149,27 @@ def _fused_adamw_kernel(meta_ptr, chunk_ptr, grad_table_ptr, master_ptr, exp_avg
         p_base = master_ptr + offset
         m_base = exp_avg_ptr + offset
         v_base = exp_avg_sq_ptr + offset
-        if start + BLOCK <= numel:
+        if QUANT:
+            ms_base = exp_avg_scale_ptr + offset // QBLOCK
+            vs_base = exp_avg_sq_scale_ptr + offset // QBLOCK
+            if start + BLOCK <= numel:
+                _adamw_chunk_8bit(w_ptr, g_ptr, p_base, m_base, ms_base, v_base, vs_base, m_map_ptr, v_map_ptr,
+                                  start, numel, offset, grad_scale, p_scale, beta2, one_minus_beta1,
+                                  one_minus_beta2, eps, neg_step_size, bc2_sqrt, seed,
+                                  BLOCK, False, HAS_SCALE, W_DTYPE, STOCHASTIC, HAS_MASTER, QBLOCK)
+            else:
+                _adamw_chunk_8bit(w_ptr, g_ptr, p_base, m_base, ms_base, v_base, vs_base, m_map_ptr, v_map_ptr,
+                                  start, numel, offset, grad_scale, p_scale, beta2, one_minus_beta1,
+                                  one_minus_beta2, eps, neg_step_size, bc2_sqrt, seed,
+                                  BLOCK, True, HAS_SCALE, W_DTYPE, STOCHASTIC, HAS_MASTER, QBLOCK)
+        elif start + BLOCK <= numel:
             _adamw_chunk(w_ptr, g_ptr, p_base, m_base, v_base, start, numel, offset, grad_scale, p_scale, beta2,
                          one_minus_beta1, one_minus_beta2, eps, neg_step_size, bc2_sqrt, seed,
-                         BLOCK, False, HAS_SCALE, W_DTYPE, STOCHASTIC)
+                         BLOCK, False, HAS_SCALE, W_DTYPE, STOCHASTIC, HAS_MASTER)
         else:
             _adamw_chunk(w_ptr, g_ptr, p_base, m_base, v_base, start, numel, offset, grad_scale, p_scale, beta2,
                          one_minus_beta1, one_minus_beta2, eps, neg_step_size, bc2_sqrt, seed,
-                         BLOCK, True, HAS_SCALE, W_DTYPE, STOCHASTIC)
+                         BLOCK, True, HAS_SCALE, W_DTYPE, STOCHASTIC, HAS_MASTER)
 
 
 def split_seed(seed: int) -> tuple[int, int]:
@@ -102,7 +181,7 @@ def split_seed(seed: int) -> tuple[int, int]:
 def fused_adamw_step(
     tables: BlockTables,
     grads: Sequence[torch.Tensor],
-    master_flat: torch.Tensor,
+    master_flat: Optional[torch.Tensor],
     exp_avg_flat: torch.Tensor,
     exp_avg_sq_flat: torch.Tensor,
     step_state: torch.Tensor,
@@ -116,16 +195,23 @@ def fused_adamw_step(
     found_inf: Optional[torch.Tensor] = None,
     stochastic_rounding: bool = False,
     seed: int = 0,
+    exp_avg_scale: Optional[torch.Tensor] = None,
+    exp_avg_sq_scale: Optional[torch.Tensor] = None,
 ) -> None:
     """One AdamW step over the launch group in one launch (see the module docstring for the math).
 
+    The state format follows from the regions: fp32 ``exp_avg`` / ``exp_avg_sq``, or uint8 codes
+    with their fp32 absmax regions ``exp_avg_scale`` / ``exp_avg_sq_scale`` (8-bit; tables built
+    with a block size that is a multiple of 256); ``master_flat`` None updates the weights directly.
     ``step_state`` must already hold this step's ``t`` (call :func:`advance_step` first).
     ``grad_scale`` (fp32 device scalar) multiplies the gradients; ``found_inf`` (fp32 device scalar)
     nonzero skips the whole step on device. ``stochastic_rounding`` applies to bf16 weights only;
     ``seed`` (reduced to 62 bits) should change every step.
     """
     lr, beta1, beta2, eps, weight_decay = check_hyper(lr, beta1, beta2, eps, weight_decay)
-    tables.check_arena(master=master_flat, exp_avg=exp_avg_flat, exp_avg_sq=exp_avg_sq_flat)
+    quantized = check_state(tables, master_flat, exp_avg_flat, exp_avg_sq_flat, exp_avg_scale, exp_avg_sq_scale)
+    if quantized:
+        check_quant_block(tables)
     check_step_state(step_state)
     if step_state.device != tables.device:
         raise ValueError(f"step_state is on {step_state.device}, the weights on {tables.device}")
@@ -134,14 +220,27 @@ def fused_adamw_step(
     seed_lo, seed_hi = split_seed(seed)
     table, g_dtype, g_aligned = tables.gather_grads(grads)
     stochastic = bool(stochastic_rounding) and tables.dtype == torch.bfloat16
+    # unused pointers (no master, no scales, no maps) get a region of the right device as placeholder
+    master = master_flat if master_flat is not None else exp_avg_flat
+    m_map = signed_map(tables.device) if quantized else exp_avg_flat
+    v_map = unsigned_map(tables.device) if quantized else exp_avg_flat
     with device_guard(tables.device):
         _fused_adamw_kernel[(tables.num_chunks,)](
-            tables.meta, tables.chunks, table, master_flat, exp_avg_flat, exp_avg_sq_flat, step_state,
-            grad_scale if grad_scale is not None else master_flat,
-            found_inf if found_inf is not None else master_flat,
+            tables.meta, tables.chunks, table, master, exp_avg_flat, exp_avg_sq_flat,
+            exp_avg_scale if quantized else exp_avg_flat, exp_avg_sq_scale if quantized else exp_avg_flat,
+            m_map, v_map, step_state,
+            grad_scale if grad_scale is not None else master,
+            found_inf if found_inf is not None else master,
             lr, 1.0 - lr * weight_decay, beta2, 1.0 - beta1, 1.0 - beta2, eps, seed_lo, seed_hi,
             W_DTYPE=TL_DTYPES[tables.dtype], G_DTYPE=TL_DTYPES[g_dtype], W_ALIGN=align_hint(tables.weights_aligned, tables.dtype),
             G_ALIGN=align_hint(g_aligned, g_dtype), HAS_SCALE=grad_scale is not None, HAS_FOUND_INF=found_inf is not None,
-            STOCHASTIC=stochastic, BLOCK=tables.block_size, num_warps=tables.num_warps,
-            enable_fp_fusion=False,
+            STOCHASTIC=stochastic, BLOCK=tables.block_size, HAS_MASTER=master_flat is not None, QUANT=quantized,
+            QBLOCK=QUANT_BLOCK, num_warps=tables.num_warps, enable_fp_fusion=False,
         )
+
+
+def check_quant_block(tables: BlockTables) -> None:
+    """8-bit moments: every program must cover whole quantization blocks."""
+    if tables.block_size % QUANT_BLOCK:
+        raise ValueError(f"8-bit moments need tables whose block size is a multiple of {QUANT_BLOCK}; these "
+                         f"have {tables.block_size} (build them with min_block_size={QUANT_BLOCK})")

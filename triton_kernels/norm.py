@@ -1,4 +1,5 @@
-"""Gradient norm of a block: per-chunk sums of squares (deterministic, no atomics)."""
+"""Gradient norm of a block: per-chunk sums of squares (deterministic, no atomics); the norm over
+launch groups is ``badam_ext.ops.grad_norm``, written once for both backends."""
 from __future__ import annotations
 
 from typing import Sequence
@@ -43,21 +44,3 @@ def grad_sq_norm(tables: BlockTables, grads: Sequence[torch.Tensor], partials: t
     if partials.numel() > tables.num_chunks:
         partials[tables.num_chunks:].zero_()
 
-
-def grad_norm(tables_list: Sequence[BlockTables], grads_list: Sequence[Sequence[torch.Tensor]]) -> torch.Tensor:
-    """Global L2 norm over several launch groups, as a 0-dim fp32 tensor on their device (no host sync)."""
-    if len(tables_list) != len(grads_list):
-        raise ValueError(f"got {len(tables_list)} tables for {len(grads_list)} gradient lists")
-    if len(tables_list) == 0:
-        raise ValueError("grad_norm needs at least one launch group")
-    device = tables_list[0].device
-    for i, t in enumerate(tables_list):
-        if t.device != device:
-            raise ValueError(f"tables {i} are on {t.device}, tables 0 on {device}")
-    total = sum(t.num_chunks for t in tables_list)
-    partials = torch.empty(total, dtype=torch.float32, device=device)
-    start = 0
-    for tables, grads in zip(tables_list, grads_list):
-        grad_sq_norm(tables, grads, partials[start:start + tables.num_chunks])
-        start += tables.num_chunks
-    return partials.sum().sqrt()

@@ -100,8 +100,13 @@ class BlockTables:
         offsets: Sequence[int],
         decay: Sequence[bool],
         block_size: Optional[int] = None,
+        min_block_size: int = 1,
     ) -> "BlockTables":
-        """Tables for ``weights`` stored at arena ``offsets`` (elements), decayed where ``decay`` is true."""
+        """Tables for ``weights`` stored at arena ``offsets`` (elements), decayed where ``decay`` is true.
+
+        ``min_block_size`` raises the configured block size to at least that (a power of two): 8-bit
+        moments need programs of whole quantization blocks.
+        """
         weights = tuple(weights)
         device, _ = check_weights(weights)
         check_launch_device(device)
@@ -109,6 +114,7 @@ class BlockTables:
         offs = check_offsets(offsets, numels)
         decay = check_decay(decay, len(weights))
         block = check_block_size(block_size) if block_size is not None else default_block_size(device)
+        block = max(block, check_block_size(min_block_size) if min_block_size > 1 else 1)
 
         counts = [-(-n // block) for n in numels]
         if max(counts) >= 2**31:
