@@ -22,7 +22,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-import _timing as T  # noqa: E402
+import _report as R  # noqa: E402
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -75,7 +75,7 @@ def measure(fn: Callable[..., torch.Tensor], hidden: torch.Tensor, weight: torch
 def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     args = parse_args(argv)
     device = torch.device("cuda")
-    env = T.env_info(device)
+    env = R.env_info(device)
     gen = torch.Generator(device=device).manual_seed(0)
     weight = (torch.randn(args.vocab, args.hidden, device=device, generator=gen) * 0.02).to(torch.bfloat16)
     records = []
@@ -91,12 +91,12 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
                 ref = loss if name == "hf" else ref
                 row.update(loss=loss, loss_rel_err=None if ref is None else abs(loss - ref) / abs(ref))
             except torch.OutOfMemoryError as exc:
-                row = {"error": T.first_line(str(exc))}
+                row = {"error": R.first_line(str(exc))}
             row.update(kind="loss", name=name, tokens=tokens, hidden=args.hidden, vocab=args.vocab, env=env)
-            T.log(f"   {row}")
+            R.log(f"   {row}")
             records.append(row)
         del hidden
-    T.append_jsonl(args.out, records)
+    R.append_jsonl(args.out, records)
     return records
 
 

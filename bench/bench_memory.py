@@ -24,7 +24,9 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import torch  # noqa: E402
 
-import _timing as T  # noqa: E402
+import _harness as H  # noqa: E402
+import _measure as M  # noqa: E402
+import _report as R  # noqa: E402
 from models import MODEL_NAMES, build_model, config_for, random_batch  # noqa: E402
 
 DEFAULT_SHAPES = ("2x1024", "1x4096", "1x8192", "1x16384", "1x24576", "1x32768")
@@ -115,14 +117,14 @@ def measure(model: torch.nn.Module, batch: int, seq: int, offload: bool, args: a
         "kind": "memory_plan", "model": args.model, "bsz": batch, "seq": seq, "offload": offload,
         "layer_kernels": stats["layer_kernels"],
         "reentrant": args.reentrant, "steps": args.steps,
-        "peak_alloc_gib": None if peak is None else peak / T.GIB,
-        "fwd_peak_gib": None if phase_peaks.get("forward") is None else phase_peaks["forward"] / T.GIB,
-        "bwd_peak_gib": None if phase_peaks.get("backward") is None else phase_peaks["backward"] / T.GIB,
-        "predicted_gib": predicted / T.GIB, "predicted_at": plan.worst.peak_at,
+        "peak_alloc_gib": None if peak is None else peak / M.GIB,
+        "fwd_peak_gib": None if phase_peaks.get("forward") is None else phase_peaks["forward"] / M.GIB,
+        "bwd_peak_gib": None if phase_peaks.get("backward") is None else phase_peaks["backward"] / M.GIB,
+        "predicted_gib": predicted / M.GIB, "predicted_at": plan.worst.peak_at,
         "predicted_parts_gib": plan.worst.gib(),
         "error_pct": None if peak is None else 100.0 * (predicted - peak) / peak,
         "fwd_bwd_ms": statistics.median(times) if times else None,
-        "offloaded_gib": stats.get("peak_offloaded_bytes", 0) / T.GIB,
+        "offloaded_gib": stats.get("peak_offloaded_bytes", 0) / M.GIB,
         "host_allocations": stats.get("host_allocations"), "loss_backend": stats.get("loss_backend"),
         "losses": losses,
     }
@@ -131,24 +133,24 @@ def measure(model: torch.nn.Module, batch: int, seq: int, offload: bool, args: a
 
 def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     args = parse_args(argv)
-    device = T.device_for(args.smoke, None)
+    device = H.device_for(args.smoke, None)
     built = build_model(args.model, device, torch.bfloat16)
     model = built.model
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": args.reentrant})
-    env = T.env_info(device)
+    env = R.env_info(device)
     records = []
     for batch, seq in args.shapes:
         for offload in args.offload:
-            T.log(f"== memory {batch}x{seq} offload={'on' if offload else 'off'}")
+            R.log(f"== memory {batch}x{seq} offload={'on' if offload else 'off'}")
             try:
                 rec = measure(model, batch, seq, offload, args, device)
             except torch.OutOfMemoryError as exc:
-                rec = {"kind": "memory_plan", "bsz": batch, "seq": seq, "offload": offload, "error": T.first_line(str(exc))}
+                rec = {"kind": "memory_plan", "bsz": batch, "seq": seq, "offload": offload, "error": R.first_line(str(exc))}
             rec["env"] = env
             records.append(rec)
-            T.log(f"   {rec}")
-    T.append_jsonl(args.out, records)
-    T.print_table(f"Planner vs measured peak allocated ({args.model}, block 0 first, K=3, {args.steps} steps)",
+            R.log(f"   {rec}")
+    R.append_jsonl(args.out, records)
+    R.print_table(f"Planner vs measured peak allocated ({args.model}, block 0 first, K=3, {args.steps} steps)",
                   ["batch x seq", "offload", "measured GiB", "fwd GiB", "bwd GiB", "predicted GiB", "at", "error %",
                    "fwd+bwd ms", "offloaded GiB"],
                   [[f"{r['bsz']}x{r['seq']}", r["offload"], r.get("peak_alloc_gib"), r.get("fwd_peak_gib"),

@@ -22,7 +22,8 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import torch  # noqa: E402
 
-import _timing as T  # noqa: E402
+import _measure as M  # noqa: E402
+import _report as R  # noqa: E402
 from models import MODEL_NAMES, build_model, random_batch  # noqa: E402
 
 
@@ -77,13 +78,13 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     device = torch.device("cuda")
     records: list[dict[str, Any]] = link_bandwidth(device)
     for r in records:
-        T.log(f"   {r}")
+        R.log(f"   {r}")
     built = build_model(args.model, device, torch.bfloat16)
     model = built.model
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     from badam_ext import BlockAdam, apply_memory_savings
 
-    env = T.env_info(device)
+    env = R.env_info(device)
     for item in args.shapes.split(","):
         batch, seq = (int(v) for v in item.split("x"))
         data = random_batch(model.config.vocab_size, batch, seq, device, seed=seq)
@@ -98,16 +99,16 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
             row[f"ms_{key}_all"] = times
             if offload:
                 stats = savings.stats()
-                row.update(offloaded_gib=stats["peak_offloaded_bytes"] / T.GIB,
+                row.update(offloaded_gib=stats["peak_offloaded_bytes"] / M.GIB,
                            host_allocations=stats["host_allocations"], layer_kernels=stats["layer_kernels"])
                 if args.profile and item == args.shapes.split(",")[0]:
                     row["profile"] = profile_step(model, data, opt)
             opt.close()
             savings.remove()
         row["ratio"] = row["ms_on"] / row["ms_off"]
-        T.log(f"   {row}")
+        R.log(f"   {row}")
         records.append(row)
-    T.append_jsonl(args.out, records)
+    R.append_jsonl(args.out, records)
     return records
 
 

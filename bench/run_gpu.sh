@@ -13,6 +13,8 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-out}
 mkdir -p "$OUT"
+# The launch-configuration cache (python -m badam_ext.kernels.tune writes it) comes back with the outputs.
+export BADAM_EXT_CACHE=${BADAM_EXT_CACHE:-$OUT/launch-cache}
 export PYTHONUNBUFFERED=1
 unset TRITON_INTERPRET
 # Multicast over NVLink stays off on shared hosts.
@@ -49,6 +51,8 @@ run() {  # run NAME CMD...: log to $OUT/NAME.log, keep going on failure
 
 for stage in "$@"; do
   case $stage in
+    launch)  # tune BLOCK x warps on this GPU (writes the cache), then the step and load beside torch AdamW
+      run bench_launch python3 bench/bench_launch.py --out "$OUT/results.jsonl" ;;
     tests) run gpu_tests python3 -m pytest -m gpu -q --timeout=300 -p no:cacheprovider tests ;;
     micro)
       run bench_update python3 bench/bench_update.py --out "$OUT/results.jsonl"
