@@ -42,7 +42,7 @@ from models import MODEL_NAMES, build_model, random_batch  # noqa: E402
 
 SCRIPT = os.path.abspath(__file__)
 BUDGET_SETUPS = SETUPS  # bench_e2e registers the memory variants (bench/_memory_setups.py)
-OPTIMIZERS = ("ours", "ref", "ours_saved", "ours_offload", "ours_liger", "ref_liger")
+OPTIMIZERS = ("ours", "ref", "ours_saved", "ours_saved_8bit", "ours_offload", "ours_liger", "ref_liger")
 DEFAULT_OPTIMIZERS = ("ours_saved", "ref", "ref_liger")
 DEFAULT_LENGTHS = (1024, 1536, 2048, 3072, 4096, 6144, 8192, 12288, 16384, 24576, 32768)
 SMOKE_LENGTHS = (16, 24, 32, 48)

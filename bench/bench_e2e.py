@@ -55,7 +55,7 @@ from models import LOSS_MODES, MODEL_NAMES, build_model, causal_lm_loss, config_
 
 SCRIPT = os.path.abspath(__file__)
 VARIANTS = ("ours", "ref", "ref_patched", "full_adamw")  # the default set
-MEMORY_VARIANTS = ("ours_saved", "ours_offload", "ours_liger", "ref_liger")  # bench/_memory_setups.py
+MEMORY_VARIANTS = ("ours_saved", "ours_saved_8bit", "ours_offload", "ours_liger", "ref_liger")  # bench/_memory_setups.py
 ALL_VARIANTS = (*VARIANTS, "ours_compiled", *MEMORY_VARIANTS)
 REFERENCE_VARIANTS = ("ref", "ref_patched")
 
@@ -141,14 +141,15 @@ def reference_missing() -> str | None:
     return None
 
 
-def setup_ours(model: torch.nn.Module, args: argparse.Namespace, checkpointing: dict | None = None) -> Harness:
+def setup_ours(model: torch.nn.Module, args: argparse.Namespace, checkpointing: dict | None = None,
+               states: str = "fp32") -> Harness:
     # HF defaults unless given; BlockAdam's pruner then undoes the input-grad hook
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=checkpointing)
     from badam_ext import BlockAdam
 
     opt = BlockAdam(model, lr=args.lr, switch_every=args.switch_every, switch_mode="ascending",
-                    backend=args.backend, prune_backward=True)
-    notes = {"arena_bytes": int(opt.arena.capacity_bytes), "backend": getattr(opt._ops, "name", args.backend),
+                    backend=args.backend, prune_backward=True, states=states)
+    notes = {"arena_bytes": int(opt.arena.capacity_bytes), "states": states, "backend": getattr(opt._ops, "name", args.backend),
              "pruner": opt.pruner.describe() if opt.pruner is not None else None}
     return Harness(opt, lambda: opt.active_block, len(opt.partition), notes=notes)
 
