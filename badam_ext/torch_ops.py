@@ -22,7 +22,6 @@ from .contract import (
     check_hyper,
     check_offsets,
     check_partials,
-    check_regions,
     check_seed,
     check_step_state,
     check_weights,
@@ -78,9 +77,6 @@ class TorchTables:
     @property
     def num_chunks(self) -> int:
         return len(self.weights)
-
-    def check_arena(self, **regions: torch.Tensor) -> None:
-        check_regions(self.device, self.span, **regions)
 
     def grad_pointers(self, grads: Sequence[Optional[torch.Tensor]]) -> tuple[torch.Tensor, torch.dtype]:
         """Same checks as the Triton tables; the addresses as a host int64 tensor (informational)."""

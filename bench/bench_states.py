@@ -31,6 +31,7 @@ from __future__ import annotations
 import argparse
 import datetime as _dt
 import json
+import math
 import os
 import platform
 import sys
@@ -114,7 +115,7 @@ class Layer:
     def __init__(self, shapes, device: torch.device, fmt: str, seed: int = 0) -> None:
         from badam_ext import kernels as K
         from badam_ext.arena import BlockArena, required_capacity
-        from badam_ext.states import QUANT_BLOCK, state_spec
+        from badam_ext.states import QUANT_BLOCK, is_quantized, state_spec
 
         gen = torch.Generator(device=device).manual_seed(seed)
         self.weights = [(torch.randn(s, device=device, generator=gen) * 0.02).bfloat16() for s in shapes]
@@ -125,7 +126,7 @@ class Layer:
         self.arena = BlockArena(required_capacity(numels, self.spec), device, self.spec)
         offsets = self.arena.layout(numels).offsets
         self.tables = K.BlockTables.build(self.weights, offsets, [w.dim() > 1 for w in self.weights],
-                                          min_block_size=QUANT_BLOCK)
+                                          min_block_size=QUANT_BLOCK if is_quantized(self.spec) else 1)
         names = ("master", "exp_avg", "exp_avg_sq", "exp_avg_scale", "exp_avg_sq_scale")
         self.regions = [self.arena.flat(r) if self.spec.has(r) else None for r in names]
         self.state = K.new_step_state(device)
@@ -294,7 +295,8 @@ def _library_moments(name: str, shape, grads, device: torch.device) -> tuple[tor
     import bitsandbytes.functional as F
 
     def deq(codes, absmax, qmap):
-        return F.dequantize_blockwise(codes, absmax=absmax, code=qmap, blocksize=256).flatten()
+        block = 1 << round(math.log2(codes.numel() / absmax.numel()))  # their block size, from the state
+        return F.dequantize_blockwise(codes, absmax=absmax, code=qmap, blocksize=block).flatten()
 
     return deq(state["state1"], state["absmax1"], state["qmap1"]), deq(state["state2"], state["absmax2"], state["qmap2"])
 

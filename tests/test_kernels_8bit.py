@@ -347,3 +347,31 @@ def test_state_errors():
             K.block_load(small, master, m, v, exp_avg_scale=ms, exp_avg_sq_scale=vs)
         assert K.BlockTables.build(block.weights, block.offsets, block.decay, block_size=128,
                                    min_block_size=256).block_size == 256
+
+
+@pytest.mark.parametrize("master", [True, False], ids=["8bit", "8bit-nomaster"])
+def test_8bit_grad_scale_and_found_inf(kdevice, master: bool):
+    """A scaled step matches the twin; a step with found_inf set changes nothing (codes, scales,
+    master, weights), in both backends."""
+    spec = state_spec("8bit", master)
+    blocks = {name: make_state_block(spec, torch.bfloat16, kdevice, seed=9) for name in ("triton", "torch")}
+    for (name, block), backend in zip(blocks.items(), (K, torch_ops)):
+        tables = block.tables(backend)
+        block.load(backend, tables)
+        state = backend.new_step_state(kdevice)
+        scale = torch.full((1,), 0.25, device=kdevice)
+        backend.advance_step(state, HYPER["beta1"], HYPER["beta2"])
+        block.step(backend, tables, grads_for(block, 1), state, lr=1e-2, **HYPER, grad_scale=scale)
+        before = {k: [t.clone() for t in v] for k, v in block.views().items()}
+        weights = [w.clone() for w in block.weights]
+        found = torch.ones(1, device=kdevice)
+        backend.advance_step(state, HYPER["beta1"], HYPER["beta2"], found)
+        block.step(backend, tables, grads_for(block, 2), state, lr=1e-2, **HYPER, found_inf=found)
+        for k, views in block.views().items():
+            assert all(torch.equal(a, b) for a, b in zip(views, before[k])), f"{name}: {k} changed on a skipped step"
+        assert all(torch.equal(a, b) for a, b in zip(block.weights, weights)), f"{name}: weights changed"
+        assert float(state[0]) == 1.0
+    if kdevice.type == "cpu":  # the regions agree bit for bit (the moments do not depend on the weights)
+        a, b = blocks["triton"].views(), blocks["torch"].views()
+        for k in a:
+            assert all(torch.equal(x, y) for x, y in zip(a[k], b[k])), k

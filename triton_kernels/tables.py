@@ -11,7 +11,6 @@ from ..contract import (
     check_decay,
     check_grads,
     check_offsets,
-    check_regions,
     check_weights,
 )
 from .launch_config import check_block_size, check_launch_device, default_block_size, default_num_warps
@@ -135,10 +134,6 @@ class BlockTables:
     def num_chunks(self) -> int:
         """Programs per launch; ``grad_sq_norm`` writes this many partial sums."""
         return self.chunks.shape[0]
-
-    def check_arena(self, **regions: torch.Tensor) -> None:
-        """Each region must be a contiguous 1-D fp32 tensor on the tables' device covering the span."""
-        check_regions(self.device, self.span, **regions)
 
     def gather_grads(self, grads: Sequence[Optional[torch.Tensor]]) -> tuple[torch.Tensor, torch.dtype, bool]:
         """Check ``grads`` against the weights; return (address table, grad dtype, 16-byte aligned)."""
