@@ -39,7 +39,7 @@ from _common import (  # noqa: E402
 from badam_ext import kernels as K  # noqa: E402
 
 SWITCH_BYTES_PER_PARAM = 14
-ARENA_ALIGN = 64
+from badam_ext.contract import OFFSET_ALIGN as ARENA_ALIGN  # noqa: E402  (the one alignment rule)
 
 
 def arena_offsets(numels: list[int]) -> tuple[list[int], int]:

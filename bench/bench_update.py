@@ -38,7 +38,7 @@ from _common import (  # noqa: E402
 from badam_ext import kernels as K  # noqa: E402
 
 STEP_BYTES_PER_PARAM = 28
-ARENA_ALIGN = 64
+from badam_ext.contract import OFFSET_ALIGN as ARENA_ALIGN  # noqa: E402  (the one alignment rule)
 BETAS = (0.9, 0.999)
 EPS = 1e-8
 LR = 1e-5
