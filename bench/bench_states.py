@@ -18,12 +18,17 @@ Bytes per parameter each path must move (its own format's floor):
     torch AdamW     40   cast g (2+4), AdamW (16 read + 12 write), cast back (4+2)
     torchao / bnb   10 + 16/256   bf16 weights, 8-bit m/v with absmax (their formats, no master)
 
+Finetune (``--finetune``): the embedded model of ``badam-ext train`` (preset "tiny" on CPU, "small"
+on a GPU; bf16) on its arithmetic data, the same seed, batches and schedule for every format: the
+training loss (mean of the last 20 steps) and the eval loss at the end, against the fp32 format.
+
 Accuracy (``--accuracy``): N steps on the same gradients (fixed, so the moments are the same EMAs of
 g for every optimizer); the relative error of each implementation's dequantized m and v against the
 float64 EMAs, for our fp32 and 8-bit states and, when importable, bitsandbytes and torchao.
 
     python bench/bench_states.py [--out results.jsonl] [--formats fp32,8bit,8bit-nomaster] [--no-baselines]
     python bench/bench_states.py --accuracy [--steps 100] [--out results.jsonl]
+    python bench/bench_states.py --finetune [--steps 300] [--out results.jsonl]   # CPU or GPU
     python bench/bench_states.py --smoke      # tiny sizes on CPU in Triton's interpreter (a CI check)
 """
 from __future__ import annotations
@@ -325,6 +330,46 @@ def run_accuracy(args: argparse.Namespace, device: torch.device) -> list[dict[st
     return records
 
 
+def run_finetune(args: argparse.Namespace, device: torch.device) -> list[dict[str, Any]]:
+    from badam_ext import BlockAdam
+    from badam_ext.train import TrainConfig, build_datasets, build_model, evaluate
+
+    steps = 4 if args.smoke else args.steps
+    cfg = TrainConfig(preset="tiny" if device.type == "cpu" else "small", seq_len=32 if args.smoke else 128,
+                      batch_size=2 if args.smoke else 8, seed=0)
+    base = env_record(device)
+    base.update(kind="finetune", preset=cfg.preset, steps=steps, batch_size=cfg.batch_size, seq_len=cfg.seq_len)
+    records = []
+    for fmt in args.formats:
+        states, master = FORMATS[fmt]
+        built = build_model(cfg, device, torch.bfloat16)
+        train, evaluation = build_datasets(cfg, built)
+        opt = BlockAdam(built.model, lr=1e-3, weight_decay=0.01, switch_every=max(1, steps // 20),
+                        switch_mode="random", include_embedding=True, include_lm_head=True, max_grad_norm=1.0,
+                        seed=0, states=states, master=master)
+        gen = torch.Generator().manual_seed(0)
+        losses = []
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            idx = torch.randint(0, len(train), (cfg.batch_size,), generator=gen)
+            batch = {k: v.to(device) for k, v in train.batch(idx).items()}
+            loss = built.model(**batch).loss
+            loss.backward()
+            opt.step()
+            opt.zero_grad()
+            losses.append(float(loss.detach()))
+        tail = losses[-20:]
+        records.append(dict(base, path=fmt, train_loss=sum(tail) / len(tail), first_loss=losses[0],
+                            eval_loss=evaluate(built.model, evaluation, cfg.batch_size, device),
+                            arena_bytes=opt.arena.capacity_bytes, seconds=round(time.perf_counter() - t0, 1)))
+        opt.close()
+    ref = next((r for r in records if r["path"] == "fp32"), None)
+    for r in records:
+        if ref is not None:
+            r["eval_loss_vs_fp32"] = r["eval_loss"] - ref["eval_loss"]
+    return records
+
+
 def main(argv: Optional[list[str]] = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", help="append JSON lines to this file")
@@ -332,7 +377,8 @@ def main(argv: Optional[list[str]] = None) -> int:
                         help=f"comma-separated, from {', '.join(FORMATS)}")
     parser.add_argument("--no-baselines", action="store_true", help="only our formats")
     parser.add_argument("--accuracy", action="store_true", help="quantization error of m and v instead of speed")
-    parser.add_argument("--steps", type=int, default=100, help="--accuracy: optimizer steps")
+    parser.add_argument("--finetune", action="store_true", help="train the embedded model with each format")
+    parser.add_argument("--steps", type=int, default=None, help="optimizer steps (--accuracy 100, --finetune 300)")
     parser.add_argument("--copy-gib", type=float, default=4.0, help="size of the copy-bandwidth probe")
     parser.add_argument("--smoke", action="store_true", help="tiny sizes (CPU: in Triton's interpreter)")
     args = parser.parse_args(argv)
@@ -340,15 +386,20 @@ def main(argv: Optional[list[str]] = None) -> int:
     unknown = [f for f in args.formats if f not in FORMATS]
     if unknown:
         parser.error(f"unknown format(s) {unknown}; choose from {', '.join(FORMATS)}")
+    if args.steps is None:
+        args.steps = 300 if args.finetune else 100
     if torch.cuda.is_available():
         device = torch.device("cuda", torch.cuda.current_device())
-    elif args.smoke:
+    elif args.smoke or args.finetune:
         device = torch.device("cpu")
     else:
-        print("bench_states.py needs a CUDA device (or --smoke for a tiny CPU run in Triton's interpreter)",
-              file=sys.stderr)
+        print("bench_states.py needs a CUDA device (or --smoke for a tiny CPU run in Triton's interpreter, "
+              "or --finetune, which also runs on CPU)", file=sys.stderr)
         return 2
-    records = run_accuracy(args, device) if args.accuracy else run_speed(args, device)
+    if args.finetune:
+        records = run_finetune(args, device)
+    else:
+        records = run_accuracy(args, device) if args.accuracy else run_speed(args, device)
     write(args.out, records)
     return 0
 

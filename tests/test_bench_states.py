@@ -38,3 +38,12 @@ def test_unknown_format_is_a_usage_error(tmp_path):
     proc = subprocess.run([sys.executable, str(ROOT / "bench" / "bench_states.py"), "--smoke", "--formats", "int4"],
                           cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and "unknown format(s) ['int4']" in proc.stderr
+
+
+def test_finetune_smoke_trains_every_format(tmp_path):
+    rows = {r["path"]: r for r in _run(tmp_path, "--finetune")}
+    assert set(rows) == {"fp32", "8bit", "8bit-nomaster", "fp32-nomaster"}
+    assert rows["fp32"]["eval_loss_vs_fp32"] == 0.0
+    assert rows["8bit"]["arena_bytes"] < 0.55 * rows["fp32"]["arena_bytes"]
+    for r in rows.values():
+        assert r["train_loss"] < r["first_loss"] + 0.5 and r["eval_loss"] > 0
