@@ -58,6 +58,13 @@ out = {
                     dict(W_DTYPE=tl.bfloat16, G_DTYPE=tl.bfloat16, W_ALIGN=8, G_ALIGN=8, HAS_SCALE=True,
                          HAS_FOUND_INF=True, STOCHASTIC=False, BLOCK=2048, HAS_MASTER=True, QUANT=True, QBLOCK=256),
                     enable_fp_fusion=False),
+    "adamw8_nomaster_sr": build(adamw._fused_adamw_kernel, {**tables, **arena8, **scalars},
+                                dict(W_DTYPE=tl.bfloat16, G_DTYPE=tl.bfloat16, W_ALIGN=8, G_ALIGN=8, HAS_SCALE=False,
+                                     HAS_FOUND_INF=False, STOCHASTIC=True, BLOCK=2048, HAS_MASTER=False, QUANT=True,
+                                     QBLOCK=256), enable_fp_fusion=False),
+    "load8": build(switch_load._block_load_kernel, {**tables, **arena8},
+                   dict(W_DTYPE=tl.bfloat16, W_ALIGN=8, BLOCK=2048, HAS_MASTER=True, QUANT=True, M_ZERO=127,
+                        V_ZERO=0, QBLOCK=256)),
     "load": build(switch_load._block_load_kernel, {**tables, **arena, "exp_avg_scale_ptr": "*fp32",
                                                    "exp_avg_sq_scale_ptr": "*fp32"},
                   dict(W_DTYPE=tl.bfloat16, W_ALIGN=8, BLOCK=2048, HAS_MASTER=True, QUANT=False, M_ZERO=127,
@@ -111,3 +118,11 @@ def test_8bit_step_kernel_stays_in_registers_with_ieee_arithmetic(codegen):
     assert k["sqrt_rn"] > 0 and k["sqrt_approx"] == 0 and k["div_rn"] > 0 and k["div_approx"] == 0, k
     assert k["fma"] == 0, k
     assert k["v4_loads"] >= 2, f"the fp32 master should still load as 16-byte vectors: {k}"
+
+
+def test_compact_format_kernels_compile_without_spills(codegen):
+    """No master with stochastic rounding, and the 8-bit block load: they compile for sm_90 and stay
+    in registers."""
+    for name in ("adamw8_nomaster_sr", "load8"):
+        assert codegen[name]["local"] == 0, f"{name}: local-memory spills: {codegen[name]}"
+    assert codegen["adamw8_nomaster_sr"]["div_approx"] == 0 and codegen["adamw8_nomaster_sr"]["fma"] == 0

@@ -182,9 +182,9 @@ def test_llama3_8b_layer_8bit_matches_torch_twin(master):
                 assert_close_rel(x, y.double(), 1e-6, f"step {step} master {i}")
             for w, tw in zip(weights, twins):
                 assert int(ulp_distance(w, tw).max()) <= 1
-        else:  # both round stochastically, from different streams
+        else:  # both round stochastically, from different streams: one ulp per step apart at most
             for w, tw in zip(weights, twins):
-                assert int(ulp_distance(w, tw).max()) <= 2
+                assert int(ulp_distance(w, tw).max()) <= 2 * step
 
 
 def test_8bit_tensor_over_2_pow_31_elements():
