@@ -150,6 +150,10 @@ def _fused_adamw_kernel(meta_ptr, chunk_ptr, grad_table_ptr, master_ptr, exp_avg
         m_base = exp_avg_ptr + offset
         v_base = exp_avg_sq_ptr + offset
         if QUANT:
+            # 4-byte accesses to the codes: 4 per thread, the fp32 streams' register layout (16-byte
+            # code vectors would give the tile a second layout, converted through shared memory)
+            m_base = tl.multiple_of(m_base, 4)
+            v_base = tl.multiple_of(v_base, 4)
             ms_base = exp_avg_scale_ptr + offset // QBLOCK
             vs_base = exp_avg_sq_scale_ptr + offset // QBLOCK
             if start + BLOCK <= numel:
