@@ -128,3 +128,4 @@ def test_compact_format_kernels_compile_without_spills(codegen):
     for name in ("adamw8_nomaster_sr", "load8"):
         assert codegen[name]["local"] == 0, f"{name}: local-memory spills: {codegen[name]}"
     assert codegen["adamw8_nomaster_sr"]["div_approx"] == 0 and codegen["adamw8_nomaster_sr"]["fma"] == 0
+    assert codegen["load8"]["shared"] == 0 and codegen["load8"]["v4_stores"] >= 2, codegen["load8"]

@@ -64,11 +64,14 @@ def _block_load_kernel(meta_ptr, chunk_ptr, master_ptr, exp_avg_ptr, exp_avg_sq_
     if QUANT:
         ms = exp_avg_scale_ptr + offset // QBLOCK
         vs = exp_avg_sq_scale_ptr + offset // QBLOCK
+        # 4-byte code stores: the register layout of the fp32 master stream (see the step kernel)
+        mc = tl.multiple_of(exp_avg_ptr + offset, 4)
+        vc = tl.multiple_of(exp_avg_sq_ptr + offset, 4)
         if start + BLOCK <= numel:
-            _load_chunk_8bit(w_ptr, master_ptr + offset, exp_avg_ptr + offset, ms, exp_avg_sq_ptr + offset, vs,
+            _load_chunk_8bit(w_ptr, master_ptr + offset, mc, ms, vc, vs,
                              start, numel, BLOCK, False, HAS_MASTER, M_ZERO, V_ZERO, QBLOCK)
         else:
-            _load_chunk_8bit(w_ptr, master_ptr + offset, exp_avg_ptr + offset, ms, exp_avg_sq_ptr + offset, vs,
+            _load_chunk_8bit(w_ptr, master_ptr + offset, mc, ms, vc, vs,
                              start, numel, BLOCK, True, HAS_MASTER, M_ZERO, V_ZERO, QBLOCK)
     elif start + BLOCK <= numel:
         _load_chunk(w_ptr, master_ptr + offset, exp_avg_ptr + offset, exp_avg_sq_ptr + offset, start, numel,
