@@ -170,3 +170,37 @@ def test_no_master_sees_weights_written_in_place():
     opt.step()
     # the written values, moved by one step of lr 1e-3 (the old weights, ~0.02, would be far off)
     assert float((p.detach().float() - 0.25).abs().max()) < 1e-2
+
+
+def _cuda_loss(model, seed: int) -> torch.Tensor:
+    batch = {k: v.cuda() for k, v in tiny_batch(model, seed=seed).items()}
+    return model(**batch).loss
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("states, master", FORMATS, ids=FORMAT_IDS)
+def test_gpu_every_format_resumes_bit_identically(states: str, master: bool, tmp_path):
+    """On the GPU with the Triton kernels: train, checkpoint, resume; the same weights bit for bit."""
+    kwargs = dict(lr=1e-2, weight_decay=0.01, switch_every=2, switch_mode="random", seed=3, states=states,
+                  master=master)
+    model = tiny_model("llama", dtype=torch.bfloat16, num_layers=3).cuda()
+    opt = BlockAdam(model, **kwargs)
+    assert opt._ops.name == "triton"
+    for s in range(4):
+        _cuda_loss(model, s).backward()
+        opt.step()
+    torch.save({"model": model.state_dict(), "opt": opt.state_dict()}, tmp_path / "ckpt.pt")
+    for s in range(4, 8):
+        _cuda_loss(model, s).backward()
+        opt.step()
+    resumed = tiny_model("llama", dtype=torch.bfloat16, num_layers=3, seed=99).cuda()
+    opt2 = BlockAdam(resumed, **kwargs)
+    ckpt = torch.load(tmp_path / "ckpt.pt", weights_only=True)
+    resumed.load_state_dict(ckpt["model"])
+    opt2.load_state_dict(ckpt["opt"])
+    for s in range(4, 8):
+        _cuda_loss(resumed, s).backward()
+        opt2.step()
+    for (n, p), (_, q) in zip(model.named_parameters(), resumed.named_parameters()):
+        assert torch.equal(p, q), f"{n} differs after resume"
