@@ -1,6 +1,7 @@
 // Python bindings for the block arena: badam_ext._C.
 #include <torch/csrc/utils/pybind.h>
 
+#include <stdexcept>
 #include <string>
 #include <utility>
 #include <vector>
@@ -64,8 +65,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
              std::vector<RegionSpec> out;
              for (const auto& region : regions) {
                if (region.size() != 3)
-                 throw py::value_error("StateSpec: each region is (name, dtype, block), got " +
-                                       py::str(region).cast<std::string>());
+                 // std::invalid_argument reaches Python as ValueError; py::repr keeps older pybind11
+                 // (torch's bundled headers) unambiguous, where py::str(tuple) is not
+                 throw std::invalid_argument("StateSpec: each region is (name, dtype, block), got " +
+                                             std::string(py::repr(region)));
                out.push_back({region[0].cast<std::string>(), region[1].cast<at::ScalarType>(),
                               region[2].cast<int64_t>()});
              }
