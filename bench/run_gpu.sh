@@ -54,6 +54,9 @@ for stage in "$@"; do
     launch)  # tune BLOCK x warps on this GPU (writes the cache), then the step and load beside torch AdamW
       run bench_launch python3 bench/bench_launch.py --out "$OUT/results.jsonl" ;;
     tests) run gpu_tests python3 -m pytest -m gpu -q --timeout=300 -p no:cacheprovider tests ;;
+    tests-kernels) run gpu_tests_kernels python3 -m pytest -m gpu -q -p no:cacheprovider tests/test_arena.py \
+      tests/test_kernels_8bit.py tests/test_kernels_gpu_large.py tests/test_optimizer_states.py tests/test_kernels_adamw.py \
+      tests/test_kernels_load_norm.py tests/test_kernels_tables.py tests/test_gpu_optimizer.py tests/test_launch_config.py ;;
     micro)
       run bench_update python3 bench/bench_update.py --out "$OUT/results.jsonl"
       run bench_switch python3 bench/bench_switch.py --out "$OUT/results.jsonl"

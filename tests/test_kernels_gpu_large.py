@@ -182,9 +182,19 @@ def test_llama3_8b_layer_8bit_matches_torch_twin(master):
                 assert_close_rel(x, y.double(), 1e-6, f"step {step} master {i}")
             for w, tw in zip(weights, twins):
                 assert int(ulp_distance(w, tw).max()) <= 1
-        else:  # both round stochastically, from different streams: one ulp per step apart at most
-            for w, tw in zip(weights, twins):
-                assert int(ulp_distance(w, tw).max()) <= 2 * step
+        else:
+            # Both round stochastically, from different streams: one ulp (at the weight's magnitude)
+            # per step and side; from step 2 on, a moment code that resolves a tie differently (<= 1e-4
+            # of them, one code apart) changes that element's update by a few percent of lr. Counted
+            # in ulps, a weight that lands next to zero would be thousands of ulps off for an absolute
+            # difference of 1e-6 (which the H200 run showed), so the bound is absolute.
+            lr = 1e-4
+            for i, (w, tw) in enumerate(zip(weights, twins)):
+                w32, t32 = w.float(), tw.float()
+                magnitude = torch.maximum(w32.abs(), t32.abs()).clamp_min(torch.finfo(torch.bfloat16).tiny)
+                ulp = torch.exp2(torch.floor(torch.log2(magnitude)) - 7)
+                excess = (w32 - t32).abs() - (2 * step * ulp + 0.05 * lr * (step - 1))
+                assert float(excess.max()) <= 0, f"step {step} weight {i}: {float(excess.max()):.3g} past the bound"
 
 
 def test_8bit_tensor_over_2_pow_31_elements():
