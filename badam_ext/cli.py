@@ -44,6 +44,10 @@ def _add_train_args(p: argparse.ArgumentParser, *, steps_help: str) -> None:
                    help="Liger-Kernel's RMSNorm and SwiGLU in the layers (auto: Llama-family models on CUDA "
                         "with Liger-Kernel installed)")
     p.add_argument("--budget-gib", type=float, help="device memory the step may use (default: the device's)")
+    p.add_argument("--states", choices=["fp32", "8bit"], default="fp32",
+                   help="optimizer-state format (8bit: blockwise 8-bit moments, about half the arena)")
+    p.add_argument("--no-master", dest="master", action="store_false",
+                   help="no fp32 master copy: update the bf16 weights directly with stochastic rounding")
     p.add_argument("--max-grad-norm", type=float, default=1.0, help="clip by global norm (0: off)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--sample-interval", dest="sample_interval_s", type=float, default=0.05,

@@ -71,6 +71,8 @@ class TrainConfig:
     memory_savings: bool = True  # badam_ext.apply_memory_savings: fused loss, checkpoint offload
     offload_checkpoints: str = "auto"  # "auto", "on" or "off"
     layer_kernels: str = "auto"  # "auto", "on" or "off": Liger-Kernel's RMSNorm / SwiGLU
+    states: str = "fp32"  # BlockAdam's optimizer-state format: "fp32" (bit-exact) or "8bit"
+    master: bool = True  # False: no fp32 master, bf16 weights updated with stochastic rounding
     budget_gib: Optional[float] = None  # None: the device's memory
     max_grad_norm: Optional[float] = 1.0
     seed: int = 0
@@ -147,7 +149,7 @@ def build_optimizer(cfg: TrainConfig, model: Any):
     return BlockAdam(model, lr=_lr(cfg), weight_decay=cfg.weight_decay, switch_every=cfg.switch_every,
                      switch_mode=cfg.switch_mode, start_block=cfg.start_block, backend=cfg.backend,
                      max_grad_norm=cfg.max_grad_norm, include_embedding=include_embedding,
-                     include_lm_head=include_lm_head, seed=cfg.seed)
+                     include_lm_head=include_lm_head, seed=cfg.seed, states=cfg.states, master=cfg.master)
 
 
 def enable_memory_savings(cfg: TrainConfig, model: Any):

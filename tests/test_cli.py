@@ -86,3 +86,15 @@ def test_train_fixed_mode_needs_and_takes_a_start_block(tmp_path):
         cli.main(args)
     assert cli.main([*args, "--start-block", "3"]) == 0
     assert json.loads((tmp_path / "summary.json").read_text())["config"]["max_grad_norm"] is None
+
+
+def test_train_takes_the_state_format(tmp_path):
+    args = ["train", "--steps", "3", "--switch-every", "1", "--batch-size", "2", "--seq-len", "16", "--no-progress",
+            "--sample-interval", "0"]
+    assert cli.main([*args, "--out", str(tmp_path / "fp32")]) == 0
+    assert cli.main([*args, "--out", str(tmp_path / "8bit"), "--states", "8bit", "--no-master"]) == 0
+    fp32 = json.loads((tmp_path / "fp32" / "summary.json").read_text())
+    compact = json.loads((tmp_path / "8bit" / "summary.json").read_text())
+    assert compact["config"]["states"] == "8bit" and compact["config"]["master"] is False
+    assert compact["arena_bytes"] < fp32["arena_bytes"] / 4  # 2 + 8/256 bytes per parameter against 12
+    assert abs(compact["train_loss_first"] - fp32["train_loss_first"]) < 1e-4  # the first forward is the same
