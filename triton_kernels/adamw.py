@@ -32,6 +32,20 @@ _SEED_BITS = 31  # each half of the seed stays an int32 argument: no new compila
 
 
 @triton.jit
+def _adamw_update(g, p, m, v, grad_scale, p_scale, beta2, one_minus_beta1, one_minus_beta2, eps, neg_step_size,
+                  bc2_sqrt, HAS_SCALE: tl.constexpr):
+    """The AdamW arithmetic of the module docstring on fp32 registers; every format shares it."""
+    if HAS_SCALE:
+        g = g * grad_scale
+    p = p * p_scale
+    m = m + one_minus_beta1 * (g - m)
+    v = v * beta2 + (one_minus_beta2 * g) * g
+    denom = tl.div_rn(tl.sqrt_rn(v), bc2_sqrt) + eps
+    p = p + tl.div_rn(neg_step_size * m, denom)
+    return p, m, v
+
+
+@triton.jit
 def _adamw_chunk(w_ptr, g_ptr, master_ptr, exp_avg_ptr, exp_avg_sq_ptr, start, numel, arena_offset,
                  grad_scale, p_scale, beta2, one_minus_beta1, one_minus_beta2, eps, neg_step_size, bc2_sqrt,
                  seed, BLOCK: tl.constexpr, MASKED: tl.constexpr, HAS_SCALE: tl.constexpr,
@@ -45,13 +59,8 @@ def _adamw_chunk(w_ptr, g_ptr, master_ptr, exp_avg_ptr, exp_avg_sq_ptr, start, n
         p = tl.load(w_ptr + idx, mask=mask).to(tl.float32)
     m = tl.load(exp_avg_ptr + idx, mask=mask, eviction_policy="evict_first")
     v = tl.load(exp_avg_sq_ptr + idx, mask=mask, eviction_policy="evict_first")
-    if HAS_SCALE:
-        g = g * grad_scale
-    p = p * p_scale
-    m = m + one_minus_beta1 * (g - m)
-    v = v * beta2 + (one_minus_beta2 * g) * g
-    denom = tl.div_rn(tl.sqrt_rn(v), bc2_sqrt) + eps
-    p = p + tl.div_rn(neg_step_size * m, denom)
+    p, m, v = _adamw_update(g, p, m, v, grad_scale, p_scale, beta2, one_minus_beta1, one_minus_beta2, eps,
+                            neg_step_size, bc2_sqrt, HAS_SCALE)
     if HAS_MASTER:
         tl.store(master_ptr + idx, p, mask=mask)
     tl.store(exp_avg_ptr + idx, m, mask=mask)
@@ -92,13 +101,8 @@ def _adamw_chunk_8bit(w_ptr, g_ptr, master_ptr, m_codes_ptr, m_scale_ptr, v_code
                         m_map_ptr)
     v = dequantize_rows(_load(v_codes_ptr + idx, mask, MASKED), _load(v_scale_ptr + qrow, row_mask, MASKED),
                         v_map_ptr)
-    if HAS_SCALE:
-        g = g * grad_scale
-    p = p * p_scale
-    m = m + one_minus_beta1 * (g - m)
-    v = v * beta2 + (one_minus_beta2 * g) * g
-    denom = tl.div_rn(tl.sqrt_rn(v), bc2_sqrt) + eps
-    p = p + tl.div_rn(neg_step_size * m, denom)
+    p, m, v = _adamw_update(g, p, m, v, grad_scale, p_scale, beta2, one_minus_beta1, one_minus_beta2, eps,
+                            neg_step_size, bc2_sqrt, HAS_SCALE)
     if MASKED:  # elements past the tensor must not count in their block's absmax
         m = tl.where(mask, m, 0.0)
         v = tl.where(mask, v, 0.0)
