@@ -56,8 +56,8 @@ SMOKE_BLOCKS, SMOKE_WARPS = [1024, 4096], [4]
 def block_load_fn(layer: Layer, block_size=None, num_warps=None):
     tables = K.BlockTables.build(layer.weights, layer.offsets, [w.dim() > 1 for w in layer.weights],
                                  block_size=block_size)
-    if num_warps is not None:
-        tables.num_warps = num_warps
+    if num_warps is not None:  # the load launches with its own entry of the tables' warps
+        tables.kernel_warps[lc.BLOCK_LOAD] = num_warps
     return tables, lambda: K.block_load(tables, *layer.regions)
 
 

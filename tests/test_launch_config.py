@@ -283,3 +283,27 @@ def test_gpu_step_is_bit_identical_across_launch_configs(cache):
     for other in results[1:]:
         for a, b in zip(results[0], other):
             assert torch.equal(a, b)
+
+
+def test_block_tables_ask_for_each_kernels_configuration_with_the_weight_dtype(monkeypatch):
+    from badam_ext.kernels import tables as T
+
+    asked = []
+
+    def block_size(device, kernel=lc.FUSED_STEP, dtype=None):
+        asked.append(("block", kernel, dtype))
+        return 1024
+
+    def warps(block, device=None, kernel=lc.FUSED_STEP, dtype=None):
+        asked.append(("warps", kernel, dtype, block))
+        return {lc.FUSED_STEP: 4, lc.BLOCK_LOAD: 8, lc.GRAD_SQ_NORM: 2}[kernel]
+
+    monkeypatch.setattr(T, "default_block_size", block_size)
+    monkeypatch.setattr(T, "default_num_warps", warps)
+    weights = [torch.zeros(3000, dtype=torch.float32), torch.zeros(5, dtype=torch.float32)]
+    tables = T.BlockTables.build(weights, [0, 3072], [True, False])
+    assert ("block", lc.FUSED_STEP, torch.float32) in asked
+    assert {a[1] for a in asked if a[0] == "warps"} == {lc.FUSED_STEP, lc.BLOCK_LOAD, lc.GRAD_SQ_NORM}
+    assert all(a[2] is torch.float32 and a[3] == 1024 for a in asked if a[0] == "warps")
+    assert tables.block_size == 1024 and tables.num_warps == 4
+    assert (tables.warps_for(lc.BLOCK_LOAD), tables.warps_for(lc.GRAD_SQ_NORM)) == (8, 2)

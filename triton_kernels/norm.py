@@ -10,7 +10,7 @@ import triton.language as tl
 
 from .chunk_map import as_pointer, program_chunk
 from ..contract import check_partials
-from .launch_config import device_guard
+from .launch_config import GRAD_SQ_NORM, device_guard
 from .tables import TL_DTYPES, BlockTables, align_hint
 
 
@@ -39,7 +39,7 @@ def grad_sq_norm(tables: BlockTables, grads: Sequence[torch.Tensor], partials: t
     with device_guard(tables.device):
         _grad_sq_norm_kernel[(tables.num_chunks,)](
             tables.meta, tables.chunks, table, partials,
-            G_DTYPE=TL_DTYPES[g_dtype], G_ALIGN=align_hint(g_aligned, g_dtype, vector_elems=8), BLOCK=tables.block_size, num_warps=tables.num_warps,
+            G_DTYPE=TL_DTYPES[g_dtype], G_ALIGN=align_hint(g_aligned, g_dtype, vector_elems=8), BLOCK=tables.block_size, num_warps=tables.warps_for(GRAD_SQ_NORM),
         )
     if partials.numel() > tables.num_chunks:
         partials[tables.num_chunks:].zero_()

@@ -15,7 +15,7 @@ from ..contract import check_state
 from ..states.quant import QUANT_BLOCK, zero_code
 from .adamw import check_quant_block
 from .chunk_map import as_pointer, program_chunk
-from .launch_config import device_guard
+from .launch_config import BLOCK_LOAD, device_guard
 from .tables import TL_DTYPES, BlockTables, align_hint
 
 
@@ -99,5 +99,5 @@ def block_load(tables: BlockTables, master_flat: Optional[torch.Tensor], exp_avg
             exp_avg_scale if quantized else master, exp_avg_sq_scale if quantized else master,
             W_DTYPE=TL_DTYPES[tables.dtype], W_ALIGN=align_hint(tables.weights_aligned, tables.dtype), BLOCK=tables.block_size,
             HAS_MASTER=master_flat is not None, QUANT=quantized, M_ZERO=zero_code(True), V_ZERO=zero_code(False),
-            QBLOCK=QUANT_BLOCK, num_warps=tables.num_warps,
+            QBLOCK=QUANT_BLOCK, num_warps=tables.warps_for(BLOCK_LOAD),
         )

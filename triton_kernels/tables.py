@@ -13,7 +13,15 @@ from ..contract import (
     check_offsets,
     check_weights,
 )
-from .launch_config import check_block_size, check_launch_device, default_block_size, default_num_warps
+from .launch_config import (
+    BLOCK_LOAD,
+    FUSED_STEP,
+    GRAD_SQ_NORM,
+    check_block_size,
+    check_launch_device,
+    default_block_size,
+    default_num_warps,
+)
 
 #: weight / gradient dtypes the kernels accept, with their Triton element types
 TL_DTYPES = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}
@@ -75,6 +83,7 @@ class BlockTables:
         num_warps: int,
         meta: torch.Tensor,
         chunks: torch.Tensor,
+        kernel_warps: Optional[dict[str, int]] = None,
     ) -> None:
         self.weights = weights
         self.offsets = offsets
@@ -85,6 +94,7 @@ class BlockTables:
         self.dtype = weights[0].dtype
         self.block_size = block_size
         self.num_warps = num_warps
+        self.kernel_warps = dict(kernel_warps or {})  # kernel name -> warps, where they differ from the step's
         self.meta = meta
         self.chunks = chunks
         self.span = max(o + n for o, n in zip(offsets, self.numels))
@@ -112,7 +122,9 @@ class BlockTables:
         numels = [w.numel() for w in weights]
         offs = check_offsets(offsets, numels)
         decay = check_decay(decay, len(weights))
-        block = check_block_size(block_size) if block_size is not None else default_block_size(device)
+        dtype = weights[0].dtype
+        block = (check_block_size(block_size) if block_size is not None
+                 else default_block_size(device, FUSED_STEP, dtype))
         block = max(block, check_block_size(min_block_size) if min_block_size > 1 else 1)
 
         counts = [-(-n // block) for n in numels]
@@ -123,8 +135,13 @@ class BlockTables:
             meta_rows += [w.data_ptr(), off, n, int(d)]
         meta = _h2d(meta_rows, torch.int64, device).view(len(weights), META_COLS)
         chunk_table = _chunk_table(_h2d(counts, torch.int64, device), sum(counts))
-        return cls(weights, offs, decay, block,
-                   default_num_warps(block), meta, chunk_table)
+        # The step's block size sets the chunks every kernel shares; each kernel its own warps for it.
+        warps = {k: default_num_warps(block, device, k, dtype) for k in (FUSED_STEP, BLOCK_LOAD, GRAD_SQ_NORM)}
+        return cls(weights, offs, decay, block, warps[FUSED_STEP], meta, chunk_table, kernel_warps=warps)
+
+    def warps_for(self, kernel: str) -> int:
+        """Warps per program of ``kernel`` (a name of ``launch_config.KERNELS``) over these tables."""
+        return self.kernel_warps.get(kernel, self.num_warps)
 
     @property
     def num_tensors(self) -> int:
