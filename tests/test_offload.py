@@ -162,9 +162,15 @@ def test_auto_turns_offload_on_when_the_plan_does_not_fit() -> None:
     # a budget between the two plans (plus the default allocator slack): "auto" must choose offload
     budget = (plans[0].peak_bytes + plans[1].peak_bytes) / 2 / GIB + P.DEFAULT_FRAGMENTATION_GIB
     savings = apply_memory_savings(model, offload_checkpoints="auto", budget_gib=budget, min_offload_bytes=0)
-    BlockAdam(model, lr=1e-2, backend="torch")
+    opt = BlockAdam(model, lr=1e-2, backend="torch")
     model(**tiny_batch(model, seq=256)).loss.backward()
-    assert savings.decisions == {(2, 256): True} and savings.offloader.offloaded_bytes > 0
+    assert savings.decisions == {(2, 256, "fp32", True): True} and savings.offloader.offloaded_bytes > 0
+    # a BlockAdam with compact states is planned with its own (smaller) arena, not the cached decision
+    opt.close()
+    opt = BlockAdam(model, lr=1e-2, backend="torch", states="8bit", master=False)
+    model.zero_grad(set_to_none=True)
+    model(**tiny_batch(model, seq=256)).loss.backward()
+    assert set(savings.decisions) == {(2, 256, "fp32", True), (2, 256, "8bit", False)}
 
 
 def test_bad_arguments() -> None:

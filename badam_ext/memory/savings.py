@@ -37,7 +37,8 @@ class MemorySavings:
         loss: the fused-loss patch (None when off).
         layers: the layer-kernels patch (None when off).
         offloader: the checkpoint offloader (None when off).
-        decisions: ``(batch, seq) -> bool``, what ``"auto"`` chose per input shape.
+        decisions: ``(batch, seq, states, master) -> bool``, what ``"auto"`` chose per input shape and
+            optimizer-state format.
     """
 
     def __init__(self, model: nn.Module, *, fused_loss: bool, offload_checkpoints: Union[bool, str],
@@ -56,7 +57,7 @@ class MemorySavings:
         self.device = next(model.parameters()).device
         self.mode = offload_checkpoints
         self.budget_gib = budget_gib if budget_gib is not None else device_budget_gib(self.device)
-        self.decisions: "OrderedDict[tuple[int, int], bool]" = OrderedDict()
+        self.decisions: "OrderedDict[tuple[int, int, str, bool], bool]" = OrderedDict()
         self._shape = None
         self.loss: Optional[FusedLossPatch] = None
         self.layers: Optional[LayerKernelsPatch] = None
@@ -89,13 +90,13 @@ class MemorySavings:
             return bool(self.mode)
         if self.budget_gib is None or not checkpointing_info(self.model).enabled:
             return False  # no device budget to protect (CPU), or nothing checkpointed to offload
-        key = (batch, seq)
+        states, master = self._state_format()  # the optimizer may come (or change) after the first plan
+        key = (batch, seq, states, master)
         if key in self.decisions:
             self.decisions.move_to_end(key)
             return self.decisions[key]
         if self._shape is None:
             self._shape = model_shape(self.model.config, dtype=next(self.model.parameters()).dtype)
-        states, master = self._state_format()
         plan = plan_memory(self.model.config, batch_size=batch, seq_len=seq, budget_gib=self.budget_gib,
                            fused_loss=self.loss is not None, offload="auto", shape=self._shape, limits=False,
                            layer_kernels=self.layers is not None, loss_backend=self._loss_backend(),
