@@ -156,6 +156,27 @@ def test_triton_and_torch_backends_agree_on_8bit(master: bool):
             assert torch.equal(a, b), name
 
 
+@pytest.mark.skipif(not K.interpreted(), reason="compares the backends on CPU, in the Triton interpreter")
+@pytest.mark.parametrize("states", ["8bit", "fp32"])
+def test_backends_agree_without_a_master_on_fp32_weights(states: str):
+    """fp32 weights round exactly (no stochastic rounding): without a master, BlockAdam's weight update
+    must give the same weights on both backends over several steps and a switch."""
+    runs = {}
+    for name in ("torch", "triton"):
+        model = tiny_model("llama", dtype=torch.float32, num_layers=2)
+        opt = BlockAdam(model, lr=1e-2, switch_every=2, switch_mode="ascending", backend=name, states=states,
+                        master=False)
+        _train(opt, model, range(5))
+        runs[name] = model
+    moved = 0
+    reference = tiny_model("llama", dtype=torch.float32, num_layers=2)
+    for (n, p), (_, q), (_, r) in zip(runs["torch"].named_parameters(), runs["triton"].named_parameters(),
+                                      reference.named_parameters()):
+        assert torch.equal(p, q), n
+        moved += int(not torch.equal(p, r))
+    assert moved > 0  # the weights did train
+
+
 def test_no_master_sees_weights_written_in_place():
     """Without a master the weights are the state: a load_state_dict into the model is simply used."""
     model = tiny_model("llama", dtype=torch.bfloat16, num_layers=2)

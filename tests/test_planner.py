@@ -70,7 +70,7 @@ def test_moments_by_hand() -> None:
 
 
 def test_layer_kernels_and_liger_loss_by_hand() -> None:
-    from badam_ext.memory.loss import liger_chunk_mem_const
+    from badam_ext.memory.loss import loss_chunk_rows
 
     cfg = _config()
     b, seq, h, i, v, a = 2, 64, cfg.hidden_size, cfg.intermediate_size, cfg.vocab_size, 2
@@ -81,9 +81,9 @@ def test_layer_kernels_and_liger_loss_by_hand() -> None:
     frozen, active = int(lean * P.FROZEN_RECOMPUTE_FRACTION), int(lean)
     grads0 = sum(P._align(n * a) for n in shape.layer_numels[0])
     static = 2 * _hand_sizes(cfg)["params"] + P.arena_bytes(shape) + P.RUNTIME_BYTES
-    # Liger's chunk: 128 tokens fit in one chunk of a 128-entry vocabulary
-    assert liger_chunk_mem_const(tokens, h, v) >= 1
+    # Liger's chunk: 128 tokens of a 128-entry vocabulary fit in one chunk
     chunk = tokens
+    assert loss_chunk_rows(tokens, h, v, "liger") == chunk
     loss = tokens * h * 2 * a + tokens * h * a + chunk * v * a + tokens * 4
     forward = max(int(tokens * (1.5 * h + P.LEAN_FORWARD_PER_INTERMEDIATE * i) * a), loss)
     for offload, held_fwd, held_top in ((False, 4, 4), (True, 1, 2 + P.LEAN_OFFLOAD_EXTRA_INPUTS)):
@@ -107,10 +107,16 @@ def test_liger_chunks_hold_up_to_the_byte_budget() -> None:
     # Llama-3-8B head: Liger's default makes 64-token chunks at 2048 tokens; ours 1024
     assert loss_chunk_rows(2048, 4096, 128256, "liger") == 1024
     assert liger_chunk_mem_const(2048, 4096, 128256) > 1
+    from badam_ext.memory.loss import _liger_chunk_rows
+
     for tokens in (100, 2048, 8192, 18432, 65536):
+        const = liger_chunk_mem_const(tokens, 4096, 128256)
         rows = loss_chunk_rows(tokens, 4096, 128256, "liger")
-        assert rows <= tokens and (rows * 128256 * 2 <= LIGER_CHUNK_BYTES or
-                                   liger_chunk_mem_const(tokens, 4096, 128256) == 1)
+        assert rows == _liger_chunk_rows(tokens, 4096, 128256, const) <= tokens
+        assert rows * 128256 * 2 <= LIGER_CHUNK_BYTES or const == 1
+        # the largest such chunk: one more step of the constant would pass the budget (or change nothing)
+        bigger = _liger_chunk_rows(tokens, 4096, 128256, const + 1)
+        assert bigger == rows or bigger * 128256 * 2 > LIGER_CHUNK_BYTES
 
 
 def test_block_zero_is_the_worst_and_offload_lowers_the_peak() -> None:
@@ -179,9 +185,14 @@ def test_cli_plan_json_and_errors(tmp_path, capsys) -> None:
     assert rc == 0 and out["fits"] is True and len(out["blocks"]) == 4
     assert set(out["limits"]) == {"hf_loss", "fused_loss", "fused_loss+offload"}
     rc = cli_main(["plan", "--config", str(path), "--seq-len", "64", "--json", "--states", "8bit", "--no-master",
-                   "--layer-kernels", "--loss-backend", "liger"])
+                   "--layer-kernels", "on", "--loss-backend", "liger"])
     compact = json.loads(capsys.readouterr().out)
     assert rc == 0 and compact["states"] == "8bit" and compact["master"] is False and compact["layer_kernels"]
+    import importlib.util
+
+    assert cli_main(["plan", "--config", str(path), "--seq-len", "64", "--json"]) == 0  # "auto", as training
+    auto = json.loads(capsys.readouterr().out)
+    assert auto["layer_kernels"] is (importlib.util.find_spec("liger_kernel") is not None)
     assert cli_main(["plan", "--config", str(path), "--budget-gib", "0.0001"]) == 3  # does not fit
     capsys.readouterr()
     assert cli_main(["plan", "--config", str(tmp_path / "nope.json")]) == 2

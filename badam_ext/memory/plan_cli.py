@@ -18,8 +18,9 @@ def add_plan_parser(sub: Any) -> argparse.ArgumentParser:
     p.add_argument("--seq-len", type=int, default=2048)
     p.add_argument("--offload", choices=["auto", "on", "off"], default="auto", help="checkpoint offload (default auto)")
     p.add_argument("--no-fused-loss", dest="fused_loss", action="store_false", help="plan Hugging Face's own loss")
-    p.add_argument("--layer-kernels", action="store_true",
-                   help="plan the layer kernels (Liger-Kernel's RMSNorm and SwiGLU, on by default where Liger is installed)")
+    p.add_argument("--layer-kernels", choices=["auto", "on", "off"], default="auto",
+                   help="plan with Liger-Kernel's RMSNorm and SwiGLU in the layers (auto, as in training: for "
+                        "Llama, Mistral and Qwen2/3 when Liger-Kernel is installed)")
     p.add_argument("--loss-backend", choices=["auto", "torch", "liger"], default="auto",
                    help="the fused loss's implementation (default: what this machine would use)")
     p.add_argument("--states", choices=["fp32", "8bit"], default="fp32",
@@ -36,9 +37,10 @@ def run_plan(args: argparse.Namespace) -> int:
     """Print the plan; exit status 0 when it fits the budget, 3 when it does not."""
     offload = {"auto": "auto", "on": True, "off": False}[args.offload]
     try:
+        layer_kernels = _layer_kernels(args.layer_kernels, args.config)
         plan = plan_memory(args.config, batch_size=args.batch_size, seq_len=args.seq_len, budget_gib=args.budget_gib,
                            fused_loss=args.fused_loss, offload=offload, include_embedding=args.include_embedding,
-                           include_lm_head=args.include_lm_head, layer_kernels=args.layer_kernels,
+                           include_lm_head=args.include_lm_head, layer_kernels=layer_kernels,
                            loss_backend=args.loss_backend, states=args.states, master=args.master)
     except (FileNotFoundError, ValueError, TypeError) as exc:
         print(f"badam-ext plan: {exc}", file=sys.stderr)
@@ -48,6 +50,19 @@ def run_plan(args: argparse.Namespace) -> int:
     else:
         print_plan(plan)
     return 0 if plan.fits else 3
+
+
+def _layer_kernels(choice: str, config: str) -> bool:
+    """What a training run would do: ``auto`` is on for the supported architectures with Liger installed."""
+    if choice != "auto":
+        return choice == "on"
+    import importlib.util
+
+    from .layer_kernels import LAYER_KERNEL_MODEL_TYPES
+    from .planner import load_config
+
+    return (load_config(config).model_type in LAYER_KERNEL_MODEL_TYPES
+            and importlib.util.find_spec("liger_kernel") is not None)
 
 
 def print_plan(plan: Any) -> None:
