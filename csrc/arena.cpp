@@ -158,6 +158,7 @@ int64_t StateSpec::index(const std::string& region) const {
 }
 
 int64_t StateSpec::items(int64_t r, int64_t numel) const {
+  TORCH_CHECK_VALUE(numel >= 0, "StateSpec.items: numel must be >= 0, got ", numel);
   const int64_t block = regions_.at(r).block;
   return numel / block + (numel % block != 0);
 }

@@ -94,7 +94,9 @@ class BlockArena {
 
   // Make room for blocks of up to capacity_numel elements: a new, larger allocation when the
   // current one is too small (its contents are not kept; layouts made before are refused, views
-  // handed out before keep the old memory alive). Returns whether it allocated.
+  // handed out before keep the old memory alive). The old buffer is freed before the new one is
+  // made, so that two never coexist; if that allocation fails the arena is released and refuses
+  // further use. Returns whether it allocated.
   bool reserve(int64_t capacity_numel);
 
   // Check that tensors (the block's weights or grads) fit the layout and live on the arena's device.

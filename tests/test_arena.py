@@ -487,3 +487,12 @@ def test_missing_extension_raises_import_error(monkeypatch: pytest.MonkeyPatch) 
     monkeypatch.delitem(sys.modules, "badam_ext.arena")
     with pytest.raises(ImportError, match=re.escape("pip install --no-build-isolation -e .")):
         importlib.import_module("badam_ext.arena")
+
+
+def test_spec_items_refuses_a_negative_count():
+    from badam_ext.states import state_spec
+
+    spec = state_spec("8bit")
+    assert spec.items("exp_avg_scale", 257) == 2 and spec.items("exp_avg", 257) == 257
+    with pytest.raises(ValueError, match="numel must be >= 0"):
+        spec.items("exp_avg", -5)
