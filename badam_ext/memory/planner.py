@@ -335,15 +335,6 @@ def plan_block(shape: ModelShape, index: int, *, batch_size: int, seq_len: int, 
                      peak=weights + arena + RUNTIME_BYTES + g + c + r + l_, peak_at=at)
 
 
-def _plan(shape: ModelShape, batch_size: int, seq_len: int, fused_loss: bool, offload: bool,
-          gradient_checkpointing: bool, layer_kernels: bool = False, loss_backend: str = "auto",
-          states: tuple[str, bool] = ("fp32", True)) -> list[BlockPlan]:
-    return [plan_block(shape, i, batch_size=batch_size, seq_len=seq_len, fused_loss=fused_loss, offload=offload,
-                       gradient_checkpointing=gradient_checkpointing, layer_kernels=layer_kernels,
-                       loss_backend=loss_backend, states=states[0], master=states[1])
-            for i in range(len(shape.block_names))]
-
-
 def _largest(fits: Any, count: int) -> int:
     """The largest ``k`` in ``[0, count]`` with ``fits(k)``, for a ``fits`` that turns false once."""
     lo, hi = 0, count
@@ -354,11 +345,6 @@ def _largest(fits: Any, count: int) -> int:
         else:
             hi = mid - 1
     return lo
-
-
-def _peak(shape: ModelShape, batch: int, seq: int, fused: bool, offload: bool, gc: bool, lean: bool,
-          backend: str, states: tuple[str, bool]) -> int:
-    return max(b.peak for b in _plan(shape, batch, seq, fused, offload, gc, lean, backend, states))
 
 
 def plan_memory(config: Any, *, batch_size: int = 1, seq_len: int = 2048, budget_gib: Optional[float] = None,
@@ -389,29 +375,32 @@ def plan_memory(config: Any, *, batch_size: int = 1, seq_len: int = 2048, budget
     shape = shape or model_shape(config, dtype=dtype, include_embedding=include_embedding,
                                  include_lm_head=include_lm_head)
     loss_backend = planned_loss_backend(loss_backend)
-    fmt = (states, master)
     arena_bytes(shape, states, master)  # an unknown format fails here, with the formats listed
+    common = dict(gradient_checkpointing=gradient_checkpointing, layer_kernels=layer_kernels,
+                  loss_backend=loss_backend, states=states, master=master)
+
+    def blocks_of(batch: int, seq: int, fused: bool, off: bool) -> list[BlockPlan]:
+        return [plan_block(shape, i, batch_size=batch, seq_len=seq, fused_loss=fused, offload=off, **common)
+                for i in range(len(shape.block_names))]
+
+    def peak(batch: int, seq: int, fused: bool, off: bool) -> int:
+        return max(b.peak for b in blocks_of(batch, seq, fused, off))
+
     budget = None if budget_gib is None else int(budget_gib * GIB)
     frag = int(fragmentation_gib * GIB)
     found: dict[str, Any] = {}
     auto_choice = None
     if budget is not None:
         limit = budget - frag
-        no_offload = _plan(shape, batch_size, seq_len, fused_loss, False, gradient_checkpointing, layer_kernels,
-                           loss_backend, fmt)
-        auto_choice = max(b.peak for b in no_offload) > limit
+        auto_choice = peak(batch_size, seq_len, fused_loss, False) > limit
         variants = {"hf_loss": (False, False), "fused_loss": (True, False), "fused_loss+offload": (True, True)}
         for label, (fused, off) in (variants.items() if limits else ()):
             found[label] = {  # in steps of 256 tokens up to 1M; batches up to 4096
-                "longest_seq": 256 * _largest(lambda k: _peak(shape, batch_size, 256 * k, fused, off,
-                                                              gradient_checkpointing, layer_kernels,
-                                                              loss_backend, fmt) <= limit, 1 << 12),
-                "largest_batch": _largest(lambda k: _peak(shape, k, seq_len, fused, off, gradient_checkpointing,
-                                                          layer_kernels, loss_backend, fmt) <= limit, 4096),
+                "longest_seq": 256 * _largest(lambda k: peak(batch_size, 256 * k, fused, off) <= limit, 1 << 12),
+                "largest_batch": _largest(lambda k: peak(k, seq_len, fused, off) <= limit, 4096),
             }
     use_offload = auto_choice if offload == "auto" else bool(offload)
-    blocks = _plan(shape, batch_size, seq_len, fused_loss, bool(use_offload), gradient_checkpointing, layer_kernels,
-                   loss_backend, fmt)
+    blocks = blocks_of(batch_size, seq_len, fused_loss, bool(use_offload))
     return MemoryPlan(model_type=shape.model_type, batch_size=batch_size, seq_len=seq_len, fused_loss=fused_loss,
                       offload=bool(use_offload), budget_bytes=budget, fragmentation_bytes=frag, blocks=blocks,
                       limits=found, auto_offload=auto_choice, layer_kernels=layer_kernels, loss_backend=loss_backend,

@@ -12,7 +12,7 @@ from ..pruning import checkpointing_info
 from .causal_lm import FusedLossPatch, UnsupportedModelError
 from .layer_kernels import LAYER_KERNEL_CHOICES, LayerKernelsPatch, why_unavailable
 from .offload import DEFAULT_MIN_BYTES, CheckpointOffloader
-from .planner import GIB, checkpoint_host_bytes, model_shape, plan_memory
+from .planner import GIB, ModelShape, checkpoint_host_bytes, model_shape, plan_memory
 
 logger = logging.getLogger("badam_ext")
 OFFLOAD_CHOICES = ("auto", True, False)
@@ -88,18 +88,18 @@ class MemorySavings:
     def _wants_offload(self, batch: int, seq: int) -> bool:
         if self.mode != "auto":
             return bool(self.mode)
-        if self.budget_gib is None or not checkpointing_info(self.model).enabled:
-            return False  # no device budget to protect (CPU), or nothing checkpointed to offload
+        if self.budget_gib is None:
+            return False  # no device budget to protect (CPU)
         states, master = self._state_format()  # the optimizer may come (or change) after the first plan
         key = (batch, seq, states, master)
-        if key in self.decisions:
+        if key in self.decisions:  # every step after the first of a shape: no walk over the modules
             self.decisions.move_to_end(key)
             return self.decisions[key]
-        if self._shape is None:
-            self._shape = model_shape(self.model.config, dtype=next(self.model.parameters()).dtype)
+        if not checkpointing_info(self.model).enabled:
+            return False  # nothing checkpointed to offload (not remembered: Trainer may enable it later)
         plan = plan_memory(self.model.config, batch_size=batch, seq_len=seq, budget_gib=self.budget_gib,
-                           fused_loss=self.loss is not None, offload="auto", shape=self._shape, limits=False,
-                           layer_kernels=self.layers is not None, loss_backend=self._loss_backend(),
+                           fused_loss=self.loss is not None, offload="auto", shape=self._model_shape(),
+                           limits=False, layer_kernels=self.layers is not None, loss_backend=self._loss_backend(),
                            states=states, master=master)
         needed = bool(plan.auto_offload)
         logger.info("memory savings: %d x %d tokens, predicted peak %.2f GiB of %.2f: offload %s",
@@ -127,13 +127,18 @@ class MemorySavings:
     def _state_format(self) -> tuple[str, bool]:
         """The arena format of the BlockAdam training this model (fp32 with a master if none is open)."""
         from ..optimizer import _owner
-        from ..states import is_quantized
 
-        for p in self.model.parameters():
+        for p in self.model.parameters():  # an open BlockAdam claims every parameter: the first answers
             opt = _owner(p)
             if opt is not None:
-                return ("8bit" if is_quantized(opt._spec) else "fp32"), opt._spec.has("master")
+                entry = opt._states_entry()
+                return entry["states"], entry["master"]
         return "fp32", True
+
+    def _model_shape(self) -> ModelShape:
+        if self._shape is None:
+            self._shape = model_shape(self.model.config, dtype=next(self.model.parameters()).dtype)
+        return self._shape
 
     def _loss_backend(self) -> str:
         return self.loss.backend if self.loss is not None else "auto"
@@ -144,10 +149,8 @@ class MemorySavings:
             return None
         from .planner import loss_bytes
 
-        if self._shape is None:
-            self._shape = model_shape(self.model.config, dtype=next(self.model.parameters()).dtype)
         head_trainable = self.model.get_output_embeddings().weight.requires_grad
-        return loss_bytes(self._shape, self.loss.tokens, fused=True, head_trainable=head_trainable,
+        return loss_bytes(self._model_shape(), self.loss.tokens, fused=True, head_trainable=head_trainable,
                           layer_kernels=self.layers is not None, backend=self.loss.backend)
 
     def stats(self) -> dict[str, Any]:
