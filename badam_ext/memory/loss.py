@@ -18,6 +18,7 @@ a sum divided by ``num_items_in_batch`` when Trainer passes it for gradient accu
 """
 from __future__ import annotations
 
+import functools
 import importlib.util
 from typing import Optional, Union
 
@@ -40,6 +41,7 @@ def _liger_chunk_rows(tokens: int, hidden: int, vocab: int, chunk_mem_const: int
     return min(rows, tokens)
 
 
+@functools.lru_cache(maxsize=256)  # called every training step with the same few shapes
 def liger_chunk_mem_const(tokens: int, hidden: int, vocab: int, element_size: int = 2,
                           chunk_bytes: int = LIGER_CHUNK_BYTES) -> int:
     """The ``chunk_mem_const`` whose chunks are the largest holding at most ``chunk_bytes`` of logits
