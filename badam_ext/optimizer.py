@@ -25,7 +25,7 @@ from torch import nn
 from torch.utils.hooks import RemovableHandle
 
 from .arena import ArenaLayout, BlockArena, required_capacity
-from .states import QUANT_BLOCK, StateSpec, check_states, is_quantized, state_spec
+from .states import StateSpec, state_spec, states_entry
 from .states import describe as describe_states
 from .fsdp import local_tensor, sharding_of
 from .contract import SUPPORTED_DTYPES
@@ -198,7 +198,7 @@ class BlockAdam(torch.optim.Optimizer):
             raise ValueError(f"all block parameters must be on one device; found {sorted(map(str, devices))}")
         self.device = devices.pop()
         self._sharding = sharding_of(managed)  # FSDP2: the arena and the step see local shards only
-        self._spec: StateSpec = state_spec(check_states(states), master)
+        self._spec: StateSpec = state_spec(states, master)
         for index in range(len(self.partition)):  # every block up front: a later switch must not fail
             self._check_block_tensors(index)
 
@@ -234,6 +234,7 @@ class BlockAdam(torch.optim.Optimizer):
         capacity = max(self._local_capacity(i) for i in range(len(self.partition)))
         # a rank whose shards of every block are empty still needs an arena to exist
         self.arena = BlockArena(capacity or required_capacity([1], self._spec), self.device, self._spec)
+        self._flat_regions: Optional[tuple[Optional[torch.Tensor], ...]] = None  # built once (_regions)
         self._step_states = [self._ops.new_step_state(self.device) for _ in self.param_groups]
         self._partials: Optional[torch.Tensor] = None
         self.last_grad_norm: Optional[torch.Tensor] = None
@@ -361,9 +362,8 @@ class BlockAdam(torch.optim.Optimizer):
             layout = self.arena.layout([t.numel() for _, _, t in held])
             self.arena.check_tensors(layout, [t.detach() for _, _, t in held])
             offsets = list(layout.offsets)
-        build_tables = self._ops.BlockTables.build
-        if is_quantized(self._spec):  # every program covers whole quantization blocks
-            build_tables = functools.partial(build_tables, min_block_size=QUANT_BLOCK)
+        # programs cover whole multiples of the format's alignment (8-bit: whole quantization blocks)
+        build_tables = functools.partial(self._ops.BlockTables.build, min_block_size=self._spec.element_alignment)
         launch_groups = build_launch_groups(
             [n for n, _, _ in held], [p for _, p, _ in held], offsets,
             group_of=lambda p: self._group_of[id(p)],
@@ -536,10 +536,14 @@ class BlockAdam(torch.optim.Optimizer):
 
     def _regions(self) -> tuple[Optional[torch.Tensor], ...]:
         """The arena's flat regions as the kernels take them: master (None without one), exp_avg,
-        exp_avg_sq, exp_avg_scale, exp_avg_sq_scale (None for fp32 moments)."""
-        spec = self._spec
-        return tuple(self.arena.flat(r) if spec.has(r) else None
-                     for r in ("master", "exp_avg", "exp_avg_sq", "exp_avg_scale", "exp_avg_sq_scale"))
+        exp_avg_sq, exp_avg_scale, exp_avg_sq_scale (None for fp32 moments). Views of the one
+        allocation, made at the first use and kept until close()."""
+        if self._flat_regions is None:
+            spec = self._spec
+            self._flat_regions = tuple(
+                self.arena.flat(r) if spec.has(r) else None
+                for r in ("master", "exp_avg", "exp_avg_sq", "exp_avg_scale", "exp_avg_sq_scale"))
+        return self._flat_regions
 
     def _sync_masters(self) -> None:
         """Re-load the fp32 master of active weights written in place by someone else since our last write.
@@ -611,6 +615,7 @@ class BlockAdam(torch.optim.Optimizer):
             self._grad_sync.attach([])
         # our own views of the arena would keep its buffer alive after release()
         self._state_views = {}
+        self._flat_regions = None
         self._launch_groups = []
         self._trainable = []
         self._partials = None
@@ -700,7 +705,7 @@ class BlockAdam(torch.optim.Optimizer):
         return out
 
     def _states_entry(self) -> dict[str, Any]:
-        return {"states": "8bit" if is_quantized(self._spec) else "fp32", "master": self._spec.has("master")}
+        return states_entry(self._spec)
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Restore a state saved by ``state_dict()`` of the same model and partition.
@@ -736,8 +741,8 @@ class BlockAdam(torch.optim.Optimizer):
         saved_states = state_dict.get("states", _DEFAULT_STATES)
         if saved_states != self._states_entry():
             raise ValueError(
-                f"this state_dict holds {_describe_entry(saved_states)} optimizer states but this BlockAdam uses "
-                f"{_describe_entry(self._states_entry())}: loading one state format into another is refused "
+                f"this state_dict holds {describe_states(saved_states)} optimizer states but this BlockAdam uses "
+                f"{describe_states(self._states_entry())}: loading one state format into another is refused "
                 "(build the BlockAdam with the saved format to resume)"
             )
         missing = [k for k in self._spec.region_names if k not in state_dict]
@@ -974,12 +979,6 @@ def _state_count(state_dict: dict, key: str, minimum: Optional[int] = None) -> i
         bound = f" >= {minimum}" if minimum is not None else ""
         raise ValueError(f"state_dict[{key!r}] must be an int{bound}, got {value!r}")
     return number
-
-
-def _describe_entry(entry: Any) -> str:
-    if isinstance(entry, dict) and set(entry) == {"states", "master"}:
-        return f"states={entry['states']!r}, master={entry['master']}"
-    return f"an unknown format ({entry!r})"
 
 
 def _check_state_tensors(key: str, saved: Any, expected: Sequence[tuple[str, torch.Size]],

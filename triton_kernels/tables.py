@@ -93,8 +93,8 @@ class BlockTables:
         self.device = weights[0].device
         self.dtype = weights[0].dtype
         self.block_size = block_size
-        self.num_warps = num_warps
-        self.kernel_warps = dict(kernel_warps or {})  # kernel name -> warps, where they differ from the step's
+        # kernel name -> warps per program; the step's is ``num_warps``, the others default to it
+        self.kernel_warps = {FUSED_STEP: num_warps, **(kernel_warps or {})}
         self.meta = meta
         self.chunks = chunks
         self.span = max(o + n for o, n in zip(offsets, self.numels))
@@ -141,7 +141,16 @@ class BlockTables:
 
     def warps_for(self, kernel: str) -> int:
         """Warps per program of ``kernel`` (a name of ``launch_config.KERNELS``) over these tables."""
-        return self.kernel_warps.get(kernel, self.num_warps)
+        return self.kernel_warps.get(kernel, self.kernel_warps[FUSED_STEP])
+
+    @property
+    def num_warps(self) -> int:
+        """Warps per program of the fused step."""
+        return self.kernel_warps[FUSED_STEP]
+
+    @num_warps.setter
+    def num_warps(self, value: int) -> None:
+        self.kernel_warps[FUSED_STEP] = value
 
     @property
     def num_tensors(self) -> int:

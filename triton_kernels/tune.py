@@ -84,17 +84,16 @@ class _Layer:
     """One layer's weights and grads in ``dtype`` and an fp32 master / m / v arena for them."""
 
     def __init__(self, shapes: Sequence[tuple[int, ...]], device: torch.device, dtype: torch.dtype) -> None:
-        from ..contract import OFFSET_ALIGN
+        from ..arena import BlockArena, required_capacity
 
         gen = torch.Generator(device=device).manual_seed(0)
         self.weights = [(torch.randn(s, device=device, generator=gen) * 0.02).to(dtype) for s in shapes]
         self.grads = [(torch.randn(s, device=device, generator=gen) * 1e-3).to(dtype) for s in shapes]
         self.decay = [w.dim() > 1 for w in self.weights]
-        self.offsets, end = [], 0
-        for w in self.weights:
-            self.offsets.append(end)
-            end = -(-(end + w.numel()) // OFFSET_ALIGN) * OFFSET_ALIGN
-        self.regions = [torch.zeros(end, device=device) for _ in range(3)]
+        numels = [w.numel() for w in self.weights]
+        self.arena = BlockArena(required_capacity(numels), device)  # laid out as BlockAdam lays a block out
+        self.offsets = list(self.arena.layout(numels).offsets)
+        self.regions = [self.arena.flat(r).zero_() for r in ("master", "exp_avg", "exp_avg_sq")]
         self.numel = sum(w.numel() for w in self.weights)
         self.device = device
 

@@ -11,7 +11,8 @@ from .spec import (
     describe,
     is_quantized,
     state_spec,
+    states_entry,
 )
 
 __all__ = ["ALIGNMENT_BYTES", "FP32", "QUANT_BLOCK", "STATE_FORMATS", "StateSpec", "check_states",
-           "describe", "is_quantized", "state_spec"]
+           "describe", "is_quantized", "state_spec", "states_entry"]

@@ -23,7 +23,7 @@ import torch
 from badam_ext._C import ALIGNMENT_BYTES, StateSpec
 
 __all__ = ["ALIGNMENT_BYTES", "FP32", "QUANT_BLOCK", "STATE_FORMATS", "StateSpec", "check_states",
-           "describe", "is_quantized", "state_spec"]
+           "describe", "is_quantized", "state_spec", "states_entry"]
 
 #: the state formats ``BlockAdam(states=...)`` accepts
 STATE_FORMATS = ("fp32", "8bit")
@@ -62,7 +62,14 @@ def is_quantized(spec: StateSpec) -> bool:
     return spec.has("exp_avg_scale")
 
 
-def describe(spec: StateSpec) -> str:
-    """A format as people name it: ``states='8bit', master=False``."""
-    states = "8bit" if is_quantized(spec) else "fp32"
-    return f"states={states!r}, master={spec.has('master')}"
+def states_entry(spec: StateSpec) -> dict[str, object]:
+    """The format as ``BlockAdam(states=, master=)`` names it (and ``state_dict`` records it)."""
+    return {"states": "8bit" if is_quantized(spec) else "fp32", "master": spec.has("master")}
+
+
+def describe(fmt: object) -> str:
+    """A format (a spec, or a ``state_dict``'s entry) as people name it: ``states='8bit', master=False``."""
+    entry = states_entry(fmt) if isinstance(fmt, StateSpec) else fmt
+    if isinstance(entry, dict) and set(entry) == {"states", "master"}:
+        return f"states={entry['states']!r}, master={entry['master']}"
+    return f"an unknown format ({entry!r})"
