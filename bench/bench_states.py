@@ -27,6 +27,7 @@ g for every optimizer); the relative error of each implementation's dequantized 
 float64 EMAs, for our fp32 and 8-bit states and, when importable, bitsandbytes and torchao.
 
     python bench/bench_states.py [--out results.jsonl] [--formats fp32,8bit,8bit-nomaster] [--no-baselines]
+    python bench/bench_states.py --formats 8bit --no-baselines --launch 256x2,512x4,1024x8   # a sweep
     python bench/bench_states.py --accuracy [--steps 100] [--out results.jsonl]
     python bench/bench_states.py --finetune [--steps 300] [--out results.jsonl]   # CPU or GPU
     python bench/bench_states.py --smoke      # tiny sizes on CPU in Triton's interpreter (a CI check)
@@ -223,19 +224,24 @@ def run_speed(args: argparse.Namespace, device: torch.device) -> list[dict[str, 
     base.update(layer="smoke" if args.smoke else "llama3-8b", copy_gbs=round(copy_gbs, 1))
     records = []
 
-    def record(path: str, kind: str, ms: float, numel: int, bytes_per_param: float) -> None:
+    def record(path: str, kind: str, ms: float, numel: int, bytes_per_param: float,
+               extra: Optional[dict[str, Any]] = None) -> None:
         gbs = numel * bytes_per_param / ms / 1e6
         rec = dict(base, path=path, kind=kind, ms=round(ms, 4), numel=numel, bytes_per_param=round(bytes_per_param, 4),
-                   gbs=round(gbs, 1), frac_copy_bw=round(gbs / copy_gbs, 4))
+                   gbs=round(gbs, 1), frac_copy_bw=round(gbs / copy_gbs, 4), **(extra or {}))
         records.append(rec)
+        print(f"{path:28s} {kind:10s} {rec.get('launch', ''):>9s} {ms:8.3f} ms  {100 * rec['frac_copy_bw']:5.1f}% of copy BW")
 
-    for fmt in args.formats:
-        layer = Layer(shapes, device, fmt)
-        record(fmt, "step", bench(layer.step), layer.numel, STEP_BYTES[fmt])
-        record(fmt, "block_load", bench(layer.load), layer.numel, LOAD_BYTES[fmt])
-        del layer
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
+    for launch in args.launch or [None]:
+        with launch_override(launch):
+            for fmt in args.formats:
+                layer = Layer(shapes, device, fmt)
+                config = {"launch": f"{layer.tables.block_size}x{layer.tables.num_warps}"}
+                record(fmt, "step", bench(layer.step), layer.numel, STEP_BYTES[fmt], config)
+                record(fmt, "block_load", bench(layer.load), layer.numel, LOAD_BYTES[fmt], config)
+                del layer
+                if device.type == "cuda":
+                    torch.cuda.empty_cache()
     numel = sum(torch.Size(s).numel() for s in shapes)
     if not args.no_baselines:
         record("torch-AdamW-fused+casts", "step", bench(torch_adamw_fn(shapes, device)), numel, TORCH_ADAMW_BYTES)
@@ -247,6 +253,18 @@ def run_speed(args: argparse.Namespace, device: torch.device) -> list[dict[str, 
         else:
             print("# torchao / bitsandbytes: skipped (CUDA only)")
     return records
+
+
+def launch_override(text: Optional[str]):
+    """``launch_config.override`` for a ``BLOCKxWARPS`` text (every kernel); the device's own choice for None."""
+    import contextlib
+
+    if text is None:
+        return contextlib.nullcontext()
+    from badam_ext.kernels.launch_config import override, parse_launch_env
+
+    config = parse_launch_env(text)
+    return contextlib.nullcontext() if config is None else override(config.block_size, config.num_warps)
 
 
 # ------------------------------------------------------------------------------------- accuracy
@@ -376,6 +394,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser.add_argument("--formats", default="fp32,8bit,8bit-nomaster,fp32-nomaster",
                         help=f"comma-separated, from {', '.join(FORMATS)}")
     parser.add_argument("--no-baselines", action="store_true", help="only our formats")
+    parser.add_argument("--launch", default="", help="comma-separated BLOCKxWARPS configurations to sweep "
+                        "(default: the device's own); 8-bit formats raise BLOCK to at least 256")
     parser.add_argument("--accuracy", action="store_true", help="quantization error of m and v instead of speed")
     parser.add_argument("--finetune", action="store_true", help="train the embedded model with each format")
     parser.add_argument("--steps", type=int, default=None, help="optimizer steps (--accuracy 100, --finetune 300)")
@@ -383,6 +403,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser.add_argument("--smoke", action="store_true", help="tiny sizes (CPU: in Triton's interpreter)")
     args = parser.parse_args(argv)
     args.formats = [f.strip() for f in args.formats.split(",") if f.strip()]
+    args.launch = [c.strip() for c in args.launch.split(",") if c.strip()]
     unknown = [f for f in args.formats if f not in FORMATS]
     if unknown:
         parser.error(f"unknown format(s) {unknown}; choose from {', '.join(FORMATS)}")

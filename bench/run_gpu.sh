@@ -68,6 +68,9 @@ for stage in "$@"; do
       run bench_budget python3 bench/bench_budget.py --batch 1 --optimizers ref,ref_liger,ours_saved \
         --lengths-for ref=2048,3072 --lengths-for ref_liger=12288,14336 \
         --lengths-for ours_saved=24576,28672 --bisect-granularity 2048 --out "$OUT/results.jsonl" ;;
+    states-sweep)  # the 8-bit step over launch configurations (ours only)
+      run bench_states_sweep python3 bench/bench_states.py --formats 8bit,8bit-nomaster,fp32 --no-baselines \
+        --launch 256x2,256x4,512x2,512x4,512x8,1024x4,1024x8,2048x8 --out "$OUT/results.jsonl" ;;
     states)  # state formats: speed vs copy bandwidth, then accuracy, beside torchao / bitsandbytes
       PYTHONPATH=$OPT_PATH run bench_states python3 bench/bench_states.py --out "$OUT/results.jsonl"
       PYTHONPATH=$OPT_PATH run bench_states_accuracy python3 bench/bench_states.py --accuracy --out "$OUT/results.jsonl" ;;

@@ -4,6 +4,7 @@ without a master."""
 from __future__ import annotations
 
 from dataclasses import dataclass
+from fractions import Fraction
 from typing import Any, Optional
 
 import pytest
@@ -126,6 +127,77 @@ def test_codec_picks_the_nearest_entry_like_float64(n: int, signed: bool):
     back = dequantize(codes, absmax, qmap)
     err = (back - x).abs() / absmax.repeat_interleave(QUANT_BLOCK)[:n]
     assert float(err.max()) <= 0.9 / 64 / 2 + 1e-7  # half the widest step of the map, relative to absmax
+
+
+def _exact_nearest_codes(x: torch.Tensor, absmax: torch.Tensor, signed: bool) -> list[int]:
+    """Codes of the entries nearest to the exact ``x / absmax``, ties towards zero, in fractions."""
+    exponents = 7 if signed else 8
+    mags = [Fraction(0)]
+    for e in reversed(range(exponents)):  # smallest decade first
+        n = 2 ** (exponents - 1 - e)
+        mags += [Fraction(n + 9 * k, 10 ** (e + 1) * n) for k in range(1, n + 1)]
+    zero = zero_code(signed)
+    out = []
+    for i, value in enumerate(x.tolist()):
+        scale = Fraction(float(absmax[i // QUANT_BLOCK]))
+        ratio = Fraction(value) / scale if scale else Fraction(0)
+        best = min(range(len(mags)), key=lambda j: (abs(abs(ratio) - mags[j]), j))
+        out.append(zero - best if ratio < 0 else zero + best)
+    return out
+
+
+@pytest.mark.parametrize("signed", [True, False])
+def test_codec_is_the_exact_nearest_entry(signed: bool):
+    """Against the map written in fractions: the nearest entry to the exact ratio, ties towards zero,
+    on values spread over every decade and on values within a few ulps of every midpoint."""
+    x = _adversarial(signed, seed=11)
+    codes, absmax = quantize(x, signed_map() if signed else unsigned_map())
+    assert codes.tolist() == _exact_nearest_codes(x, absmax, signed)
+
+
+def _adversarial(signed: bool, seed: int) -> torch.Tensor:
+    """Blocks whose elements sit within 3 ulps of ``absmax * midpoint`` for every midpoint of the map,
+    with an absmax that is not a power of two, plus blocks of values over many magnitudes."""
+    gen = torch.Generator().manual_seed(seed)
+    qmap = (signed_map() if signed else unsigned_map()).double()
+    mags = qmap[qmap > 0].unique()
+    mids = torch.cat([mags[:1] / 2, (mags[1:] + mags[:-1]) / 2])
+    blocks = []
+    for scale in (0.37, 3.1e-5, 1.0):
+        near = (mids * scale).float()
+        for ulps in range(-3, 4):
+            v = near
+            for _ in range(abs(ulps)):
+                v = torch.nextafter(v, torch.full_like(v, float("inf") if ulps > 0 else 0.0))
+            blocks.append(v)
+        blocks.append(torch.tensor([scale], dtype=torch.float32))
+    values = torch.cat(blocks)
+    values = values[torch.randperm(values.numel(), generator=gen)]
+    n = -(-values.numel() // (QUANT_BLOCK - 1))
+    rows = torch.zeros(n, QUANT_BLOCK)
+    flat = torch.cat([values, torch.zeros(n * (QUANT_BLOCK - 1) - values.numel())]).view(n, QUANT_BLOCK - 1)
+    rows[:, 1:] = flat
+    rows[:, 0] = 0.37  # the absmax of every row (all values above are at most scale 0.37 or 1.0)
+    rows[::3, 0] = 1.0
+    spread = torch.randn(4 * QUANT_BLOCK, generator=gen) * torch.exp(torch.randn(4 * QUANT_BLOCK, generator=gen) * 4)
+    x = torch.cat([rows.reshape(-1), spread])
+    if signed:
+        x = x * torch.where(torch.rand(x.shape, generator=gen) < 0.5, -1.0, 1.0)
+    return x.abs() if not signed else x
+
+
+@pytest.mark.parametrize("signed", [True, False])
+def test_kernel_encoder_matches_the_exact_codec(kdevice, signed: bool):
+    """The kernels' encoder (approximate index, exact correction) gives the torch codec's codes on
+    values next to every decision boundary, in the interpreter and on the GPU."""
+    from _quant_probe import encode_with_kernel
+
+    x = _adversarial(signed, seed=12)
+    codes, absmax = encode_with_kernel(x.to(kdevice), signed)
+    want_codes, want_absmax = quantize(x, signed_map() if signed else unsigned_map())
+    assert torch.equal(absmax.cpu(), want_absmax)
+    differ = codes.cpu() != want_codes
+    assert not differ.any(), f"{int(differ.sum())} of {x.numel()} codes differ, e.g. at {differ.nonzero()[:5].flatten().tolist()}"
 
 
 def test_codec_zero_block_and_exact_entries():

@@ -69,8 +69,8 @@ out = {
                                                    "exp_avg_sq_scale_ptr": "*fp32"},
                   dict(W_DTYPE=tl.bfloat16, W_ALIGN=8, BLOCK=2048, HAS_MASTER=True, QUANT=False, M_ZERO=127,
                        V_ZERO=0, QBLOCK=256)),
-    "norm": build(norm._grad_sq_norm_kernel, {**tables, "partials_ptr": "*fp32"},
-                  dict(G_DTYPE=tl.bfloat16, G_ALIGN=16, BLOCK=2048)),
+    "norm": build(norm._grad_sq_norm_kernel, {**tables, "partials_ptr": "*fp32", "num_chunks": "i64"},
+                  dict(G_DTYPE=tl.bfloat16, G_ALIGN=16, BLOCK=512, CHUNKS=4), num_warps=2),
 }
 print(json.dumps(out))
 """

@@ -6,9 +6,10 @@ import math
 import pytest
 import torch
 
-from _kernel_helpers import DTYPES, kdevice, make_block, random_grads  # noqa: F401  (kdevice is a fixture)
+from _kernel_helpers import DTYPES, kdevice, make_block, random_grads, rel_err  # noqa: F401  (kdevice is a fixture)
 from badam_ext import kernels as K
 from badam_ext import ops, torch_ops
+from badam_ext.kernels import norm
 
 SHAPES = [(1,), (7,), (4097,), (33, 65)]
 
@@ -71,15 +72,17 @@ def test_grad_sq_norm_matches_float64(kdevice, dtype):
     grads = random_grads(block, dtype=dtype, seed=6)
     partials = torch.full((tables.num_chunks + 3,), float("nan"), device=kdevice)
     K.grad_sq_norm(tables, grads, partials)
+    programs = norm.num_partials(tables)
     assert torch.isfinite(partials).all()
-    assert torch.equal(partials[tables.num_chunks:], torch.zeros(3, device=kdevice))
+    assert torch.equal(partials[programs:], torch.zeros(tables.num_chunks + 3 - programs, device=kdevice))
     ref = sum(float(g.double().square().sum()) for g in grads)
     assert abs(float(partials.double().sum()) - ref) <= 1e-6 * ref
-    # one chunk's partial is the sum over exactly its elements
-    g2 = grads[2].double().flatten()
-    first = 1 + 1  # chunks of tensors 0 and 1
-    assert abs(float(partials[first]) - float(g2[:512].square().sum())) <= 1e-6 * float(g2[:512].square().sum())
-    assert abs(float(partials[first + 8]) - float(g2[4096:].square().sum())) <= 1e-6 * float(g2[4096:].square().sum())
+    # each partial is the sum over exactly the elements of its program's consecutive chunks
+    chunk_sums = [float(c.square().sum()) for g in grads for c in g.double().flatten().split(512)]
+    per = norm.chunks_per_program(512)
+    assert per == 4 and programs == -(-len(chunk_sums) // per)
+    want = torch.tensor([sum(chunk_sums[i:i + per]) for i in range(0, len(chunk_sums), per)], dtype=torch.float64)
+    assert rel_err(partials[:programs].double().cpu(), want) <= 1e-6
 
 
 def test_grad_norm_over_groups_matches_float64_and_torch_backend(kdevice):

@@ -106,8 +106,8 @@ def _adamw_chunk_8bit(w_ptr, g_ptr, master_ptr, m_codes_ptr, m_scale_ptr, v_code
     if MASKED:  # elements past the tensor must not count in their block's absmax
         m = tl.where(mask, m, 0.0)
         v = tl.where(mask, v, 0.0)
-    m_codes, m_absmax = quantize_rows(m, m_map_ptr, True)
-    v_codes, v_absmax = quantize_rows(v, v_map_ptr, False)
+    m_codes, m_absmax = quantize_rows(m, True)
+    v_codes, v_absmax = quantize_rows(v, False)
     store_mask = mask if MASKED else None
     store_row_mask = row_mask if MASKED else None
     if HAS_MASTER:

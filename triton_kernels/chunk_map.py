@@ -21,9 +21,14 @@ def program_chunk(meta_ptr, chunk_ptr, BLOCK: tl.constexpr):
 
     All int64: element indices of tensors over 2^31 elements must not wrap.
     """
-    pid = tl.program_id(0).to(tl.int64)
-    tid = tl.load(chunk_ptr + 2 * pid).to(tl.int64)
-    start = tl.load(chunk_ptr + 2 * pid + 1).to(tl.int64) * BLOCK
+    return chunk_at(meta_ptr, chunk_ptr, tl.program_id(0).to(tl.int64), BLOCK)
+
+
+@triton.jit
+def chunk_at(meta_ptr, chunk_ptr, chunk, BLOCK: tl.constexpr):
+    """:func:`program_chunk` of chunk number ``chunk`` (int64) of the tables."""
+    tid = tl.load(chunk_ptr + 2 * chunk).to(tl.int64)
+    start = tl.load(chunk_ptr + 2 * chunk + 1).to(tl.int64) * BLOCK
     row = meta_ptr + tid * _META_COLS
     w_addr = tl.load(row + _WEIGHT)
     offset = tl.multiple_of(tl.load(row + _OFFSET), _OFFSET_ALIGN)

@@ -12,38 +12,87 @@ whose entries are dense near zero and sparse near one (a decimal exponent and a 
 - ``exp_avg_sq`` (unsigned, v >= 0): 0 and exponents ``e = 0..7`` with ``2**(7 - e)`` steps each:
   255 magnitudes from 1e-7 to 1.
 
-The maps are built here from that description, not taken from either library. Encoding picks the
-nearest entry, ties to the lower code; the Triton kernels do the same with the same fp32 operations,
-so both backends produce identical codes.
+The maps are built here from that description, not taken from either library: magnitude ``j`` (in
+decade ``p = E - 1 - e``, ``n = 2**p`` steps) is the exact fraction ``(n + 9 k) / (10**(E - p) n)``,
+stored as its nearest fp32.
+
+Encoding is exact: the code of the map entry nearest to the exact ratio ``x / absmax`` (no rounding
+of the division), ties towards zero. It needs no search: an approximate index ``j`` (within one of
+the answer) is corrected by two exact tests ``|x| > absmax * midpoint`` against the midpoints below
+and above it, each an fp64 comparison of products that fp64 holds exactly (``midpoint_numerator /
+midpoint_denominator`` below). The Triton kernels make the same tests, so both backends give the
+same codes whatever their approximate index.
 """
 from __future__ import annotations
 
 import functools
+from fractions import Fraction
 
 import torch
 
 from .spec import QUANT_BLOCK
 
-__all__ = ["QUANT_BLOCK", "dequantize", "quantize", "signed_map", "unsigned_map", "zero_code"]
+__all__ = ["QUANT_BLOCK", "dequantize", "quantize", "signed_map", "unsigned_map", "zero_code",
+           "magnitude_count", "midpoint_numerator", "midpoint_denominator"]
+
+SIGNED_EXPONENTS = 7
+UNSIGNED_EXPONENTS = 8
 
 
-def _magnitudes(exponents: int) -> list[float]:
-    out = []
-    for e in range(exponents):
-        steps = 2 ** (exponents - 1 - e)
-        out += [10.0 ** -e * (0.1 + 0.9 * k / steps) for k in range(1, steps + 1)]
-    return out
+def _exponents(signed: bool) -> int:
+    return SIGNED_EXPONENTS if signed else UNSIGNED_EXPONENTS
+
+
+def magnitude_count(signed: bool) -> int:
+    """Nonzero magnitudes of a map: 127 (signed) or 255 (unsigned)."""
+    return 2 ** _exponents(signed) - 1
+
+
+def _decade(j: int) -> tuple[int, int, int]:
+    """(p, n, k) of magnitude ``j``: decade p holds n = 2**p steps, and j is its k-th (1-based)."""
+    p = (j + 1).bit_length() - 1
+    n = 1 << p
+    return p, n, j + 2 - n
+
+
+def _magnitude(j: int, exponents: int) -> Fraction:
+    p, n, k = _decade(j)
+    return Fraction(n + 9 * k, 10 ** (exponents - p) * n)
+
+
+def midpoint_numerator(j: int) -> int:
+    """Numerator of the midpoint between magnitude ``j`` and the one below it (zero below j = 0)."""
+    p, n, k = _decade(j)
+    return 10 if j == 0 else 2 * n + 18 * k - 9
+
+
+def midpoint_denominator(j: int, exponents: int) -> int:
+    """Its denominator, ``2 * 10**(E - p) * n`` = ``5**(E - p) * 2**(E + 1)`` (a 19-bit odd part)."""
+    p, _, _ = _decade(j)
+    return 5 ** (exponents - p) * 2 ** (exponents + 1)
 
 
 @functools.lru_cache(maxsize=None)
 def _maps_cpu() -> tuple[torch.Tensor, torch.Tensor]:
-    pos = _magnitudes(7)
+    def mags(signed: bool) -> list[float]:
+        return [float(_magnitude(j, _exponents(signed))) for j in range(magnitude_count(signed))]
+
+    pos = mags(True)
     signed = sorted([-x for x in pos] + [0.0] + pos + [1.0])
-    unsigned = sorted([0.0] + _magnitudes(8))
+    unsigned = [0.0] + mags(False)
     out = (torch.tensor(signed, dtype=torch.float32), torch.tensor(unsigned, dtype=torch.float32))
     for m in out:
         assert m.numel() == 256 and bool((m[1:] >= m[:-1]).all())
     return out
+
+
+@functools.lru_cache(maxsize=None)
+def _midpoints_cpu(signed: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per magnitude, the midpoint below it as (numerator, denominator), float64 (both exact)."""
+    count, exponents = magnitude_count(signed), _exponents(signed)
+    num = torch.tensor([midpoint_numerator(j) for j in range(count)], dtype=torch.float64)
+    den = torch.tensor([midpoint_denominator(j, exponents) for j in range(count)], dtype=torch.float64)
+    return num, den
 
 
 _DEVICE_MAPS: dict[tuple[torch.device, bool], torch.Tensor] = {}
@@ -81,19 +130,32 @@ def dequantize(codes: torch.Tensor, scales: torch.Tensor, qmap: torch.Tensor) ->
     return qmap[codes.long()] * _per_element(scales, codes.numel())
 
 
-def quantize(x: torch.Tensor, qmap: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """1-D fp32 ``x`` -> (uint8 codes, fp32 absmax per block of 256): nearest entry, ties to the lower code.
+def _above_midpoint(u: torch.Tensor, magnitude: torch.Tensor, absmax: torch.Tensor, signed: bool) -> torch.Tensor:
+    """1 where ``magnitude / absmax`` lies strictly above the midpoint below magnitude ``u`` (exact)."""
+    count = magnitude_count(signed)
+    num, den = (t.to(u.device) for t in _midpoints_cpu(signed))
+    uc = u.clamp(0, count - 1)
+    above = magnitude.double() * den[uc] > num[uc] * absmax.double()
+    return torch.where(u < 0, True, torch.where(u >= count, False, above)).long()
 
-    A block of zeros gets absmax 0 and the code of zero.
-    """
+
+def quantize(x: torch.Tensor, qmap: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """1-D fp32 ``x`` -> (uint8 codes, fp32 absmax per block of 256): the entry nearest to the exact
+    ``x / absmax``, ties towards zero. A block of zeros gets absmax 0 and the code of zero."""
+    signed = bool(qmap[0] < 0)
     n = x.numel()
     blocks = -(-n // QUANT_BLOCK)
     padded = x.new_zeros(blocks * QUANT_BLOCK)
     padded[:n] = x
     absmax = padded.view(blocks, QUANT_BLOCK).abs().amax(dim=1)
-    safe = torch.where(absmax > 0, absmax, torch.ones_like(absmax))
-    normalized = x / _per_element(safe, n)
-    lo = (torch.searchsorted(qmap, normalized, right=True) - 1).clamp_(0, qmap.numel() - 2)
-    below, above = qmap[lo], qmap[lo + 1]
-    codes = torch.where(above - normalized < normalized - below, lo + 1, lo)
+    per_element = _per_element(absmax, n)
+    safe = torch.where(per_element > 0, per_element, torch.ones_like(per_element))
+    magnitude = x.abs()
+    zero = zero_code(signed)
+    mags = qmap[zero + 1:zero + 1 + magnitude_count(signed)]
+    # an index within one of the answer (the largest magnitude <= the rounded ratio), then exact tests
+    guess = torch.searchsorted(mags, (magnitude / safe).contiguous(), right=True) - 1
+    j = (guess - 1 + _above_midpoint(guess, magnitude, per_element, signed)
+         + _above_midpoint(guess + 1, magnitude, per_element, signed))
+    codes = torch.where(x < 0, zero - (j + 1), zero + (j + 1)) if signed else j + 1
     return codes.to(torch.uint8), absmax
