@@ -3,17 +3,15 @@
 Values are handled as ``[rows, QBLOCK]`` tiles, one row per quantization block, so a row's absmax is
 one ``tl.max`` along the row. Decoding is one gather from the 1 KiB map (it stays in L1). Encoding
 makes no search and no gathers: an approximate magnitude index from the map's structure (decimal
-exponent and linear fraction, with approximate ``log2`` / ``exp2``, within one of the answer), then
-the two exact midpoint tests of the torch codec (fp64 products that are exact), so both backends
-produce the same codes.
+exponent by comparisons, linear fraction; within one of the answer), then the two midpoint tests of
+the torch codec, in fp32 products where those decide them for sure, else (a near-tie anywhere in
+the tile) in exact fp64 for the tile: both backends produce the same codes.
 """
 from __future__ import annotations
 
 import triton
 import triton.language as tl
 
-_LOG2_10 = tl.constexpr(3.321928094887362)
-_INV_LOG2_10 = tl.constexpr(1.0 / 3.321928094887362)
 _INV_0_9 = tl.constexpr(1.0 / 0.9)
 
 
@@ -24,17 +22,53 @@ def dequantize_rows(codes, scales, qmap_ptr):
 
 
 @triton.jit
+def _decades_down(r, scale, n, DECADES: tl.constexpr):
+    """Where ``r * scale`` is below ``10**-DECADES``: ``DECADES`` decades further down (a binary
+    search over the decades, one step; rounding of ``r * scale`` only moves the guess by one)."""
+    below = r * scale < 10.0 ** -DECADES
+    return tl.where(below, scale * 10.0 ** DECADES, scale), tl.where(below, n * 0.5 ** DECADES, n)
+
+
+@triton.jit
 def _guess(r, EXPONENTS: tl.constexpr):
-    """Magnitude index (-1 for zero) nearest to the ratio ``r`` in [0, 1], give or take one: decade
-    ``e`` holds ``n = 2**(E - 1 - e)`` values ``10**-e * (0.1 + 0.9 * k / n)``, k = 1..n, and the k-th
-    value of decade e is magnitude number ``n + k - 2``."""
-    tiny = r < 1e-12  # below half the smallest magnitude of either map: zero
-    r = tl.where(tiny, 1.0, r)
-    e = tl.minimum(tl.maximum(tl.floor(-tl.log2(r) * _INV_LOG2_10), 0.0), EXPONENTS - 1.0)
-    n = tl.exp2((EXPONENTS - 1.0) - e)
-    k = tl.floor((r * tl.exp2(e * _LOG2_10) - 0.1) * (n * _INV_0_9) + 0.5)  # continuous across decades
-    j = tl.where(tiny, -1, (n + k - 2.0).to(tl.int32))
-    return tl.minimum(tl.maximum(j, -1), (1 << EXPONENTS) - 2)
+    """Magnitude index (fp32) nearest to the ratio ``r`` in [0, 1], give or take one, clamped to
+    ``[0, COUNT - 2]`` (the two midpoints tested are then both of the map): decade ``e`` holds
+    ``n = 2**(E - 1 - e)`` values ``10**-e * (0.1 + 0.9 * k / n)``, k = 1..n, and the k-th value of
+    decade e is magnitude number ``n + k - 2``. The decade is found by comparisons with powers of ten
+    (no log / exp: their library versions cost more than the rest of the encoder)."""
+    scale = tl.full(r.shape, 1.0, tl.float32)  # 10**e
+    n = tl.full(r.shape, 2.0 ** (EXPONENTS - 1), tl.float32)
+    scale, n = _decades_down(r, scale, n, 4)
+    scale, n = _decades_down(r, scale, n, 2)
+    scale, n = _decades_down(r, scale, n, 1)
+    if EXPONENTS < 8:  # seven decades: the search's eighth is the lowest one
+        scale = tl.minimum(scale, 10.0 ** (EXPONENTS - 1))
+        n = tl.maximum(n, 1.0)
+    k = tl.floor((r * scale - 0.1) * (n * _INV_0_9) + 0.5)  # continuous across decades
+    return tl.minimum(tl.maximum(n + k - 2.0, 0.0), 2.0 ** EXPONENTS - 3.0)
+
+
+@triton.jit
+def _five_power(x):
+    """``5**x`` (fp32, exact) for integer ``0 <= x <= 15`` by its bits."""
+    five = tl.where((x & 1) != 0, 5.0, 1.0)
+    five = five * tl.where((x & 2) != 0, 25.0, 1.0)
+    five = five * tl.where((x & 4) != 0, 625.0, 1.0)
+    return five * tl.where((x & 8) != 0, 390625.0, 1.0)
+
+
+@triton.jit
+def _above_midpoint_fast(u, scaled_magnitude, absmax, EXPONENTS: tl.constexpr):
+    """(above, unsure), int32, for the midpoint below magnitude ``u`` (fp32, a valid index), in fp32
+    products: ``above`` is exact wherever ``unsure`` is 0. Each product is within half an ulp
+    (2**-24) of the exact one, so only a near-tie is unsure (for absmax in [1e-30, 1e30], where
+    neither under- nor overflows: the caller checks)."""
+    biased = (u + 1.0).to(tl.int32, bitcast=True) >> 23  # 127 + floor(log2(u + 1))
+    n = (biased << 23).to(tl.float32, bitcast=True)  # 2**p
+    num = tl.where(u == 0.0, 10.0, 18.0 * u + 27.0 - 16.0 * n)  # 2n + 18k - 9 with k = u + 2 - n
+    lhs = scaled_magnitude * _five_power((EXPONENTS + 127) - biased)
+    rhs = num * absmax
+    return (lhs > rhs).to(tl.int32), (tl.abs(lhs - rhs) < rhs * 2e-7).to(tl.int32)
 
 
 @triton.jit
@@ -68,10 +102,21 @@ def quantize_rows(x, SIGNED: tl.constexpr):
     absmax = tl.max(magnitude, axis=1)
     inv = tl.div_rn(1.0, tl.where(absmax > 0, absmax, 1.0))  # for the guess only (any rounding would do)
     guess = _guess(magnitude * inv[:, None], EXPONENTS)
-    magnitude64 = magnitude.to(tl.float64)
-    absmax64 = absmax.to(tl.float64)[:, None]
-    j = (guess - 1 + _above_midpoint(guess, magnitude64, absmax64, EXPONENTS)
-         + _above_midpoint(guess + 1, magnitude64, absmax64, EXPONENTS))
+    # the midpoints' power of two on this side (exact); their power of five is 5**(E - p)
+    scaled = magnitude * (2.0 ** (EXPONENTS + 1))
+    above_lo, unsure_lo = _above_midpoint_fast(guess, scaled, absmax[:, None], EXPONENTS)
+    above_hi, unsure_hi = _above_midpoint_fast(guess + 1.0, scaled, absmax[:, None], EXPONENTS)
+    unsafe_row = ((absmax > 0) & (absmax < 1e-30)) | (absmax > 1e30)
+    unsure = tl.maximum(tl.max(unsure_lo | unsure_hi, axis=1), unsafe_row.to(tl.int32))
+    if tl.max(unsure, axis=0) > 0:
+        # rare (a near-tie somewhere in the tile): the exact fp64 tests for the whole tile
+        g = guess.to(tl.int32)
+        magnitude64 = magnitude.to(tl.float64)
+        absmax64 = absmax.to(tl.float64)[:, None]
+        j = (g - 1 + _above_midpoint(g, magnitude64, absmax64, EXPONENTS)
+             + _above_midpoint(g + 1, magnitude64, absmax64, EXPONENTS))
+    else:
+        j = guess.to(tl.int32) - 1 + above_lo + above_hi
     if SIGNED:
         codes = tl.where(x < 0, ZERO - (j + 1), ZERO + (j + 1))
     else:
