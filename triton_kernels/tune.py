@@ -37,8 +37,8 @@ LAYERS: dict[str, list[tuple[int, ...]]] = {
                     (8192, 2048), (8192, 2048), (2048, 8192), (2048,), (2048,)],
 }
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
-DEFAULT_BLOCKS = (512, 1024, 2048, 4096)
-DEFAULT_WARPS = (2, 4, 8)
+DEFAULT_BLOCKS = (256, 512, 1024, 2048)  # 4096 never won on an H100 or H200
+DEFAULT_WARPS = (1, 2, 4, 8)
 BETAS, EPS, LR, WEIGHT_DECAY = (0.9, 0.999), 1e-8, 1e-5, 0.01
 
 
