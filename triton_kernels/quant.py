@@ -58,17 +58,29 @@ def _five_power(x):
 
 
 @triton.jit
-def _above_midpoint_fast(u, scaled_magnitude, absmax, EXPONENTS: tl.constexpr):
-    """(above, unsure), int32, for the midpoint below magnitude ``u`` (fp32, a valid index), in fp32
-    products: ``above`` is exact wherever ``unsure`` is 0. Each product is within half an ulp
+def _midpoint_tests_fast(g, scaled_magnitude, absmax, EXPONENTS: tl.constexpr):
+    """(above, unsure), int32: how many of the midpoints below magnitudes ``g`` and ``g + 1`` (fp32
+    indices of the map) lie below ``magnitude / absmax``, and whether fp32 products cannot tell.
+
+    ``magnitude > absmax * num / (5**(E - p) * 2**(E + 1))`` is tested as ``scaled * 5**(E - p) >
+    num * absmax`` with ``scaled = magnitude * 2**(E + 1)``; each product is within half an ulp
     (2**-24) of the exact one, so only a near-tie is unsure (for absmax in [1e-30, 1e30], where
-    neither under- nor overflows: the caller checks)."""
-    biased = (u + 1.0).to(tl.int32, bitcast=True) >> 23  # 127 + floor(log2(u + 1))
+    neither product under- or overflows: the caller checks). Both midpoints share g's decade unless
+    g is the last of its decade."""
+    biased = (g + 1.0).to(tl.int32, bitcast=True) >> 23  # 127 + p, p = floor(log2(g + 1))
     n = (biased << 23).to(tl.float32, bitcast=True)  # 2**p
-    num = tl.where(u == 0.0, 10.0, 18.0 * u + 27.0 - 16.0 * n)  # 2n + 18k - 9 with k = u + 2 - n
-    lhs = scaled_magnitude * _five_power((EXPONENTS + 127) - biased)
-    rhs = num * absmax
-    return (lhs > rhs).to(tl.int32), (tl.abs(lhs - rhs) < rhs * 2e-7).to(tl.int32)
+    up = g + 2.0 == 2.0 * n  # g + 1 opens the next decade
+    five_hi = _five_power((EXPONENTS + 127) - biased - up.to(tl.int32))
+    five_lo = tl.where(up, five_hi * 5.0, five_hi)
+    num_lo = tl.where(g == 0.0, 10.0, 18.0 * g + 27.0 - 16.0 * n)  # 2n + 18k - 9 with k = g + 2 - n
+    num_hi = tl.where(up, 9.0 + 4.0 * n, num_lo + 18.0)  # the next decade's k = 1, n' = 2n: 2n' + 9
+    lhs_lo = scaled_magnitude * five_lo
+    lhs_hi = scaled_magnitude * five_hi
+    rhs_lo = num_lo * absmax
+    rhs_hi = num_hi * absmax
+    above = (lhs_lo > rhs_lo).to(tl.int32) + (lhs_hi > rhs_hi).to(tl.int32)
+    unsure = (tl.abs(lhs_lo - rhs_lo) < rhs_lo * 2e-7) | (tl.abs(lhs_hi - rhs_hi) < rhs_hi * 2e-7)
+    return above, unsure.to(tl.int32)
 
 
 @triton.jit
@@ -104,10 +116,9 @@ def quantize_rows(x, SIGNED: tl.constexpr):
     guess = _guess(magnitude * inv[:, None], EXPONENTS)
     # the midpoints' power of two on this side (exact); their power of five is 5**(E - p)
     scaled = magnitude * (2.0 ** (EXPONENTS + 1))
-    above_lo, unsure_lo = _above_midpoint_fast(guess, scaled, absmax[:, None], EXPONENTS)
-    above_hi, unsure_hi = _above_midpoint_fast(guess + 1.0, scaled, absmax[:, None], EXPONENTS)
+    above, unsure_tile = _midpoint_tests_fast(guess, scaled, absmax[:, None], EXPONENTS)
     unsafe_row = ((absmax > 0) & (absmax < 1e-30)) | (absmax > 1e30)
-    unsure = tl.maximum(tl.max(unsure_lo | unsure_hi, axis=1), unsafe_row.to(tl.int32))
+    unsure = tl.maximum(tl.max(unsure_tile, axis=1), unsafe_row.to(tl.int32))
     if tl.max(unsure, axis=0) > 0:
         # rare (a near-tie somewhere in the tile): the exact fp64 tests for the whole tile
         g = guess.to(tl.int32)
@@ -116,7 +127,7 @@ def quantize_rows(x, SIGNED: tl.constexpr):
         j = (g - 1 + _above_midpoint(g, magnitude64, absmax64, EXPONENTS)
              + _above_midpoint(g + 1, magnitude64, absmax64, EXPONENTS))
     else:
-        j = guess.to(tl.int32) - 1 + above_lo + above_hi
+        j = guess.to(tl.int32) - 1 + above
     if SIGNED:
         codes = tl.where(x < 0, ZERO - (j + 1), ZERO + (j + 1))
     else:
