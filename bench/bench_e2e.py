@@ -102,6 +102,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help=f"comma-separated, of {','.join(ALL_VARIANTS)} (default: {','.join(VARIANTS)})")
     p.add_argument("--compile-backend", default="inductor",
                    help="torch.compile backend of ours_compiled (aot_eager: CPU smoke runs without C++ codegen)")
+    p.add_argument("--compile-checkpointing", choices=("non-reentrant", "reentrant"), default="non-reentrant",
+                   help="gradient checkpointing of ours_compiled (non-reentrant: traced inside the compiled layers)")
     H.add_child_arg(p, ALL_VARIANTS)
     args = p.parse_args(argv)
     finish_common_args(p, args)
@@ -119,7 +121,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def child_argv(args: argparse.Namespace, variant: str) -> list[str]:
     return common_child_argv(args) + ["--model", args.model, "--seq", str(args.seq), "--steps", str(args.steps),
                                       "--warmup", str(args.warmup), "--compile-backend", args.compile_backend,
-                                      "--variant", variant]
+                                      "--compile-checkpointing", args.compile_checkpointing, "--variant", variant]
 
 
 # ------------------------------------------------------------------------------ variant harness
@@ -158,9 +160,9 @@ def setup_ours_compiled(model: torch.nn.Module, args: argparse.Namespace) -> Har
     from badam_ext import compile_layers
 
     model.config.use_cache = False  # a KV cache built in training forwards would specialise every layer
-    # Reentrant: non-reentrant checkpointing compares the tensors saved by the compiled forward with
-    # those of its recompute, which a recompile between the two changes (CheckpointError on the H200).
-    checkpointing = {"use_reentrant": True}
+    # Non-reentrant: compile_layers traces the checkpoint inside the compiled layers (its recompute is
+    # in the compiled backward); a checkpoint run eagerly around them failed on the H200 (issue 12).
+    checkpointing = {"use_reentrant": args.compile_checkpointing == "reentrant"}
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=checkpointing)
     layers = compile_layers(model, backend=args.compile_backend)
     harness = setup_ours(model, args, checkpointing)

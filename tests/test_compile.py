@@ -2,6 +2,7 @@
 block names (so checkpoints) do not depend on compilation."""
 from __future__ import annotations
 
+import functools
 import warnings
 
 import pytest
@@ -9,6 +10,7 @@ import torch
 from _tiny_models import enable_checkpointing, tiny_batch, tiny_model
 
 from badam_ext import BlockAdam, compile_layers
+from badam_ext.compilation import TracedCheckpoint
 from badam_ext.introspection import strip_compile_prefix
 
 pytest.importorskip("transformers")
@@ -43,7 +45,7 @@ def _train(num_layers: int, compiled: bool, checkpointing: str | None, steps: in
     return losses, graphs
 
 
-@pytest.mark.parametrize("checkpointing", [None, "reentrant"])  # non-reentrant: as None
+@pytest.mark.parametrize("checkpointing", [None, "reentrant", "non-reentrant"])
 def test_regional_compilation_graphs_stay_bounded_across_block_switches(checkpointing):
     layers = 8  # a whole-model compile would need one graph per block: 8, torch's default recompile limit
     compiled_losses, graphs = _train(layers, True, checkpointing, steps=2 * layers)  # two block epochs
@@ -55,6 +57,74 @@ def test_regional_compilation_graphs_stay_bounded_across_block_switches(checkpoi
     assert graphs[-1] == after_first_epoch
     eager_losses, _ = _train(layers, False, checkpointing, steps=2 * layers)
     assert compiled_losses == pytest.approx(eager_losses, rel=1e-5)
+
+
+def _checkpoint_outside_forward(model: torch.nn.Module) -> None:
+    """Give the layers transformers 5.17's call structure where the installed version (>= 5.23)
+    checkpoints inside ``forward``: ``__call__`` runs the checkpoint around ``nn.Module.__call__``,
+    so around what ``layer.compile()`` compiles (the GPU failure of issue 12 had this structure)."""
+    cls = type(model.model.layers[0])
+    if cls.__call__ is not torch.nn.Module.__call__:
+        return  # transformers < 5.23: already so
+
+    class Legacy(cls):
+        def __call__(self, *args, **kwargs):
+            if self.gradient_checkpointing and self.training:
+                return self._gradient_checkpointing_func(functools.partial(super().__call__, **kwargs), *args)
+            return super().__call__(*args, **kwargs)
+
+    Legacy.forward = cls.forward.__wrapped__  # the plain forward: 5.23 wraps every subclass's forward
+    for layer in model.model.layers:
+        layer.__class__ = Legacy  # one class for all layers: they share their graphs, as before
+
+
+def _train_backward_elsewhere(compiled: bool, steps: int, traced: bool = True) -> tuple[list[float], int]:
+    """Losses, and the graphs dynamo built during backward, of non-reentrant checkpointing with the
+    checkpoint outside the compiled layers. Backward runs with another intra-op thread count, as on
+    CUDA, whose backward runs on the autograd device thread: dynamo guards on that count, so a
+    recompute that goes through dynamo's cache needs graphs of its own."""
+    torch._dynamo.reset()
+    model = tiny_model("llama", num_layers=3, use_cache=False)
+    _checkpoint_outside_forward(model)
+    enable_checkpointing(model, reentrant=False)
+    if compiled:
+        compile_layers(model, backend="aot_eager", traced_checkpoint=traced)
+    enable_checkpointing(model, reentrant=False)  # again after compile_layers, as bench_e2e does
+    opt = BlockAdam(model, lr=1e-3, switch_every=2, switch_mode="ascending", backend="torch")
+    batch = tiny_batch(model)
+    threads = torch.get_num_threads()
+    losses, in_backward = [], 0
+    try:
+        for _ in range(steps):
+            torch.set_num_threads(threads)
+            loss = model(**batch).loss
+            torch.set_num_threads(1 if threads > 1 else 2)
+            before = _graphs()
+            loss.backward()
+            in_backward += _graphs() - before
+            opt.step()
+            opt.zero_grad()
+            losses.append(loss.item())
+    finally:
+        torch.set_num_threads(threads)
+    if compiled and traced:
+        assert all(isinstance(layer._gradient_checkpointing_func, TracedCheckpoint) for layer in model.model.layers)
+    return losses, in_backward
+
+
+def test_non_reentrant_checkpoint_around_a_compiled_layer_recomputes_in_the_compiled_backward():
+    # Issue 12 (H200, transformers 5.17): a checkpoint around the compiled layer recomputes by calling
+    # it again in backward, through dynamo's cache, where another graph than the forward's can run.
+    # Here the recompute's thread count misses every forward graph and the recompile there exceeds
+    # the recompile limit (3 here for a tiny model, 8 by default for roles x threads x ...), so the
+    # recompute runs eagerly and saves other tensors: CheckpointError without the fix. compile_layers
+    # traces the checkpoint with the layer, so the recompute is in the compiled backward.
+    steps = 6  # three blocks, two switches
+    with torch._dynamo.config.patch(recompile_limit=3):
+        losses, in_backward = _train_backward_elsewhere(True, steps)
+    assert in_backward == 0
+    eager, _ = _train_backward_elsewhere(False, steps)
+    assert losses == pytest.approx(eager, rel=1e-5)
 
 
 def test_names_do_not_carry_the_compile_wrapper():
