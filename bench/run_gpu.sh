@@ -71,11 +71,6 @@ for stage in "$@"; do
     states-sweep)  # the 8-bit step over launch configurations (ours only)
       run bench_states_sweep python3 bench/bench_states.py --formats 8bit,8bit-nomaster,fp32 --no-baselines \
         --launch 256x2,256x4,512x2,512x4,512x8,1024x4,1024x8,2048x8 --out "$OUT/results.jsonl" ;;
-    tiles-sweep)  # the fp32 step with several tiles per program (BADAM_EXT_STEP_TILES)
-      for t in 1 2 4 8; do
-        BADAM_EXT_STEP_TILES=$t run bench_tiles_$t python3 bench/bench_states.py --formats fp32 --no-baselines \
-          --launch 512x2,1024x2,1024x4,2048x2,2048x4,4096x4 --out "$OUT/results-tiles-$t.jsonl"
-      done ;;
     states)  # state formats: speed vs copy bandwidth, then accuracy, beside torchao / bitsandbytes
       PYTHONPATH=$OPT_PATH run bench_states python3 bench/bench_states.py --out "$OUT/results.jsonl"
       PYTHONPATH=$OPT_PATH run bench_states_accuracy python3 bench/bench_states.py --accuracy --out "$OUT/results.jsonl" ;;

@@ -47,7 +47,7 @@ arena = dict(master_ptr="*fp32", exp_avg_ptr="*fp32", exp_avg_sq_ptr="*fp32")
 unused = dict(exp_avg_scale_ptr="*fp32", exp_avg_sq_scale_ptr="*fp32", m_map_ptr="*fp32", v_map_ptr="*fp32")
 arena8 = dict(master_ptr="*fp32", exp_avg_ptr="*u8", exp_avg_sq_ptr="*u8", exp_avg_scale_ptr="*fp32",
               exp_avg_sq_scale_ptr="*fp32", m_map_ptr="*fp32", v_map_ptr="*fp32")
-fp32_state = dict(HAS_MASTER=True, QUANT=False, QBLOCK=256, TILES=1)
+fp32_state = dict(HAS_MASTER=True, QUANT=False, QBLOCK=256)
 scalars = dict(state_ptr="*fp64", grad_scale_ptr="*fp32", found_inf_ptr="*fp32", lr="fp32", decay_factor="fp32",
                beta2="fp32", one_minus_beta1="fp32", one_minus_beta2="fp32", eps="fp32", seed_lo="i32", seed_hi="i32")
 out = {
@@ -56,12 +56,12 @@ out = {
                         HAS_FOUND_INF=True, STOCHASTIC=False, BLOCK=2048, **fp32_state), enable_fp_fusion=False),
     "adamw8": build(adamw._fused_adamw_kernel, {**tables, **arena8, **scalars},
                     dict(W_DTYPE=tl.bfloat16, G_DTYPE=tl.bfloat16, W_ALIGN=8, G_ALIGN=8, HAS_SCALE=True,
-                         HAS_FOUND_INF=True, STOCHASTIC=False, BLOCK=2048, HAS_MASTER=True, QUANT=True, QBLOCK=256, TILES=1),
+                         HAS_FOUND_INF=True, STOCHASTIC=False, BLOCK=2048, HAS_MASTER=True, QUANT=True, QBLOCK=256),
                     enable_fp_fusion=False),
     "adamw8_nomaster_sr": build(adamw._fused_adamw_kernel, {**tables, **arena8, **scalars},
                                 dict(W_DTYPE=tl.bfloat16, G_DTYPE=tl.bfloat16, W_ALIGN=8, G_ALIGN=8, HAS_SCALE=False,
                                      HAS_FOUND_INF=False, STOCHASTIC=True, BLOCK=2048, HAS_MASTER=False, QUANT=True,
-                                     QBLOCK=256, TILES=1), enable_fp_fusion=False),
+                                     QBLOCK=256), enable_fp_fusion=False),
     "load8": build(switch_load._block_load_kernel, {**tables, **arena8},
                    dict(W_DTYPE=tl.bfloat16, W_ALIGN=8, BLOCK=2048, HAS_MASTER=True, QUANT=True, M_ZERO=127,
                         V_ZERO=0, QBLOCK=256)),

@@ -129,8 +129,7 @@ def _fused_adamw_kernel(meta_ptr, chunk_ptr, grad_table_ptr, master_ptr, exp_avg
                         G_ALIGN: tl.constexpr, HAS_SCALE: tl.constexpr, HAS_FOUND_INF: tl.constexpr,
                         STOCHASTIC: tl.constexpr, BLOCK: tl.constexpr,
                         # the state format: one specialization each, no runtime branches in the loop
-                        HAS_MASTER: tl.constexpr, QUANT: tl.constexpr, QBLOCK: tl.constexpr,
-                        TILES: tl.constexpr):
+                        HAS_MASTER: tl.constexpr, QUANT: tl.constexpr, QBLOCK: tl.constexpr):
     if HAS_FOUND_INF:
         run = tl.load(found_inf_ptr) == 0
     else:
@@ -171,20 +170,14 @@ def _fused_adamw_kernel(meta_ptr, chunk_ptr, grad_table_ptr, master_ptr, exp_avg
                                   start, numel, offset, grad_scale, p_scale, beta2, one_minus_beta1,
                                   one_minus_beta2, eps, neg_step_size, bc2_sqrt, seed,
                                   BLOCK, True, HAS_SCALE, W_DTYPE, STOCHASTIC, HAS_MASTER, QBLOCK)
+        elif start + BLOCK <= numel:
+            _adamw_chunk(w_ptr, g_ptr, p_base, m_base, v_base, start, numel, offset, grad_scale, p_scale, beta2,
+                         one_minus_beta1, one_minus_beta2, eps, neg_step_size, bc2_sqrt, seed,
+                         BLOCK, False, HAS_SCALE, W_DTYPE, STOCHASTIC, HAS_MASTER)
         else:
-            # TILES consecutive tiles of BLOCK // TILES elements: the table lookups above, once per
-            # program, are spread over more elements while each thread keeps a small tile
-            TILE: tl.constexpr = BLOCK // TILES
-            for t in tl.static_range(TILES):
-                tile_start = start + t * TILE
-                if tile_start + TILE <= numel:
-                    _adamw_chunk(w_ptr, g_ptr, p_base, m_base, v_base, tile_start, numel, offset, grad_scale,
-                                 p_scale, beta2, one_minus_beta1, one_minus_beta2, eps, neg_step_size, bc2_sqrt,
-                                 seed, TILE, False, HAS_SCALE, W_DTYPE, STOCHASTIC, HAS_MASTER)
-                elif tile_start < numel:
-                    _adamw_chunk(w_ptr, g_ptr, p_base, m_base, v_base, tile_start, numel, offset, grad_scale,
-                                 p_scale, beta2, one_minus_beta1, one_minus_beta2, eps, neg_step_size, bc2_sqrt,
-                                 seed, TILE, True, HAS_SCALE, W_DTYPE, STOCHASTIC, HAS_MASTER)
+            _adamw_chunk(w_ptr, g_ptr, p_base, m_base, v_base, start, numel, offset, grad_scale, p_scale, beta2,
+                         one_minus_beta1, one_minus_beta2, eps, neg_step_size, bc2_sqrt, seed,
+                         BLOCK, True, HAS_SCALE, W_DTYPE, STOCHASTIC, HAS_MASTER)
 
 
 def split_seed(seed: int) -> tuple[int, int]:
@@ -250,17 +243,8 @@ def fused_adamw_step(
             W_DTYPE=TL_DTYPES[tables.dtype], G_DTYPE=TL_DTYPES[g_dtype], W_ALIGN=align_hint(tables.weights_aligned, tables.dtype),
             G_ALIGN=align_hint(g_aligned, g_dtype), HAS_SCALE=grad_scale is not None, HAS_FOUND_INF=found_inf is not None,
             STOCHASTIC=stochastic, BLOCK=tables.block_size, HAS_MASTER=master_flat is not None, QUANT=quantized,
-            QBLOCK=QUANT_BLOCK, TILES=1 if quantized else _step_tiles(tables.block_size),
-            num_warps=tables.num_warps, enable_fp_fusion=False,
+            QBLOCK=QUANT_BLOCK, num_warps=tables.num_warps, enable_fp_fusion=False,
         )
-
-
-def _step_tiles(block_size: int) -> int:
-    """Tiles per program of the fp32 step (experimental: ``$BADAM_EXT_STEP_TILES``, default 1)."""
-    import os
-
-    tiles = int(os.environ.get("BADAM_EXT_STEP_TILES", "1"))
-    return tiles if tiles > 0 and block_size % tiles == 0 and block_size // tiles >= 64 else 1
 
 
 def check_quant_block(tables: BlockTables) -> None:
