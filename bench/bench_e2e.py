@@ -8,6 +8,7 @@ samples taken after each phase). Variants, each in a fresh process (``--isolatio
 
 * ``ours`` — ``BlockAdam(model, switch_every=K, switch_mode="ascending")``: fused kernels, arena,
   backward pruning, HF gradient checkpointing.
+* ``ours_saved_compiled`` — ``ours_compiled`` plus ``apply_memory_savings`` with Hugging Face's layers.
 * ``ours_compiled`` — ``ours`` with the decoder layers compiled one by one
   (``badam_ext.compile_layers(model)``, i.e. ``layer.compile()`` per layer: regional compilation, whose
   graphs stay few whatever the number of blocks); not in the default set. The record's ``compile``
@@ -56,7 +57,7 @@ from models import LOSS_MODES, MODEL_NAMES, build_model, causal_lm_loss, config_
 SCRIPT = os.path.abspath(__file__)
 VARIANTS = ("ours", "ref", "ref_patched", "full_adamw")  # the default set
 MEMORY_VARIANTS = ("ours_saved", "ours_saved_8bit", "ours_offload", "ours_liger", "ref_liger")  # bench/_memory_setups.py
-ALL_VARIANTS = (*VARIANTS, "ours_compiled", *MEMORY_VARIANTS)
+ALL_VARIANTS = (*VARIANTS, "ours_compiled", "ours_saved_compiled", *MEMORY_VARIANTS)
 REFERENCE_VARIANTS = ("ref", "ref_patched")
 
 warnings.filterwarnings("ignore", message=r".*gradient_checkpointing_enable.*", category=FutureWarning)
@@ -170,6 +171,19 @@ def setup_ours_compiled(model: torch.nn.Module, args: argparse.Namespace) -> Har
     return harness
 
 
+def setup_ours_saved_compiled(model: torch.nn.Module, args: argparse.Namespace) -> Harness:
+    """``ours_compiled`` plus ``apply_memory_savings`` (fused loss; Hugging Face's layers, which the
+    compiler fuses, instead of the Liger layer kernels)."""
+    from badam_ext import apply_memory_savings
+
+    harness = setup_ours_compiled(model, args)
+    savings = apply_memory_savings(model, offload_checkpoints="auto", layer_kernels=False,
+                                   budget_gib=getattr(args, "budget_gib", None))
+    harness.notes.update(memory_savings=savings.stats())
+    harness.savings = savings
+    return harness
+
+
 def _reference_optimizer(model: torch.nn.Module, args: argparse.Namespace) -> Any:
     from badam import BlockOptimizer
 
@@ -205,7 +219,7 @@ def setup_full_adamw(model: torch.nn.Module, args: argparse.Namespace) -> Harnes
 
 SETUPS: dict[str, Callable[[torch.nn.Module, argparse.Namespace], Harness]] = {
     "ours": setup_ours, "ref": setup_ref, "ref_patched": setup_ref_patched, "full_adamw": setup_full_adamw,
-    "ours_compiled": setup_ours_compiled,
+    "ours_compiled": setup_ours_compiled, "ours_saved_compiled": setup_ours_saved_compiled,
 }
 SETUPS.update(make_setups(SETUPS))
 
