@@ -26,6 +26,7 @@ from torch import nn
 
 from .introspection import COMPILE_WRAPPER, find_layer_container
 
+_COMPILED_ATTR = "_badam_layers_compiled"
 # checkpoint() keywords dynamo's checkpoint higher-order op takes as they are
 _TRACEABLE_KEYWORDS = frozenset({"use_reentrant", "preserve_rng_state", "determinism_check"})
 
@@ -44,6 +45,11 @@ def compile_layers(model: nn.Module, *, traced_checkpoint: bool = True, **compil
     if isinstance(getattr(model, COMPILE_WRAPPER, None), nn.Module):
         raise ValueError("compile_layers needs the uncompiled model: pass model._orig_mod, not the "
                          "torch.compile(model) wrapper (whole-model compilation recompiles at every block switch)")
+    savings = getattr(model, "_badam_memory_savings", None)
+    if savings is not None and savings.offloader is not None:
+        raise ValueError("apply_memory_savings' checkpoint offload wraps the layers' checkpoints eagerly, which "
+                         "compiled layers cannot run under: call compile_layers first, then apply_memory_savings "
+                         "(it leaves offload off for compiled layers)")
     container = find_layer_container(model)
     if container is None:
         raise ValueError(f"{type(model).__name__} has no repeated layer stack (an nn.ModuleList of layers) "
@@ -56,6 +62,7 @@ def compile_layers(model: nn.Module, *, traced_checkpoint: bool = True, **compil
     _allow_checkpointed_frozen_layers()
     for layer in container.layers:
         layer.compile(**compile_kwargs)
+    setattr(model, _COMPILED_ATTR, True)
     if traced_checkpoint:
         _trace_checkpoints(model, container.layers, torch.compile(_checkpoint_region, **compile_kwargs))
     return len(container.layers)
@@ -120,9 +127,17 @@ def _trace_checkpoints(model: nn.Module, layers: tuple[nn.Module, ...], region: 
     if not layers:
         return
 
+    from .memory.offload import offloading_of
+
     def wrap(*_: Any) -> None:
         for layer in layers:
             fn = layer.__dict__.get("_gradient_checkpointing_func")
+            if fn is not None and offloading_of(fn) is not None:
+                # e.g. apply_memory_savings' checkpoint offload: an eager checkpoint around the compiled
+                # layer again, whose recompute fails after a block switch (CheckpointError)
+                raise ValueError(f"{type(fn).__name__} wraps the checkpoint of a layer compiled by compile_layers, "
+                                 "and cannot run inside the compiled region: with compile_layers use "
+                                 "apply_memory_savings(..., offload_checkpoints=False)")
             if _traceable(fn):
                 layer._gradient_checkpointing_func = TracedCheckpoint(fn, region)
             elif isinstance(fn, TracedCheckpoint):
@@ -134,6 +149,12 @@ def _trace_checkpoints(model: nn.Module, layers: tuple[nn.Module, ...], region: 
     if handle is not None:  # compile_layers again: the new region replaces the old one
         handle.remove()
     owner._badam_traced_checkpoint_hook = owner.register_forward_pre_hook(wrap)
+
+
+def layers_compiled(model: nn.Module) -> bool:
+    """True when ``compile_layers`` compiled ``model``'s layers (their checkpoints then belong to the
+    compiled regions: nothing may wrap them eagerly)."""
+    return bool(getattr(model, _COMPILED_ATTR, False))
 
 
 def _owner_of(model: nn.Module, layer: nn.Module) -> nn.Module:

@@ -169,3 +169,31 @@ def test_compile_layers_refuses_what_it_cannot_compile_per_layer():
         compile_layers(torch.nn.Sequential(torch.nn.Linear(2, 2)))
     with pytest.warns(UserWarning, match="use_cache"):
         compile_layers(tiny_model("llama", num_layers=2, use_cache=True), backend="eager")
+
+
+def test_memory_savings_leave_checkpoint_offload_to_eager_layers():
+    """Checkpoint offload wraps each layer's checkpoint eagerly; compiled layers own theirs (an eager
+    checkpoint around a compiled layer failed after a block switch on the H200): "auto" stays off,
+    True and the other order are refused with a message."""
+    from badam_ext import apply_memory_savings
+
+    model = tiny_model("llama", num_layers=2, use_cache=False)
+    enable_checkpointing(model, reentrant=False)
+    compile_layers(model, backend="aot_eager")
+    with pytest.raises(ValueError, match="offload_checkpoints=False"):
+        apply_memory_savings(model, offload_checkpoints=True)
+    savings = apply_memory_savings(model, offload_checkpoints="auto", layer_kernels=False)
+    assert savings.offloader is None
+    opt = BlockAdam(model, lr=1e-3, switch_every=1, backend="torch")
+    batch = tiny_batch(model)
+    for _ in range(3):  # across block switches
+        model(**batch).loss.backward()
+        opt.step()
+        opt.zero_grad()
+    savings.remove()
+
+    eager = tiny_model("llama", num_layers=2, use_cache=False)
+    enable_checkpointing(eager, reentrant=False)
+    apply_memory_savings(eager, offload_checkpoints=True)
+    with pytest.raises(ValueError, match="call compile_layers first"):
+        compile_layers(eager, backend="aot_eager")

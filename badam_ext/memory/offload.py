@@ -72,7 +72,7 @@ class OffloadingCheckpoint:
             return self.inner(function, *args, **kwargs)
 
 
-def _offloading_of(fn: Any) -> Optional[OffloadingCheckpoint]:
+def offloading_of(fn: Any) -> Optional[OffloadingCheckpoint]:
     """The OffloadingCheckpoint in a chain of checkpoint wrappers, or None."""
     while fn is not None:
         if isinstance(fn, OffloadingCheckpoint):
@@ -122,7 +122,7 @@ class CheckpointOffloader:
         """Wrap every checkpointed layer's function (again, after checkpointing was re-enabled)."""
         for layer in self.layers:
             fn = layer.__dict__.get("_gradient_checkpointing_func")
-            if fn is None or _offloading_of(fn) is not None:
+            if fn is None or offloading_of(fn) is not None:
                 continue
             if getattr(fn, "wraps_checkpoint", False):  # the pruner's wrapper: offload underneath it
                 fn.inner = OffloadingCheckpoint(fn.inner, self, layer)

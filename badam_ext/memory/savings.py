@@ -8,6 +8,7 @@ from typing import Any, Optional, Union
 import torch
 from torch import nn
 
+from ..compilation import layers_compiled
 from ..pruning import checkpointing_info
 from .causal_lm import FusedLossPatch, UnsupportedModelError
 from .layer_kernels import LAYER_KERNEL_CHOICES, LayerKernelsPatch, why_unavailable
@@ -72,7 +73,13 @@ class MemorySavings:
                     self.layers = LayerKernelsPatch(model)
                 else:
                     logger.info("memory savings: Hugging Face's own layers (%s)", why)
-            if offload_checkpoints is not False:
+            if offload_checkpoints is not False and layers_compiled(model):
+                if offload_checkpoints is True:
+                    raise ValueError("offload_checkpoints=True cannot run with compile_layers: its checkpoints "
+                                     "belong to the compiled layers; pass offload_checkpoints=False")
+                logger.info("memory savings: no checkpoint offload (the layers are compiled by compile_layers)")
+                self.mode = False
+            elif offload_checkpoints is not False:
                 reserve = 0
                 if batch_size and seq_len and self._wants_offload(batch_size, seq_len):
                     reserve = checkpoint_host_bytes(model, batch_size, seq_len)
