@@ -75,6 +75,12 @@ for stage in "$@"; do
       run diagnose_compile python3 bench/diagnose_compile.py --variants regional,traced
       run bench_e2e_compile python3 bench/bench_e2e.py --model 8b \
         --variants ours,ours_compiled,ours_saved,ours_saved_compiled --out "$OUT/results.jsonl" ;;
+    profile)  # one step's device time by kernel, eager and regionally compiled layers (8 layers of the 8B shape)
+      run profile_eager python3 bench/profile_step.py --layers 8
+      run profile_compiled python3 bench/profile_step.py --layers 8 --compiled ;;
+    compile-e2e)  # the 8B step: eager and compiled, with and without the memory savings
+      run bench_e2e_compile python3 bench/bench_e2e.py --model 8b \
+        --variants ours,ours_compiled,ours_saved,ours_saved_compiled --out "$OUT/results.jsonl" ;;
     states)  # state formats: speed vs copy bandwidth, then accuracy, beside torchao / bitsandbytes
       PYTHONPATH=$OPT_PATH run bench_states python3 bench/bench_states.py --out "$OUT/results.jsonl"
       PYTHONPATH=$OPT_PATH run bench_states_accuracy python3 bench/bench_states.py --accuracy --out "$OUT/results.jsonl" ;;
