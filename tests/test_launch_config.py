@@ -12,7 +12,7 @@ from badam_ext import kernels as K
 from badam_ext.kernels import launch_config as lc
 from badam_ext.kernels import tune, tuning_cache
 
-FAKE = tuning_cache.DeviceKey("NVIDIA H200", "sm90", "3.6.0")
+FAKE = tuning_cache.DeviceKey("NVIDIA L40S", "sm89", "3.6.0")  # a GPU with no built-in entry
 CUDA0 = torch.device("cuda", 0)
 
 
@@ -47,7 +47,7 @@ def test_cache_dir_precedence(tmp_path):
 
 
 def test_entry_key_names_device_compiler_kernel_and_dtype_class():
-    assert FAKE.entry_key("fused_adamw", "16bit") == "NVIDIA H200|sm90|triton 3.6.0|fused_adamw|16bit"
+    assert FAKE.entry_key("fused_adamw", "16bit") == "NVIDIA L40S|sm89|triton 3.6.0|fused_adamw|16bit"
     assert lc.dtype_class(torch.bfloat16) == lc.dtype_class(torch.float16) == lc.dtype_class(None) == "16bit"
     assert lc.dtype_class(torch.float32) == "32bit"
 
@@ -135,6 +135,8 @@ def test_gpu_warps_for_an_uncached_kernel_fall_back_to_the_heuristic_at_that_blo
 def test_builtin_table_by_device_name(fake_gpu, monkeypatch):
     monkeypatch.setattr(lc, "device_key", lambda d: tuning_cache.DeviceKey("NVIDIA H100 80GB HBM3", "sm90", "3.6.0"))
     assert lc.launch_config(CUDA0) == lc.MEASURED["H100"]
+    monkeypatch.setattr(lc, "device_key", lambda d: tuning_cache.DeviceKey("NVIDIA H200", "sm90", "3.6.0"))
+    assert (lc.launch_config(CUDA0).block_size, lc.launch_config(CUDA0).num_warps) == (512, 4)
     monkeypatch.setattr(lc, "device_key", lambda d: tuning_cache.DeviceKey("Some GPU", "sm80", "3.6.0"))
     assert lc.launch_config(CUDA0) == lc.LaunchConfig(lc.GPU_BLOCK_SIZE, lc.heuristic_num_warps(lc.GPU_BLOCK_SIZE))
 
