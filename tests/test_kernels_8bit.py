@@ -231,9 +231,9 @@ def _run(backend, block: StateBlock, steps: int, stochastic: bool = False) -> No
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_step_matches_torch_twin(kdevice, states: str, master: bool, dtype: torch.dtype):
     """Three steps from a block load: codes, scales, master and weights of the kernel equal the torch
-    twin's. In the interpreter bit for bit (the same IEEE fp32 operations, ties to the lower code);
-    on a GPU a code may differ by one where a normalized value sits on a rounding tie that the two
-    evaluation orders resolve differently, so there at most one code and a tiny fraction."""
+    twin's. In the interpreter bit for bit (the same IEEE fp32 operations, the same exact codes); on a
+    GPU a moment may differ in its last bit where the two evaluation orders of the update differ, which
+    can move a code by one next to a midpoint, so there at most one code and a tiny fraction."""
     if not master and dtype == torch.float16:
         pytest.skip("no master needs bf16 or fp32 weights (refused, see test_state_errors)")
     spec = state_spec(states, master)
