@@ -62,7 +62,7 @@ def grad_sq_sum(backend: KernelBackend, tables_list: Sequence[LaunchTables],
                 grads_list: Sequence[Sequence[torch.Tensor]], partials: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Sum of squares of the raw gradients of several launch groups, as a 0-dim fp32 device tensor.
 
-    Deterministic: each group writes its partial sums (per chunk or per tensor) into ``partials``
+    Deterministic: each group writes its partial sums (per program or per tensor) into ``partials``
     (allocated when None or too short), which are summed in one reduction. No host sync.
     """
     if len(tables_list) != len(grads_list):
