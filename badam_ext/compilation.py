@@ -92,13 +92,13 @@ class TracedCheckpoint:
     during the original forward and recomputation" (issue 12: H200, transformers 5.17, right after the
     first block switch). Nothing ensures it: on CUDA the recompute runs on the autograd device thread,
     whose intra-op thread count (a dynamo guard) can differ, so it needs graphs of its own; past the
-    recompile limit (roles x threads x ...) it runs eagerly, and among entries that all pass, dynamo
-    picks the most recently used one, not the forward's. Traced by dynamo instead (its checkpoint
+    recompile limit (roles x threads x ...) it runs eagerly (reproduced on CPU with a backward at
+    another thread count). Traced by dynamo instead (its checkpoint
     higher-order op, as under whole-model compilation and transformers 5.23's checkpointed
     ``forward``), the recompute is part of the compiled backward: no cache lookup in backward at all.
 
     Anything other than a plain non-reentrant ``checkpoint`` partial underneath (reentrant
-    checkpointing, the checkpoint offloader's saved-tensor hooks) runs as before, eagerly.
+    checkpointing) runs as before, eagerly; checkpoint offload is refused on compiled layers.
     """
 
     wraps_checkpoint = True  # the pruner and the offloader see the checkpoint function underneath
