@@ -61,7 +61,7 @@ class LaunchConfig:
 # Configurations measured on a device model (name substring), used when the cache has none.
 MEASURED: dict[str, LaunchConfig] = {
     "H100": LaunchConfig(2048, 8, "builtin"),  # fused step 98.2%, block load 94.6% of copy bandwidth
-    # three runs (2026-12-02): fused step 96.2-96.6%, block load 93.3-93.9% of copy bandwidth, the 8-bit
+    # three runs (2026-12-02): fused step 96.2-96.6%, block load 93.0-93.9% of copy bandwidth, the 8-bit
     # step 3.24 ms (2048 x 8: 92.5%, 91%, 5.0 ms); the tuner's cache can still refine it per kernel
     "H200": LaunchConfig(512, 4, "builtin"),
 }
