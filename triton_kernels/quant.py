@@ -58,15 +58,11 @@ def _five_power(x):
 
 
 @triton.jit
-def _midpoint_tests_fast(g, scaled_magnitude, absmax, EXPONENTS: tl.constexpr):
-    """(above, unsure), int32: how many of the midpoints below magnitudes ``g`` and ``g + 1`` (fp32
-    indices of the map) lie below ``magnitude / absmax``, and whether fp32 products cannot tell.
-
-    ``magnitude > absmax * num / (5**(E - p) * 2**(E + 1))`` is tested as ``scaled * 5**(E - p) >
-    num * absmax`` with ``scaled = magnitude * 2**(E + 1)``; each product is within half an ulp
-    (2**-24) of the exact one, so only a near-tie is unsure (for absmax in [1e-30, 1e30], where
-    neither product under- or overflows: the caller checks). Both midpoints share g's decade unless
-    g is the last of its decade."""
+def _midpoint_terms(g, EXPONENTS: tl.constexpr):
+    """The midpoints below magnitudes ``g`` and ``g + 1`` (fp32 indices of the map), as exact fp32
+    integers: midpoint = ``num / (five * 2**(E + 1))`` (``states.quant.midpoint_numerator`` /
+    ``_denominator``, ``five = 5**(E - p)``). Both share g's decade unless g is the last of it.
+    Returns (five_lo, num_lo, five_hi, num_hi)."""
     biased = (g + 1.0).to(tl.int32, bitcast=True) >> 23  # 127 + p, p = floor(log2(g + 1))
     n = (biased << 23).to(tl.float32, bitcast=True)  # 2**p
     up = g + 2.0 == 2.0 * n  # g + 1 opens the next decade
@@ -74,34 +70,12 @@ def _midpoint_tests_fast(g, scaled_magnitude, absmax, EXPONENTS: tl.constexpr):
     five_lo = tl.where(up, five_hi * 5.0, five_hi)
     num_lo = tl.where(g == 0.0, 10.0, 18.0 * g + 27.0 - 16.0 * n)  # 2n + 18k - 9 with k = g + 2 - n
     num_hi = tl.where(up, 9.0 + 4.0 * n, num_lo + 18.0)  # the next decade's k = 1, n' = 2n: 2n' + 9
-    lhs_lo = scaled_magnitude * five_lo
-    lhs_hi = scaled_magnitude * five_hi
-    rhs_lo = num_lo * absmax
-    rhs_hi = num_hi * absmax
-    above = (lhs_lo > rhs_lo).to(tl.int32) + (lhs_hi > rhs_hi).to(tl.int32)
-    unsure = (tl.abs(lhs_lo - rhs_lo) < rhs_lo * 2e-7) | (tl.abs(lhs_hi - rhs_hi) < rhs_hi * 2e-7)
-    return above, unsure.to(tl.int32)
+    return five_lo, num_lo, five_hi, num_hi
 
 
 @triton.jit
-def _above_midpoint(u, magnitude, absmax, EXPONENTS: tl.constexpr):
-    """1 where ``magnitude / absmax`` lies strictly above the midpoint below magnitude ``u``: the
-    midpoint is ``num / (5**(E - p) * 2**(E + 1))`` (``states.quant.midpoint_numerator`` / ``_denominator``),
-    and both sides of ``magnitude * den > num * absmax`` are exact fp64 products."""
-    COUNT: tl.constexpr = (1 << EXPONENTS) - 1
-    uc = tl.minimum(tl.maximum(u, 0), COUNT - 1)
-    p = ((uc + 1).to(tl.float32).to(tl.int32, bitcast=True) >> 23) - 127  # floor(log2(uc + 1))
-    n = (p * 0 + 1) << p
-    k = uc + 2 - n
-    num = tl.where(uc == 0, 10, 2 * n + 18 * k - 9)
-    x = EXPONENTS - p  # 5**x by its bits (x <= 8)
-    five = tl.where((x & 1) != 0, 5, 1)
-    five = tl.where((x & 2) != 0, five * 25, five)
-    five = tl.where((x & 4) != 0, five * 625, five)
-    five = tl.where((x & 8) != 0, five * 390625, five)
-    den = five.to(tl.float64) * (2.0 ** (EXPONENTS + 1))
-    above = (magnitude * den > num.to(tl.float64) * absmax).to(tl.int32)
-    return tl.where(u < 0, 1, tl.where(u >= COUNT, 0, above))
+def _count_above(lhs_lo, rhs_lo, lhs_hi, rhs_hi):
+    return (lhs_lo > rhs_lo).to(tl.int32) + (lhs_hi > rhs_hi).to(tl.int32)
 
 
 @triton.jit
@@ -114,20 +88,27 @@ def quantize_rows(x, SIGNED: tl.constexpr):
     absmax = tl.max(magnitude, axis=1)
     inv = tl.div_rn(1.0, tl.where(absmax > 0, absmax, 1.0))  # for the guess only (any rounding would do)
     guess = _guess(magnitude * inv[:, None], EXPONENTS)
-    # the midpoints' power of two on this side (exact); their power of five is 5**(E - p)
+    # magnitude / absmax > num / (five * 2**(E + 1))  <=>  scaled * five > num * absmax, with the
+    # power of two moved to this side (exact)
     scaled = magnitude * (2.0 ** (EXPONENTS + 1))
-    above, unsure_tile = _midpoint_tests_fast(guess, scaled, absmax[:, None], EXPONENTS)
+    five_lo, num_lo, five_hi, num_hi = _midpoint_terms(guess, EXPONENTS)
+    absmax2 = absmax[:, None]
+    # fp32 products, each within half an ulp (2**-24) of the exact one: decided unless a near-tie,
+    # or an absmax outside [1e-30, 1e30], where a product could under- or overflow
+    lhs_lo, rhs_lo = scaled * five_lo, num_lo * absmax2
+    lhs_hi, rhs_hi = scaled * five_hi, num_hi * absmax2
+    near = (tl.abs(lhs_lo - rhs_lo) < rhs_lo * 2e-7) | (tl.abs(lhs_hi - rhs_hi) < rhs_hi * 2e-7)
     unsafe_row = ((absmax > 0) & (absmax < 1e-30)) | (absmax > 1e30)
-    unsure = tl.maximum(tl.max(unsure_tile, axis=1), unsafe_row.to(tl.int32))
+    unsure = tl.maximum(tl.max(near.to(tl.int32), axis=1), unsafe_row.to(tl.int32))
     if tl.max(unsure, axis=0) > 0:
-        # rare (a near-tie somewhere in the tile): the exact fp64 tests for the whole tile
-        g = guess.to(tl.int32)
-        magnitude64 = magnitude.to(tl.float64)
-        absmax64 = absmax.to(tl.float64)[:, None]
-        j = (g - 1 + _above_midpoint(g, magnitude64, absmax64, EXPONENTS)
-             + _above_midpoint(g + 1, magnitude64, absmax64, EXPONENTS))
+        # rare: the same products in fp64 for the whole tile, where they are exact
+        scaled64 = magnitude.to(tl.float64) * (2.0 ** (EXPONENTS + 1))
+        absmax64 = absmax2.to(tl.float64)
+        above = _count_above(scaled64 * five_lo.to(tl.float64), num_lo.to(tl.float64) * absmax64,
+                             scaled64 * five_hi.to(tl.float64), num_hi.to(tl.float64) * absmax64)
     else:
-        j = guess.to(tl.int32) - 1 + above
+        above = _count_above(lhs_lo, rhs_lo, lhs_hi, rhs_hi)
+    j = guess.to(tl.int32) - 1 + above
     if SIGNED:
         codes = tl.where(x < 0, ZERO - (j + 1), ZERO + (j + 1))
     else:

@@ -87,12 +87,12 @@ def _maps_cpu() -> tuple[torch.Tensor, torch.Tensor]:
 
 
 @functools.lru_cache(maxsize=None)
-def _midpoints_cpu(signed: bool) -> tuple[torch.Tensor, torch.Tensor]:
+def _midpoints(signed: bool, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     """Per magnitude, the midpoint below it as (numerator, denominator), float64 (both exact)."""
     count, exponents = magnitude_count(signed), _exponents(signed)
     num = torch.tensor([midpoint_numerator(j) for j in range(count)], dtype=torch.float64)
     den = torch.tensor([midpoint_denominator(j, exponents) for j in range(count)], dtype=torch.float64)
-    return num, den
+    return num.to(device), den.to(device)
 
 
 _DEVICE_MAPS: dict[tuple[torch.device, bool], torch.Tensor] = {}
@@ -132,11 +132,8 @@ def dequantize(codes: torch.Tensor, scales: torch.Tensor, qmap: torch.Tensor) ->
 
 def _above_midpoint(u: torch.Tensor, magnitude: torch.Tensor, absmax: torch.Tensor, signed: bool) -> torch.Tensor:
     """1 where ``magnitude / absmax`` lies strictly above the midpoint below magnitude ``u`` (exact)."""
-    count = magnitude_count(signed)
-    num, den = (t.to(u.device) for t in _midpoints_cpu(signed))
-    uc = u.clamp(0, count - 1)
-    above = magnitude.double() * den[uc] > num[uc] * absmax.double()
-    return torch.where(u < 0, True, torch.where(u >= count, False, above)).long()
+    num, den = _midpoints(signed, u.device)
+    return (magnitude.double() * den[u] > num[u] * absmax.double()).long()
 
 
 def quantize(x: torch.Tensor, qmap: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -153,8 +150,10 @@ def quantize(x: torch.Tensor, qmap: torch.Tensor) -> tuple[torch.Tensor, torch.T
     magnitude = x.abs()
     zero = zero_code(signed)
     mags = qmap[zero + 1:zero + 1 + magnitude_count(signed)]
-    # an index within one of the answer (the largest magnitude <= the rounded ratio), then exact tests
+    # an index within one of the answer (the largest magnitude <= the rounded ratio), clamped so that
+    # both midpoints tested belong to the map (the answer stays in the window), then exact tests
     guess = torch.searchsorted(mags, (magnitude / safe).contiguous(), right=True) - 1
+    guess = guess.clamp_(0, magnitude_count(signed) - 2)
     j = (guess - 1 + _above_midpoint(guess, magnitude, per_element, signed)
          + _above_midpoint(guess + 1, magnitude, per_element, signed))
     codes = torch.where(x < 0, zero - (j + 1), zero + (j + 1)) if signed else j + 1
