@@ -45,11 +45,6 @@ def compile_layers(model: nn.Module, *, traced_checkpoint: bool = True, **compil
     if isinstance(getattr(model, COMPILE_WRAPPER, None), nn.Module):
         raise ValueError("compile_layers needs the uncompiled model: pass model._orig_mod, not the "
                          "torch.compile(model) wrapper (whole-model compilation recompiles at every block switch)")
-    savings = getattr(model, "_badam_memory_savings", None)
-    if savings is not None and savings.offloader is not None:
-        raise ValueError("apply_memory_savings' checkpoint offload wraps the layers' checkpoints eagerly, which "
-                         "compiled layers cannot run under: call compile_layers first, then apply_memory_savings "
-                         "(it leaves offload off for compiled layers)")
     container = find_layer_container(model)
     if container is None:
         raise ValueError(f"{type(model).__name__} has no repeated layer stack (an nn.ModuleList of layers) "
@@ -59,6 +54,7 @@ def compile_layers(model: nn.Module, *, traced_checkpoint: bool = True, **compil
         warnings.warn("model.config.use_cache is True: the KV cache a training forward builds makes torch "
                       "compile every layer apart (and hit the recompile limit); set model.config.use_cache "
                       "= False for training", stacklevel=2)
+    _refuse_offloaded_checkpoints(container.layers)
     _allow_checkpointed_frozen_layers()
     for layer in container.layers:
         layer.compile(**compile_kwargs)
@@ -127,17 +123,10 @@ def _trace_checkpoints(model: nn.Module, layers: tuple[nn.Module, ...], region: 
     if not layers:
         return
 
-    from .memory.offload import offloading_of
-
     def wrap(*_: Any) -> None:
+        _refuse_offloaded_checkpoints(layers)
         for layer in layers:
             fn = layer.__dict__.get("_gradient_checkpointing_func")
-            if fn is not None and offloading_of(fn) is not None:
-                # e.g. apply_memory_savings' checkpoint offload: an eager checkpoint around the compiled
-                # layer again, whose recompute fails after a block switch (CheckpointError)
-                raise ValueError(f"{type(fn).__name__} wraps the checkpoint of a layer compiled by compile_layers, "
-                                 "and cannot run inside the compiled region: with compile_layers use "
-                                 "apply_memory_savings(..., offload_checkpoints=False)")
             if _traceable(fn):
                 layer._gradient_checkpointing_func = TracedCheckpoint(fn, region)
             elif isinstance(fn, TracedCheckpoint):
@@ -149,6 +138,18 @@ def _trace_checkpoints(model: nn.Module, layers: tuple[nn.Module, ...], region: 
     if handle is not None:  # compile_layers again: the new region replaces the old one
         handle.remove()
     owner._badam_traced_checkpoint_hook = owner.register_forward_pre_hook(wrap)
+
+
+def _refuse_offloaded_checkpoints(layers: tuple[nn.Module, ...]) -> None:
+    """Checkpoint offload wraps a layer's checkpoint eagerly, around the compiled layer: its recompute
+    then fails after a block switch (CheckpointError on the H200), so compiled layers refuse it."""
+    from .memory.offload import offloading_of
+
+    for layer in layers:
+        if offloading_of(layer.__dict__.get("_gradient_checkpointing_func")) is not None:
+            raise ValueError("checkpoint offload wraps the checkpoints of layers compiled by compile_layers, which "
+                             "compiled layers cannot run under: call compile_layers first, then apply_memory_savings "
+                             "(it leaves offload off for compiled layers), or pass offload_checkpoints=False")
 
 
 def layers_compiled(model: nn.Module) -> bool:
