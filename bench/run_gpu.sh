@@ -71,10 +71,8 @@ for stage in "$@"; do
     states-sweep)  # the 8-bit step over launch configurations (ours only)
       run bench_states_sweep python3 bench/bench_states.py --formats 8bit,8bit-nomaster,fp32 --no-baselines \
         --launch 256x2,256x4,512x2,512x4,512x8,1024x4,1024x8,2048x8 --out "$OUT/results.jsonl" ;;
-    compile)  # regional compilation with non-reentrant checkpointing: the diagnostic, then the 8B step
-      run diagnose_compile python3 bench/diagnose_compile.py --variants regional,traced
-      run bench_e2e_compile python3 bench/bench_e2e.py --model 8b \
-        --variants ours,ours_compiled,ours_saved,ours_saved_compiled --out "$OUT/results.jsonl" ;;
+    compile)  # regional compilation with non-reentrant checkpointing on a small model (then: compile-e2e)
+      run diagnose_compile python3 bench/diagnose_compile.py --variants regional,traced ;;
     profile)  # one step's device time by kernel, eager and regionally compiled layers (8 layers of the 8B shape)
       run profile_eager python3 bench/profile_step.py --layers 8
       run profile_compiled python3 bench/profile_step.py --layers 8 --compiled ;;
