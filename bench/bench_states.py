@@ -35,6 +35,7 @@ float64 EMAs, for our fp32 and 8-bit states and, when importable, bitsandbytes a
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime as _dt
 import json
 import math
@@ -257,8 +258,6 @@ def run_speed(args: argparse.Namespace, device: torch.device) -> list[dict[str, 
 
 def launch_override(text: Optional[str]):
     """``launch_config.override`` for a ``BLOCKxWARPS`` text (every kernel); the device's own choice for None."""
-    import contextlib
-
     if text is None:
         return contextlib.nullcontext()
     from badam_ext.kernels.launch_config import override, parse_launch_env
