@@ -7,13 +7,14 @@ import triton.language as tl
 
 from badam_ext.kernels.quant import quantize_rows
 from badam_ext.states import QUANT_BLOCK
+from badam_ext.states.quant import codebook
 
 
 @triton.jit
-def _encode_rows(x_ptr, codes_ptr, absmax_ptr, SIGNED: tl.constexpr, QBLOCK: tl.constexpr):
+def _encode_rows(x_ptr, codes_ptr, absmax_ptr, codebook_ptr, SIGNED: tl.constexpr, QBLOCK: tl.constexpr):
     row = tl.program_id(0)
     idx = row * QBLOCK + tl.arange(0, QBLOCK)[None, :]
-    codes, absmax = quantize_rows(tl.load(x_ptr + idx), SIGNED)
+    codes, absmax = quantize_rows(tl.load(x_ptr + idx), codebook_ptr, SIGNED)
     tl.store(codes_ptr + idx, codes)
     tl.store(absmax_ptr + row + tl.arange(0, 1), absmax)
 
@@ -23,5 +24,5 @@ def encode_with_kernel(x: torch.Tensor, signed: bool) -> tuple[torch.Tensor, tor
     assert x.dtype == torch.float32 and x.numel() % QUANT_BLOCK == 0
     codes = torch.full_like(x, 0xAB, dtype=torch.uint8)
     absmax = torch.full((x.numel() // QUANT_BLOCK,), float("nan"), device=x.device)
-    _encode_rows[(absmax.numel(),)](x, codes, absmax, SIGNED=signed, QBLOCK=QUANT_BLOCK)
+    _encode_rows[(absmax.numel(),)](x, codes, absmax, codebook(signed, x.device), SIGNED=signed, QBLOCK=QUANT_BLOCK)
     return codes, absmax

@@ -4,6 +4,7 @@ without a master."""
 from __future__ import annotations
 
 from dataclasses import dataclass
+import bisect
 from fractions import Fraction
 from typing import Any, Optional
 
@@ -130,69 +131,82 @@ def test_codec_picks_the_nearest_entry_like_float64(n: int, signed: bool):
 
 
 def _exact_nearest_codes(x: torch.Tensor, absmax: torch.Tensor, signed: bool) -> list[int]:
-    """Codes of the entries nearest to the exact ``x / absmax``, ties towards zero, in fractions."""
+    """Codes of the entries nearest to the fp32 ratio ``|x| * (1 / absmax)``, ties towards zero,
+    with the map written in fractions (the ratio itself is two fp32 operations, as defined)."""
     exponents = 7 if signed else 8
     mags = [Fraction(0)]
     for e in reversed(range(exponents)):  # smallest decade first
         n = 2 ** (exponents - 1 - e)
         mags += [Fraction(n + 9 * k, 10 ** (e + 1) * n) for k in range(1, n + 1)]
+    inverse = 1.0 / torch.where(absmax > 0, absmax, torch.ones_like(absmax))
+    ratios = x.abs() * inverse.repeat_interleave(QUANT_BLOCK)[:x.numel()]
     zero = zero_code(signed)
     out = []
-    for i, value in enumerate(x.tolist()):
-        scale = Fraction(float(absmax[i // QUANT_BLOCK]))
-        ratio = Fraction(value) / scale if scale else Fraction(0)
-        best = min(range(len(mags)), key=lambda j: (abs(abs(ratio) - mags[j]), j))
-        out.append(zero - best if ratio < 0 else zero + best)
+    for value, ratio in zip(x.tolist(), ratios.tolist()):
+        ratio = Fraction(ratio)
+        above = bisect.bisect_left(mags, ratio)  # the nearest is this entry or the one below
+        candidates = [j for j in (above - 1, above) if 0 <= j < len(mags)]
+        best = min(candidates, key=lambda j: (abs(ratio - mags[j]), j))
+        out.append(zero - best if value < 0 else zero + best)
     return out
 
 
 @pytest.mark.parametrize("signed", [True, False])
 def test_codec_is_the_exact_nearest_entry(signed: bool):
-    """Against the map written in fractions: the nearest entry to the exact ratio, ties towards zero,
-    on values spread over every decade and on values within a few ulps of every midpoint."""
+    """Against the map written in fractions: the nearest entry to the ratio, ties towards zero, on
+    values spread over every decade and on ratios within a few ulps of every midpoint."""
     x = _adversarial(signed, seed=11)
     codes, absmax = quantize(x, signed_map() if signed else unsigned_map())
     assert codes.tolist() == _exact_nearest_codes(x, absmax, signed)
 
 
+def _ulps_around(values: torch.Tensor, ulps: int = 3) -> torch.Tensor:
+    """``values`` and their fp32 neighbours up to ``ulps`` away on either side."""
+    out = [values]
+    for direction in (0.0, float("inf")):
+        v = values
+        for _ in range(ulps):
+            v = torch.nextafter(v, torch.full_like(v, direction))
+            out.append(v)
+    return torch.cat(out)
+
+
+def _rows_with_absmax(values: torch.Tensor, absmax: float) -> torch.Tensor:
+    """Blocks of 256: ``absmax`` first, then ``values`` (each at most ``absmax`` in magnitude)."""
+    per_row = QUANT_BLOCK - 1
+    n = -(-values.numel() // per_row)
+    rows = torch.zeros(n, QUANT_BLOCK)
+    rows[:, 0] = absmax
+    rows[:, 1:] = torch.cat([values, torch.zeros(n * per_row - values.numel())]).view(n, per_row)
+    return rows.reshape(-1)
+
+
 def _adversarial(signed: bool, seed: int) -> torch.Tensor:
-    """Blocks whose elements sit within 3 ulps of ``absmax * midpoint`` for every midpoint of the map,
-    with an absmax that is not a power of two, plus blocks of values over many magnitudes."""
+    """Blocks of absmax 1 whose ratios sit within 3 ulps of every midpoint and every decade boundary
+    of the map (where the kernels' index is least sure); the same values times absmax that are not
+    powers of two (ratios next to the boundaries after rounding), including absmax near the ends of
+    fp32's range; and blocks of values over many magnitudes."""
     gen = torch.Generator().manual_seed(seed)
     qmap = (signed_map() if signed else unsigned_map()).double()
     mags = qmap[qmap > 0].unique()
     mids = torch.cat([mags[:1] / 2, (mags[1:] + mags[:-1]) / 2])
-    blocks = []
-    for scale in (0.37, 3.1e-5, 1.0):
-        near = (mids * scale).float()
-        for ulps in range(-3, 4):
-            v = near
-            for _ in range(abs(ulps)):
-                v = torch.nextafter(v, torch.full_like(v, float("inf") if ulps > 0 else 0.0))
-            blocks.append(v)
-        blocks.append(torch.tensor([scale], dtype=torch.float32))
-    values = torch.cat(blocks)
-    values = values[torch.randperm(values.numel(), generator=gen)]
-    n = -(-values.numel() // (QUANT_BLOCK - 1))
-    rows = torch.zeros(n, QUANT_BLOCK)
-    flat = torch.cat([values, torch.zeros(n * (QUANT_BLOCK - 1) - values.numel())]).view(n, QUANT_BLOCK - 1)
-    rows[:, 1:] = flat
-    rows[:, 0] = 0.37  # the absmax of every row (all values above are at most scale 0.37 or 1.0)
-    rows[::3, 0] = 1.0
+    decades = torch.tensor([10.0 ** -e for e in range(9)], dtype=torch.float64)
+    edges = _ulps_around(torch.cat([mids, decades, mags]).float()).clamp(max=1.0)
+    parts = [_rows_with_absmax(edges, 1.0)]
+    for scale in (0.37, 3.1e-5, 1e-33, 1e33):
+        parts.append(_rows_with_absmax((edges.double() * scale).float().clamp(max=scale), scale))
+    values = torch.cat(parts)
     spread = torch.randn(4 * QUANT_BLOCK, generator=gen) * torch.exp(torch.randn(4 * QUANT_BLOCK, generator=gen) * 4)
-    # blocks whose absmax is outside fp32's safe product range (the kernels' exact fallback)
-    x = torch.cat([rows.reshape(-1), spread, spread[:QUANT_BLOCK] * 1e-33, spread[QUANT_BLOCK:2 * QUANT_BLOCK] * 1e33])
+    x = torch.cat([values, spread])
     if signed:
         x = x * torch.where(torch.rand(x.shape, generator=gen) < 0.5, -1.0, 1.0)
     return x.abs() if not signed else x
 
 
-@pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarning")  # the 1e33 block's fp32 products
-@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")  # (the exact path decides it)
 @pytest.mark.parametrize("signed", [True, False])
 def test_kernel_encoder_matches_the_exact_codec(kdevice, signed: bool):
-    """The kernels' encoder (approximate index, exact correction) gives the torch codec's codes on
-    values next to every decision boundary, in the interpreter and on the GPU."""
+    """The kernels' encoder (an index within one, two threshold tests) gives the torch codec's codes
+    on ratios next to every decision boundary, in the interpreter and on the GPU."""
     from _quant_probe import encode_with_kernel
 
     x = _adversarial(signed, seed=12)

@@ -22,7 +22,7 @@ import triton.language as tl
 
 from .chunk_map import as_pointer, program_chunk
 from ..contract import check_device_scalar, check_hyper, check_seed, check_state, check_step_state
-from ..states.quant import QUANT_BLOCK, signed_map, unsigned_map
+from ..states.quant import QUANT_BLOCK, codebook
 from .launch_config import device_guard
 from .quant import dequantize_rows, quantize_rows
 from .rounding import to_weight_dtype
@@ -106,8 +106,8 @@ def _adamw_chunk_8bit(w_ptr, g_ptr, master_ptr, m_codes_ptr, m_scale_ptr, v_code
     if MASKED:  # elements past the tensor must not count in their block's absmax
         m = tl.where(mask, m, 0.0)
         v = tl.where(mask, v, 0.0)
-    m_codes, m_absmax = quantize_rows(m, True)
-    v_codes, v_absmax = quantize_rows(v, False)
+    m_codes, m_absmax = quantize_rows(m, m_map_ptr, True)
+    v_codes, v_absmax = quantize_rows(v, v_map_ptr, False)
     store_mask = mask if MASKED else None
     store_row_mask = row_mask if MASKED else None
     if HAS_MASTER:
@@ -230,8 +230,8 @@ def fused_adamw_step(
     stochastic = bool(stochastic_rounding) and tables.dtype == torch.bfloat16
     # unused pointers (no master, no scales, no maps) get a region of the right device as placeholder
     master = master_flat if master_flat is not None else exp_avg_flat
-    m_map = signed_map(tables.device) if quantized else exp_avg_flat
-    v_map = unsigned_map(tables.device) if quantized else exp_avg_flat
+    m_map = codebook(True, tables.device) if quantized else exp_avg_flat
+    v_map = codebook(False, tables.device) if quantized else exp_avg_flat
     with device_guard(tables.device):
         _fused_adamw_kernel[(tables.num_chunks,)](
             tables.meta, tables.chunks, table, master, exp_avg_flat, exp_avg_sq_flat,

@@ -16,12 +16,14 @@ The maps are built here from that description, not taken from either library: ma
 decade ``p = E - 1 - e``, ``n = 2**p`` steps) is the exact fraction ``(n + 9 k) / (10**(E - p) n)``,
 stored as its nearest fp32.
 
-Encoding is exact: the code of the map entry nearest to the exact ratio ``x / absmax`` (no rounding
-of the division), ties towards zero. It needs no search: an approximate index ``j`` (within one of
-the answer) is corrected by two exact tests ``|x| > absmax * midpoint`` against the midpoints below
-and above it, each an fp64 comparison of products that fp64 holds exactly (``midpoint_numerator /
-midpoint_denominator`` below). The Triton kernels make the same tests, so both backends give the
-same codes whatever their approximate index.
+Encoding follows bitsandbytes' normalization: the fp32 ratio ``r = |x| * (1 / absmax)`` (two IEEE
+fp32 operations, in this order), then the code of the map entry nearest to ``r``, ties towards
+zero. Nearness is decided against the exact midpoints between the map's fractions
+(``midpoint_numerator / midpoint_denominator``): ``r`` lies above the midpoint below magnitude ``j``
+exactly when ``r > thresholds[j]``, the largest fp32 not above that midpoint. The magnitude code is
+then the number of thresholds below ``r``: a search here, and in the kernels an index within one of
+it (from the map's structure) and two comparisons with the same table, so both backends give the
+same codes.
 """
 from __future__ import annotations
 
@@ -32,8 +34,8 @@ import torch
 
 from .spec import QUANT_BLOCK
 
-__all__ = ["QUANT_BLOCK", "dequantize", "quantize", "signed_map", "unsigned_map", "zero_code",
-           "magnitude_count", "midpoint_numerator", "midpoint_denominator"]
+__all__ = ["QUANT_BLOCK", "codebook", "dequantize", "quantize", "signed_map", "thresholds", "unsigned_map",
+           "zero_code", "magnitude_count", "midpoint_numerator", "midpoint_denominator"]
 
 SIGNED_EXPONENTS = 7
 UNSIGNED_EXPONENTS = 8
@@ -86,34 +88,63 @@ def _maps_cpu() -> tuple[torch.Tensor, torch.Tensor]:
     return out
 
 
+def _largest_float32_at_most(value: Fraction) -> float:
+    """The largest fp32 number that is not above ``value`` (a positive fraction)."""
+    candidate = torch.tensor(float(value), dtype=torch.float32)
+    while Fraction(candidate.item()) > value:
+        candidate = torch.nextafter(candidate, torch.tensor(0.0))
+    while Fraction(torch.nextafter(candidate, torch.tensor(2.0)).item()) <= value:
+        candidate = torch.nextafter(candidate, torch.tensor(2.0))
+    return candidate.item()
+
+
 @functools.lru_cache(maxsize=None)
-def _midpoints(signed: bool, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per magnitude, the midpoint below it as (numerator, denominator), float64 (both exact)."""
-    count, exponents = magnitude_count(signed), _exponents(signed)
-    num = torch.tensor([midpoint_numerator(j) for j in range(count)], dtype=torch.float64)
-    den = torch.tensor([midpoint_denominator(j, exponents) for j in range(count)], dtype=torch.float64)
-    return num.to(device), den.to(device)
+def _thresholds_cpu(signed: bool) -> torch.Tensor:
+    exponents = _exponents(signed)
+    values = [_largest_float32_at_most(Fraction(midpoint_numerator(j), midpoint_denominator(j, exponents)))
+              for j in range(magnitude_count(signed))]
+    out = torch.tensor(values, dtype=torch.float32)
+    assert bool((out[1:] > out[:-1]).all())
+    return out
 
 
-_DEVICE_MAPS: dict[tuple[torch.device, bool], torch.Tensor] = {}
+_DEVICE_TABLES: dict[tuple[str, torch.device, bool], torch.Tensor] = {}
 
 
-def _on(device: torch.device | str, signed: bool) -> torch.Tensor:
+def _cached(kind: str, device: torch.device | str, signed: bool) -> torch.Tensor:
     device = torch.device(device)
-    key = (device, signed)
-    if key not in _DEVICE_MAPS:
-        _DEVICE_MAPS[key] = _maps_cpu()[0 if signed else 1].to(device)
-    return _DEVICE_MAPS[key]
+    key = (kind, device, signed)
+    if key not in _DEVICE_TABLES:
+        if kind == "map":
+            table = _maps_cpu()[0 if signed else 1]
+        elif kind == "thresholds":
+            table = _thresholds_cpu(signed)
+        else:  # the kernels' table: the map, then the thresholds (padded with +inf to 512)
+            pad = torch.full((256 - magnitude_count(signed),), float("inf"))
+            table = torch.cat([_maps_cpu()[0 if signed else 1], _thresholds_cpu(signed), pad])
+        _DEVICE_TABLES[key] = table.to(device)
+    return _DEVICE_TABLES[key]
 
 
 def signed_map(device: torch.device | str = "cpu") -> torch.Tensor:
     """The 256-entry sorted fp32 map of ``exp_avg`` on ``device`` (cached; do not write to it)."""
-    return _on(device, True)
+    return _cached("map", device, True)
 
 
 def unsigned_map(device: torch.device | str = "cpu") -> torch.Tensor:
     """The 256-entry sorted fp32 map of ``exp_avg_sq`` on ``device`` (cached; do not write to it)."""
-    return _on(device, False)
+    return _cached("map", device, False)
+
+
+def thresholds(signed: bool, device: torch.device | str = "cpu") -> torch.Tensor:
+    """Per magnitude ``j`` (``magnitude_count`` of them, increasing): the largest fp32 not above the
+    exact midpoint between magnitude ``j`` and the one below it (cached; do not write to it)."""
+    return _cached("thresholds", device, signed)
+
+
+def codebook(signed: bool, device: torch.device | str = "cpu") -> torch.Tensor:
+    """What the kernels read: 512 fp32, the map at ``[0, 256)``, the thresholds from 256 (cached)."""
+    return _cached("codebook", device, signed)
 
 
 def zero_code(signed: bool) -> int:
@@ -130,31 +161,19 @@ def dequantize(codes: torch.Tensor, scales: torch.Tensor, qmap: torch.Tensor) ->
     return qmap[codes.long()] * _per_element(scales, codes.numel())
 
 
-def _above_midpoint(u: torch.Tensor, magnitude: torch.Tensor, absmax: torch.Tensor, signed: bool) -> torch.Tensor:
-    """1 where ``magnitude / absmax`` lies strictly above the midpoint below magnitude ``u`` (exact)."""
-    num, den = _midpoints(signed, u.device)
-    return (magnitude.double() * den[u] > num[u] * absmax.double()).long()
-
-
 def quantize(x: torch.Tensor, qmap: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """1-D fp32 ``x`` -> (uint8 codes, fp32 absmax per block of 256): the entry nearest to the exact
-    ``x / absmax``, ties towards zero. A block of zeros gets absmax 0 and the code of zero."""
+    """1-D fp32 ``x`` -> (uint8 codes, fp32 absmax per block of 256): the entry nearest to the fp32
+    ``|x| * (1 / absmax)``, ties towards zero. A block of zeros gets absmax 0 and the code of zero."""
     signed = bool(qmap[0] < 0)
     n = x.numel()
     blocks = -(-n // QUANT_BLOCK)
     padded = x.new_zeros(blocks * QUANT_BLOCK)
     padded[:n] = x
     absmax = padded.view(blocks, QUANT_BLOCK).abs().amax(dim=1)
-    per_element = _per_element(absmax, n)
-    safe = torch.where(per_element > 0, per_element, torch.ones_like(per_element))
-    magnitude = x.abs()
+    inverse = 1.0 / torch.where(absmax > 0, absmax, torch.ones_like(absmax))
+    ratio = x.abs() * _per_element(inverse, n)
+    # magnitude code = how many thresholds lie strictly below the ratio (0: the code of zero)
+    j = torch.searchsorted(thresholds(signed, x.device), ratio.contiguous(), right=False)
     zero = zero_code(signed)
-    mags = qmap[zero + 1:zero + 1 + magnitude_count(signed)]
-    # an index within one of the answer (the largest magnitude <= the rounded ratio), clamped so that
-    # both midpoints tested belong to the map (the answer stays in the window), then exact tests
-    guess = torch.searchsorted(mags, (magnitude / safe).contiguous(), right=True) - 1
-    guess = guess.clamp_(0, magnitude_count(signed) - 2)
-    j = (guess - 1 + _above_midpoint(guess, magnitude, per_element, signed)
-         + _above_midpoint(guess + 1, magnitude, per_element, signed))
-    codes = torch.where(x < 0, zero - (j + 1), zero + (j + 1)) if signed else j + 1
+    codes = torch.where(x < 0, zero - j, zero + j) if signed else j
     return codes.to(torch.uint8), absmax
