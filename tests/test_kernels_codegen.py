@@ -46,7 +46,7 @@ tables = dict(meta_ptr="*i64", chunk_ptr="*i32", grad_table_ptr="*i64")
 arena = dict(master_ptr="*fp32", exp_avg_ptr="*fp32", exp_avg_sq_ptr="*fp32")
 unused = dict(exp_avg_scale_ptr="*fp32", exp_avg_sq_scale_ptr="*fp32", m_map_ptr="*fp32", v_map_ptr="*fp32")
 arena8 = dict(master_ptr="*fp32", exp_avg_ptr="*u8", exp_avg_sq_ptr="*u8", exp_avg_scale_ptr="*fp32",
-              exp_avg_sq_scale_ptr="*fp32", m_map_ptr="*fp32", v_map_ptr="*fp32")
+              exp_avg_sq_scale_ptr="*fp32", m_map_ptr="*i32", v_map_ptr="*i32")
 fp32_state = dict(HAS_MASTER=True, QUANT=False, QBLOCK=256)
 scalars = dict(state_ptr="*fp64", grad_scale_ptr="*fp32", found_inf_ptr="*fp32", lr="fp32", decay_factor="fp32",
                beta2="fp32", one_minus_beta1="fp32", one_minus_beta2="fp32", eps="fp32", seed_lo="i32", seed_hi="i32")

@@ -34,7 +34,7 @@ import torch
 
 from .spec import QUANT_BLOCK
 
-__all__ = ["QUANT_BLOCK", "codebook", "dequantize", "quantize", "signed_map", "thresholds", "unsigned_map",
+__all__ = ["QUANT_BLOCK", "bucket_layout", "codebook", "dequantize", "quantize", "signed_map", "thresholds", "unsigned_map",
            "zero_code", "magnitude_count", "midpoint_numerator", "midpoint_denominator"]
 
 SIGNED_EXPONENTS = 7
@@ -119,9 +119,8 @@ def _cached(kind: str, device: torch.device | str, signed: bool) -> torch.Tensor
             table = _maps_cpu()[0 if signed else 1]
         elif kind == "thresholds":
             table = _thresholds_cpu(signed)
-        else:  # the kernels' table: the map, then the thresholds (padded with +inf to 512)
-            pad = torch.full((256 - magnitude_count(signed),), float("inf"))
-            table = torch.cat([_maps_cpu()[0 if signed else 1], _thresholds_cpu(signed), pad])
+        else:  # the kernels' table, int32: the map's bits, then the encoder's buckets
+            table = torch.cat([_maps_cpu()[0 if signed else 1].view(torch.int32), _buckets_cpu(signed)])
         _DEVICE_TABLES[key] = table.to(device)
     return _DEVICE_TABLES[key]
 
@@ -143,8 +142,39 @@ def thresholds(signed: bool, device: torch.device | str = "cpu") -> torch.Tensor
 
 
 def codebook(signed: bool, device: torch.device | str = "cpu") -> torch.Tensor:
-    """What the kernels read: 512 fp32, the map at ``[0, 256)``, the thresholds from 256 (cached)."""
+    """What the kernels read (int32, cached): the map's fp32 bits at ``[0, 256)``, then the encoder's
+    buckets (:func:`bucket_layout`)."""
     return _cached("codebook", device, signed)
+
+
+#: ratio bits below this many low bits select an encoder bucket, per map (signed, unsigned)
+BUCKET_SHIFT = {True: 17, False: 16}
+
+
+def bucket_layout(signed: bool) -> tuple[int, int, int]:
+    """(shift, base, count) of the encoder's buckets: a non-negative fp32 ratio with bits ``b`` falls
+    in bucket ``clamp((b >> shift) - base, 0, count - 1)``. Buckets split each binade from below the
+    smallest threshold up to 1.0 into equal parts, each holding at most one threshold; the bucket's
+    int32 entry is ``(thresholds below it) << shift | (its threshold's low bits, else all ones)``, so the
+    magnitude code is ``(entry >> shift) + ((b & low) > (entry & low))`` (one gather, no search)."""
+    shift = BUCKET_SHIFT[signed]
+    lowest_binade = (int(thresholds(signed)[0].view(torch.int32)) >> 23) - 1  # no threshold in bucket 0
+    base = lowest_binade << (23 - shift)
+    one = int(torch.tensor(1.0).view(torch.int32)) >> shift
+    return shift, base, one - base + 1
+
+
+@functools.lru_cache(maxsize=None)
+def _buckets_cpu(signed: bool) -> torch.Tensor:
+    shift, base, count = bucket_layout(signed)
+    low = (1 << shift) - 1
+    bits = thresholds(signed).view(torch.int32).long()
+    bucket_of = (bits >> shift) - base
+    assert int(bucket_of.min()) >= 1 and bucket_of.unique().numel() == bits.numel(), "two thresholds share a bucket"
+    below = torch.searchsorted(bucket_of, torch.arange(count), right=False)  # thresholds in lower buckets
+    entries = (below << shift) | low
+    entries[bucket_of] = (torch.arange(bits.numel()) << shift) | (bits & low)
+    return entries.to(torch.int32)
 
 
 def zero_code(signed: bool) -> int:
