@@ -73,6 +73,22 @@ for stage in "$@"; do
         --launch 256x2,256x4,512x2,512x4,512x8,1024x4,1024x8,2048x8 --out "$OUT/results.jsonl" ;;
     compile)  # regional compilation with non-reentrant checkpointing on a small model (then: compile-e2e)
       run diagnose_compile python3 bench/diagnose_compile.py --variants regional,traced ;;
+    states-8bit)  # the 8-bit step over launch configurations (ours only)
+      run bench_states_8bit python3 bench/bench_states.py --formats 8bit,8bit-nomaster --no-baselines \
+        --launch 256x2,256x4,512x2,512x4,1024x4,1024x8 --out "$OUT/results.jsonl" ;;
+    ncu-8bit)  # Nsight Compute of one 8-bit step at 256 x 2: the summary sections, then executed instructions per SASS line
+      run ncu_8bit ncu --clock-control none -k regex:_fused_adamw_kernel -s 30 -c 1 --section SpeedOfLight \
+        --section ComputeWorkloadAnalysis --section Occupancy --section LaunchStats --section InstructionStats \
+        --section WarpStateStats python3 bench/bench_states.py --formats 8bit --no-baselines --launch 256x2
+      run ncu_8bit_sass ncu --clock-control none -k regex:_fused_adamw_kernel -s 30 -c 1 --section SourceCounters \
+        --page source --print-source sass --csv python3 bench/bench_states.py --formats 8bit --no-baselines --launch 256x2 ;;
+    profile-32)  # all 32 layers of the 8B shape, block 10 active: step times, host syncs, traces, eager / compiled
+      for variant in eager compiled compiled-norng; do
+        flags=(--layers 32 --start-block 8 --warmup 2 --sync-debug --trace "$OUT/trace-$variant.json.gz")
+        [[ $variant == compiled* ]] && flags+=(--compiled)
+        [[ $variant == *norng ]] && flags+=(--no-preserve-rng)
+        run "profile32_$variant" python3 bench/profile_step.py "${flags[@]}"
+      done ;;
     profile)  # one step's device time by kernel, eager and regionally compiled layers (8 layers of the 8B shape)
       run profile_eager python3 bench/profile_step.py --layers 8
       run profile_compiled python3 bench/profile_step.py --layers 8 --compiled ;;
