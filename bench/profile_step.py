@@ -38,6 +38,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--no-preserve-rng", action="store_true",
                    help="checkpointing with preserve_rng_state=False (no RNG in the layers: dropout 0)")
     p.add_argument("--compile-mode", default=None, help="torch.compile mode of --compiled")
+    p.add_argument("--compile-backend", default="inductor", help="torch.compile backend of --compiled (aot_eager: "
+                   "AOTAutograd's graphs run eagerly, no Inductor)")
     p.add_argument("--trace", default=None, help="write the profiled step as a Chrome trace (.json or .json.gz)")
     p.add_argument("--sync-debug", action="store_true", help="print each host-device sync of one step with its stack")
     args = p.parse_args(argv)
@@ -55,7 +57,7 @@ def main(argv: list[str] | None = None) -> int:
         checkpointing["preserve_rng_state"] = False
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=checkpointing)
     if args.compiled:
-        compile_layers(model, **({"mode": args.compile_mode} if args.compile_mode else {}))
+        compile_layers(model, backend=args.compile_backend, **({"mode": args.compile_mode} if args.compile_mode else {}))
     # K = 1 through the warm-up, then the profiled block stays active for the timed steps
     opt = BlockAdam(model, lr=1e-5, switch_every=1, switch_mode="ascending", start_block=args.start_block)
     gen = torch.Generator(device="cuda").manual_seed(0)
@@ -83,11 +85,18 @@ def main(argv: list[str] | None = None) -> int:
     times = [step() for _ in range(args.timed)]
     if opt.active_block != block:
         raise RuntimeError(f"the active block moved during the timed steps ({block} -> {opt.active_block})")
-    label = f"{'compiled' if args.compiled else 'eager'} layers{' (' + args.compile_mode + ')' if args.compile_mode else ''}"
+    retries = torch.cuda.memory_stats()["num_alloc_retries"]
+    label = (f"{'compiled (' + args.compile_backend + ')' if args.compiled else 'eager'} layers"
+             f"{' (' + args.compile_mode + ')' if args.compile_mode else ''}")
     print(f"# {label}, {args.layers} of the 8B shape, {args.batch} x {args.seq}, active block {opt.active_block}, "
           f"checkpointing {checkpointing}")
     print(f"step wall time (median of {len(times)}): forward {statistics.median(t[0] for t in times):.2f} ms, "
-          f"backward {statistics.median(t[1] for t in times):.2f} ms")
+          f"backward {statistics.median(t[1] for t in times):.2f} ms; allocator retries {retries} after the warm-up, "
+          f"{torch.cuda.memory_stats()['num_alloc_retries'] - retries} in the timed steps")
+    if args.compiled:
+        from torch._dynamo.utils import counters
+
+        print(f"compiled graphs: {counters['stats']['unique_graphs']}")
     if args.sync_debug:
         print_syncs(step)
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:

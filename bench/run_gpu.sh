@@ -83,10 +83,10 @@ for stage in "$@"; do
       run ncu_8bit_sass ncu --clock-control none -k regex:_fused_adamw_kernel -s 30 -c 1 --section SourceCounters \
         --page source --print-source sass --csv python3 bench/bench_states.py --formats 8bit --no-baselines --launch 256x2 ;;
     profile-32)  # all 32 layers of the 8B shape, block 10 active: step times, host syncs, traces, eager / compiled
-      for variant in eager compiled compiled-norng; do
+      for variant in eager compiled compiled-aot_eager; do
         flags=(--layers 32 --start-block 8 --warmup 2 --sync-debug --trace "$OUT/trace-$variant.json.gz")
         [[ $variant == compiled* ]] && flags+=(--compiled)
-        [[ $variant == *norng ]] && flags+=(--no-preserve-rng)
+        [[ $variant == *aot_eager ]] && flags+=(--compile-backend aot_eager)
         run "profile32_$variant" python3 bench/profile_step.py "${flags[@]}"
       done ;;
     profile)  # one step's device time by kernel, eager and regionally compiled layers (8 layers of the 8B shape)
