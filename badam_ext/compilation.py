@@ -21,7 +21,6 @@ import warnings
 from typing import Any, Callable
 
 import torch
-import torch.utils._pytree as pytree
 import torch.utils.checkpoint
 from torch import nn
 
@@ -96,38 +95,18 @@ class TracedCheckpoint:
 
     Anything other than a plain non-reentrant ``checkpoint`` partial underneath (reentrant
     checkpointing) runs as before, eagerly; checkpoint offload is refused on compiled layers.
-
-    A layer with nothing that requires grad (below the active block) runs under ``torch.no_grad()``,
-    without the checkpoint. Dynamo's guards see the inputs' ``requires_grad`` but not the parameters',
-    so without that such a layer shares the active layer's graph (its input does not require grad
-    either), and on the H200 (torch 2.11) its output then required grad: every backward ran through
-    every layer, whatever the active block (the 8B step's backward stayed at 93-99 ms from block 0 to
-    31). Under no_grad the role shows in the grad mode, which dynamo guards on.
     """
 
     wraps_checkpoint = True  # the pruner and the offloader see the checkpoint function underneath
 
-    def __init__(self, inner: Callable[..., Any], region: Callable[..., Any], layer: nn.Module | None = None) -> None:
+    def __init__(self, inner: Callable[..., Any], region: Callable[..., Any]) -> None:
         self.inner = inner
         self.region = region
-        self.layer = layer
 
     def __call__(self, function: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
-        if self.layer is not None and not _needs_grad(self.layer, args, kwargs):
-            with torch.no_grad():
-                return function(*args, **kwargs)
         if _traceable(self.inner):
             return self.region(self.inner, function, *args, **kwargs)
         return self.inner(function, *args, **kwargs)
-
-
-def _needs_grad(layer: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> bool:
-    """Whether a call of ``layer`` can produce an output that requires grad."""
-    if not torch.is_grad_enabled():
-        return False
-    leaves = pytree.tree_leaves((args, kwargs))
-    return (any(isinstance(t, torch.Tensor) and t.requires_grad for t in leaves)
-            or any(p.requires_grad for p in layer.parameters()))
 
 
 def _checkpoints_outside_forward(layer: nn.Module) -> bool:
@@ -149,7 +128,7 @@ def _trace_checkpoints(model: nn.Module, layers: tuple[nn.Module, ...], region: 
         for layer in layers:
             fn = layer.__dict__.get("_gradient_checkpointing_func")
             if _traceable(fn):
-                layer._gradient_checkpointing_func = TracedCheckpoint(fn, region, layer)
+                layer._gradient_checkpointing_func = TracedCheckpoint(fn, region)
             elif isinstance(fn, TracedCheckpoint):
                 fn.region = region  # compile_layers again: its compile options
 

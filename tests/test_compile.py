@@ -127,69 +127,6 @@ def test_non_reentrant_checkpoint_around_a_compiled_layer_recomputes_in_the_comp
     assert losses == pytest.approx(eager, rel=1e-5)
 
 
-def test_traced_checkpoint_runs_layers_that_need_no_grad_under_no_grad():
-    """A layer with no input and no parameter that requires grad runs under no_grad, without its
-    checkpoint: its role then shows in the grad mode, which dynamo guards on (it does not guard a
-    parameter's requires_grad). Any input or parameter that requires grad goes through the region."""
-    layer = torch.nn.Linear(4, 4)
-    calls = []
-
-    def region(inner, function, *args, **kwargs):
-        calls.append("region")
-        return function(*args, **kwargs)
-
-    def function(x, scale=None):
-        calls.append(torch.is_grad_enabled())
-        return layer(x)
-
-    inner = functools.partial(torch.utils.checkpoint.checkpoint, use_reentrant=False)
-    traced = TracedCheckpoint(inner, region, layer)
-    x = torch.randn(2, 4)
-    layer.requires_grad_(False)
-    assert not traced(function, x).requires_grad and calls == [False]
-    calls.clear()
-    assert traced(function, x.requires_grad_(), scale=None).requires_grad and calls == ["region", True]
-    calls.clear()
-    layer.weight.requires_grad_(True)
-    assert traced(function, torch.randn(2, 4)).requires_grad and calls == ["region", True]
-    calls.clear()
-    with torch.no_grad():
-        traced(function, torch.randn(2, 4, requires_grad=True))
-    assert calls == [False]
-
-
-@pytest.mark.parametrize("start_block", [0, 2])
-def test_compiled_layers_below_the_active_block_stay_out_of_backward(start_block: int):
-    """Whichever role a layer's graph was first compiled for, the layers below the active block give
-    outputs that do not require grad (backward stops at the active block), and only the active
-    layer's parameters get gradients; the losses match eager (transformers 5.17's call structure)."""
-    def train(compiled: bool) -> list[float]:
-        torch._dynamo.reset()
-        model = tiny_model("llama", num_layers=4, use_cache=False)
-        _checkpoint_outside_forward(model)
-        enable_checkpointing(model, reentrant=False)
-        if compiled:
-            compile_layers(model, backend="aot_eager")
-        opt = BlockAdam(model, lr=1e-3, switch_every=1, switch_mode="ascending", start_block=start_block,
-                        backend="torch")
-        batch = tiny_batch(model)
-        losses = []
-        for _ in range(6):
-            active = opt.active_block
-            out = model(**batch, output_hidden_states=True)
-            requires = [bool(h.requires_grad) for h in out.hidden_states[1:]]
-            assert requires == [i >= active for i in range(4)], (active, requires)
-            out.loss.backward()
-            with_grad = {n.split(".")[2] for n, p in model.named_parameters() if p.grad is not None}
-            assert with_grad == {str(active)}, (active, with_grad)
-            losses.append(out.loss.item())
-            opt.step()
-            opt.zero_grad()
-        return losses
-
-    assert train(True) == pytest.approx(train(False), rel=1e-5)
-
-
 def test_names_do_not_carry_the_compile_wrapper():
     model = tiny_model("llama", num_layers=2)
     with pytest.warns(UserWarning, match="compile_layers"):
