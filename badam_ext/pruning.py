@@ -44,9 +44,13 @@ def remove_input_require_grads(model: nn.Module) -> bool:
     """Remove Hugging Face's ``enable_input_require_grads`` hooks from ``model`` and its submodules.
 
     Handles transformers 5.23 (a list in ``_require_grads_hooks`` plus ``_require_grads_hook``) and
-    earlier versions (``_require_grads_hook`` only). Returns True when a hook was removed.
+    earlier versions (``_require_grads_hook`` only), and hooks no attribute tracks any more: calling
+    ``gradient_checkpointing_enable()`` twice registers a second hook and overwrites the record of the
+    first, which ``disable_input_require_grads()`` then never removes (the 8B bench's compiled variant
+    did so, and its backward ran through all 32 layers whatever the active block). Returns True when
+    a hook was removed.
     """
-    removed = False
+    removed = _remove_untracked_hooks(model)
     for m in model.modules():
         hooks = list(getattr(m, "_require_grads_hooks", None) or [])
         single = getattr(m, "_require_grads_hook", None)
@@ -66,6 +70,23 @@ def remove_input_require_grads(model: nn.Module) -> bool:
             if attr in m.__dict__:
                 delattr(m, attr)
         removed = True
+    return removed
+
+
+def _is_input_grads_hook(hook: Any) -> bool:
+    """Hugging Face's ``make_inputs_require_grads`` closure (its name is the same from 4.x to 5.x)."""
+    return (getattr(hook, "__name__", None) == "make_inputs_require_grads"
+            and "enable_input_require_grads" in getattr(hook, "__qualname__", ""))
+
+
+def _remove_untracked_hooks(model: nn.Module) -> bool:
+    removed = False
+    for m in model.modules():
+        for key in [k for k, hook in m._forward_hooks.items() if _is_input_grads_hook(hook)]:
+            del m._forward_hooks[key]
+            m._forward_hooks_with_kwargs.pop(key, None)
+            m._forward_hooks_always_called.pop(key, None)
+            removed = True
     return removed
 
 

@@ -17,6 +17,7 @@ from torch import nn
 
 from _probes import add_probes
 from _tiny_models import enable_checkpointing, tiny_batch, tiny_model
+from badam_ext import BlockAdam
 from badam_ext.introspection import find_layer_container
 from badam_ext.partition import BlockPartition, apply_requires_grad, infer_partition
 from badam_ext.pruning import (
@@ -209,6 +210,24 @@ def test_remove_input_require_grads_and_checkpointing_info() -> None:
         if getattr(m, "gradient_checkpointing", False):
             m._gradient_checkpointing_func = lambda fn, *a, **k: fn(*a, **k)
     assert checkpointing_info(model) == CheckpointingInfo(True, None, checkpointing_info(model).checkpointed_modules)
+
+
+def test_hooks_of_a_repeated_gradient_checkpointing_enable_are_removed() -> None:
+    """``gradient_checkpointing_enable()`` twice leaves a hook that Hugging Face no longer tracks (and
+    ``disable_input_require_grads()`` keeps): BlockAdam removes it too, so backward stops at the active
+    block (the 8B bench's compiled variant enabled checkpointing twice and ran every layer's backward)."""
+    model = tiny_model("llama", num_layers=3)
+    for _ in range(2):
+        enable_checkpointing(model, reentrant=False)
+    emb = model.get_input_embeddings()
+    model.requires_grad_(False)
+    model.disable_input_require_grads()
+    assert emb(torch.tensor([[3, 4]])).requires_grad  # the first hook is still there
+    opt = BlockAdam(model, lr=1e-3, switch_every=1, start_block=2, backend="torch")
+    assert opt.pruner.removed_input_hook
+    out = model(**tiny_batch(model), output_hidden_states=True)
+    assert [h.requires_grad for h in out.hidden_states] == [False, False, False, True]
+    assert not remove_input_require_grads(model)
 
 
 def test_unknown_checkpoint_function_is_treated_as_reentrant(reference: dict) -> None:
