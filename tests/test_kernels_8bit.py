@@ -184,9 +184,9 @@ def _rows_with_absmax(values: torch.Tensor, absmax: float) -> torch.Tensor:
 
 def _adversarial(signed: bool, seed: int) -> torch.Tensor:
     """Blocks of absmax 1 whose ratios sit within 3 ulps of every midpoint and every decade boundary
-    of the map (where the kernels' index is least sure); the same values times absmax that are not
+    of the map; the same values times absmax that are not
     powers of two (ratios next to the boundaries after rounding), including absmax near the ends of
-    fp32's range; and blocks of values over many magnitudes."""
+    fp32's range; a block of subnormal absmax; and blocks of values over many magnitudes."""
     gen = torch.Generator().manual_seed(seed)
     qmap = (signed_map() if signed else unsigned_map()).double()
     mags = qmap[qmap > 0].unique()
@@ -198,7 +198,8 @@ def _adversarial(signed: bool, seed: int) -> torch.Tensor:
         parts.append(_rows_with_absmax((edges.double() * scale).float().clamp(max=scale), scale))
     values = torch.cat(parts)
     spread = torch.randn(4 * QUANT_BLOCK, generator=gen) * torch.exp(torch.randn(4 * QUANT_BLOCK, generator=gen) * 4)
-    x = torch.cat([values, spread])
+    tiny = spread[:QUANT_BLOCK] * 1e-41  # absmax subnormal: 1 / absmax would overflow (stored as zeros)
+    x = torch.cat([values, spread, tiny])
     if signed:
         x = x * torch.where(torch.rand(x.shape, generator=gen) < 0.5, -1.0, 1.0)
     return x.abs() if not signed else x
@@ -225,7 +226,7 @@ def test_codebook_buckets_count_the_thresholds_below(signed: bool):
 
 @pytest.mark.parametrize("signed", [True, False])
 def test_kernel_encoder_matches_the_exact_codec(kdevice, signed: bool):
-    """The kernels' encoder (an index within one, two threshold tests) gives the torch codec's codes
+    """The kernels' encoder (one bucket gather, one comparison) gives the torch codec's codes
     on ratios next to every decision boundary, in the interpreter and on the GPU."""
     from _quant_probe import encode_with_kernel
 

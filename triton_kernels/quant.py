@@ -12,12 +12,13 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from ..states.quant import bucket_layout
+from ..states.quant import SMALLEST_SCALE, bucket_layout
 
 _M_SHIFT, _M_BASE, _M_BUCKETS = (tl.constexpr(v) for v in bucket_layout(True))
 _V_SHIFT, _V_BASE, _V_BUCKETS = (tl.constexpr(v) for v in bucket_layout(False))
 _M_LOW = tl.constexpr((1 << bucket_layout(True)[0]) - 1)
 _V_LOW = tl.constexpr((1 << bucket_layout(False)[0]) - 1)
+_SMALLEST_SCALE = tl.constexpr(SMALLEST_SCALE)
 #: where the buckets start in a codebook
 _BUCKETS = tl.constexpr(256)
 
@@ -31,7 +32,8 @@ def dequantize_rows(codes, scales, codebook_ptr):
 @triton.jit
 def quantize_rows(x, codebook_ptr, SIGNED: tl.constexpr):
     """(uint8 codes, fp32 absmax per row) of a ``[rows, QBLOCK]`` fp32 tile; masked-out elements
-    must already be 0. A row of zeros gets absmax 0 and the code of zero."""
+    must already be 0. A row of zeros, or of absmax below ``SMALLEST_SCALE``, gets absmax 0 and the
+    code of zero."""
     ZERO: tl.constexpr = 127 if SIGNED else 0
     SHIFT: tl.constexpr = _M_SHIFT if SIGNED else _V_SHIFT
     BASE: tl.constexpr = _M_BASE if SIGNED else _V_BASE
@@ -39,6 +41,7 @@ def quantize_rows(x, codebook_ptr, SIGNED: tl.constexpr):
     LOW: tl.constexpr = _M_LOW if SIGNED else _V_LOW
     magnitude = tl.abs(x)
     absmax = tl.max(magnitude, axis=1)
+    absmax = tl.where(absmax < _SMALLEST_SCALE, 0.0, absmax)  # 1 / absmax would overflow: stored as zeros
     inverse = tl.div_rn(1.0, tl.where(absmax > 0, absmax, 1.0))
     bits = (magnitude * inverse[:, None]).to(tl.int32, bitcast=True)  # ratio >= 0: bits order as values
     bucket = tl.minimum(tl.maximum((bits >> SHIFT) - BASE, 0), LAST)

@@ -21,9 +21,9 @@ fp32 operations, in this order), then the code of the map entry nearest to ``r``
 zero. Nearness is decided against the exact midpoints between the map's fractions
 (``midpoint_numerator / midpoint_denominator``): ``r`` lies above the midpoint below magnitude ``j``
 exactly when ``r > thresholds[j]``, the largest fp32 not above that midpoint. The magnitude code is
-then the number of thresholds below ``r``: a search here, and in the kernels an index within one of
-it (from the map's structure) and two comparisons with the same table, so both backends give the
-same codes.
+then the number of thresholds below ``r``: a search here; in the kernels one gather from a bucket
+table built from the same thresholds (``bucket_layout``) and one integer comparison, so both
+backends give the same codes.
 """
 from __future__ import annotations
 
@@ -38,6 +38,8 @@ __all__ = ["QUANT_BLOCK", "bucket_layout", "codebook", "dequantize", "quantize",
            "zero_code", "magnitude_count", "midpoint_numerator", "midpoint_denominator"]
 
 SIGNED_EXPONENTS = 7
+#: blocks whose absmax is below the smallest normal fp32 (1 / absmax overflows) are stored as zeros
+SMALLEST_SCALE = 2.0 ** -126
 UNSIGNED_EXPONENTS = 8
 
 
@@ -90,11 +92,13 @@ def _maps_cpu() -> tuple[torch.Tensor, torch.Tensor]:
 
 def _largest_float32_at_most(value: Fraction) -> float:
     """The largest fp32 number that is not above ``value`` (a positive fraction)."""
+    down = torch.tensor(0.0, dtype=torch.float32)
+    up = torch.tensor(float("inf"), dtype=torch.float32)
     candidate = torch.tensor(float(value), dtype=torch.float32)
     while Fraction(candidate.item()) > value:
-        candidate = torch.nextafter(candidate, torch.tensor(0.0))
-    while Fraction(torch.nextafter(candidate, torch.tensor(2.0)).item()) <= value:
-        candidate = torch.nextafter(candidate, torch.tensor(2.0))
+        candidate = torch.nextafter(candidate, down)
+    while Fraction(torch.nextafter(candidate, up).item()) <= value:
+        candidate = torch.nextafter(candidate, up)
     return candidate.item()
 
 
@@ -193,13 +197,15 @@ def dequantize(codes: torch.Tensor, scales: torch.Tensor, qmap: torch.Tensor) ->
 
 def quantize(x: torch.Tensor, qmap: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """1-D fp32 ``x`` -> (uint8 codes, fp32 absmax per block of 256): the entry nearest to the fp32
-    ``|x| * (1 / absmax)``, ties towards zero. A block of zeros gets absmax 0 and the code of zero."""
+    ``|x| * (1 / absmax)``, ties towards zero. A block of zeros, or one whose absmax is below
+    ``SMALLEST_SCALE``, gets absmax 0 and the code of zero."""
     signed = bool(qmap[0] < 0)
     n = x.numel()
     blocks = -(-n // QUANT_BLOCK)
     padded = x.new_zeros(blocks * QUANT_BLOCK)
     padded[:n] = x
     absmax = padded.view(blocks, QUANT_BLOCK).abs().amax(dim=1)
+    absmax = torch.where(absmax < SMALLEST_SCALE, torch.zeros_like(absmax), absmax)  # 1 / absmax would overflow
     inverse = 1.0 / torch.where(absmax > 0, absmax, torch.ones_like(absmax))
     ratio = x.abs() * _per_element(inverse, n)
     # magnitude code = how many thresholds lie strictly below the ratio (0: the code of zero)
