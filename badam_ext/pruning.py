@@ -50,8 +50,9 @@ def remove_input_require_grads(model: nn.Module) -> bool:
     did so, and its backward ran through all 32 layers whatever the active block). Returns True when
     a hook was removed.
     """
-    removed = _remove_untracked_hooks(model)
+    removed = False
     for m in model.modules():
+        removed |= _remove_untracked_hooks(m)
         hooks = list(getattr(m, "_require_grads_hooks", None) or [])
         single = getattr(m, "_require_grads_hook", None)
         if single is not None and all(single is not h for h in hooks):
@@ -79,15 +80,14 @@ def _is_input_grads_hook(hook: Any) -> bool:
             and "enable_input_require_grads" in getattr(hook, "__qualname__", ""))
 
 
-def _remove_untracked_hooks(model: nn.Module) -> bool:
-    removed = False
-    for m in model.modules():
-        for key in [k for k, hook in m._forward_hooks.items() if _is_input_grads_hook(hook)]:
-            del m._forward_hooks[key]
-            m._forward_hooks_with_kwargs.pop(key, None)
-            m._forward_hooks_always_called.pop(key, None)
-            removed = True
-    return removed
+def _remove_untracked_hooks(module: nn.Module) -> bool:
+    """Remove ``module``'s input-grad hooks that may be tracked by no attribute; True when any was."""
+    keys = [k for k, hook in module._forward_hooks.items() if _is_input_grads_hook(hook)]
+    for key in keys:
+        del module._forward_hooks[key]
+        module._forward_hooks_with_kwargs.pop(key, None)
+        module._forward_hooks_always_called.pop(key, None)
+    return bool(keys)
 
 
 @dataclass(frozen=True)

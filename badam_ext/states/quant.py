@@ -38,9 +38,9 @@ __all__ = ["QUANT_BLOCK", "bucket_layout", "codebook", "dequantize", "quantize",
            "zero_code", "magnitude_count", "midpoint_numerator", "midpoint_denominator"]
 
 SIGNED_EXPONENTS = 7
+UNSIGNED_EXPONENTS = 8
 #: blocks whose absmax is below the smallest normal fp32 (1 / absmax overflows) are stored as zeros
 SMALLEST_SCALE = 2.0 ** -126
-UNSIGNED_EXPONENTS = 8
 
 
 def _exponents(signed: bool) -> int:
@@ -155,6 +155,7 @@ def codebook(signed: bool, device: torch.device | str = "cpu") -> torch.Tensor:
 BUCKET_SHIFT = {True: 17, False: 16}
 
 
+@functools.lru_cache(maxsize=None)
 def bucket_layout(signed: bool) -> tuple[int, int, int]:
     """(shift, base, count) of the encoder's buckets: a non-negative fp32 ratio with bits ``b`` falls
     in bucket ``clamp((b >> shift) - base, 0, count - 1)``. Buckets split each binade from below the
