@@ -190,7 +190,8 @@ def fused_adamw_step(
     exp_avg_sq_scale: Optional[torch.Tensor] = None,
 ) -> None:
     """One AdamW step per tensor, the kernels' arithmetic in the kernels' order (torch AdamW's), for
-    every state format (8-bit: dequantize, update, requantize, as the kernels do)."""
+    every state format (8-bit: dequantize, update, requantize, as the kernels do; the weight's step
+    multiplies by ``1 / sqrt(1 - beta2^t)`` there, as the 8-bit kernel does)."""
     lr, beta1, beta2, eps, weight_decay = check_hyper(lr, beta1, beta2, eps, weight_decay)
     quantized = check_state(tables, master_flat, exp_avg_flat, exp_avg_sq_flat, exp_avg_scale, exp_avg_sq_scale)
     check_step_state(step_state)
@@ -203,6 +204,7 @@ def fused_adamw_step(
 
     neg_step_size = (-(_fp32(lr) / (1.0 - step_state[1]))).float()
     bc2_sqrt = (1.0 - step_state[2]).sqrt().float()
+    inv_bc2_sqrt = 1.0 / bc2_sqrt
     decay_factor = 1.0 - lr * weight_decay
     keep = None if found_inf is None else found_inf.reshape(()) == 0
     stochastic = bool(stochastic_rounding) and tables.dtype == torch.bfloat16
@@ -225,7 +227,10 @@ def fused_adamw_step(
         p = p_old * decay_factor if decay else p_old
         m = m_old + (1.0 - beta1) * (g - m_old)
         v = v_old * beta2 + ((1.0 - beta2) * g) * g
-        denom = sqrt_rn(v) / bc2_sqrt + eps
+        if quantized:  # the 8-bit kernel's form (its square root and division are approximate there)
+            denom = sqrt_rn(v) * inv_bc2_sqrt + eps
+        else:
+            denom = sqrt_rn(v) / bc2_sqrt + eps
         p = p + (neg_step_size * m) / denom
         if stochastic:
             w_new = round_bf16_stochastic(p, generator)

@@ -73,9 +73,9 @@ for stage in "$@"; do
         --launch 256x2,256x4,512x2,512x4,512x8,1024x4,1024x8,2048x8 --out "$OUT/results.jsonl" ;;
     compile)  # regional compilation with non-reentrant checkpointing on a small model (then: compile-e2e)
       run diagnose_compile python3 bench/diagnose_compile.py --variants regional,traced ;;
-    states-8bit)  # the 8-bit step over launch configurations (ours only)
+    states-8bit)  # the 8-bit step over launch configurations (ours only; 256 x 1 keeps a block's row in one warp)
       run bench_states_8bit python3 bench/bench_states.py --formats 8bit,8bit-nomaster --no-baselines \
-        --launch 256x2,256x4,512x2,512x4,1024x4,1024x8 --out "$OUT/results.jsonl" ;;
+        --launch 256x1,256x2,512x1,512x2,512x4,1024x4,1024x8 --out "$OUT/results.jsonl" ;;
     ncu-8bit)  # Nsight Compute of one 8-bit step at 256 x 2: the summary sections, then executed instructions per SASS line
       run ncu_8bit ncu --clock-control none -k regex:_fused_adamw_kernel -s 30 -c 1 --section SpeedOfLight \
         --section ComputeWorkloadAnalysis --section Occupancy --section LaunchStats --section InstructionStats \

@@ -110,12 +110,15 @@ def test_switch_and_norm_kernels_vectorize(codegen):
     assert norm["v4_loads"] >= 1 and norm["local"] == 0, norm
 
 
-def test_8bit_step_kernel_stays_in_registers_with_ieee_arithmetic(codegen):
-    """The 8-bit step: no spills, IEEE division and square root, no fused multiply-add (code parity
-    with the torch twin). Its throughput is measured by bench/bench_states.py on the GPU."""
+def test_8bit_step_kernel_stays_in_registers_with_approximate_weight_step(codegen):
+    """The 8-bit step: no spills; the weight's step by approximate square root and division (per
+    element), IEEE division only for the per-block inverse absmax the codes depend on; no fused
+    multiply-add (m and v, hence the codes, keep parity with the torch twin). Its throughput is
+    measured by bench/bench_states.py on the GPU."""
     k = codegen["adamw8"]
     assert k["local"] == 0, f"local-memory spills: {k}"
-    assert k["sqrt_rn"] > 0 and k["sqrt_approx"] == 0 and k["div_rn"] > 0 and k["div_approx"] == 0, k
+    assert k["sqrt_rn"] == 0 and k["sqrt_approx"] > 0 and k["div_approx"] > 0, k
+    assert k["div_rn"] > 0, f"the inverse absmax of the encoder must stay IEEE: {k}"
     assert k["fma"] == 0, k
     assert k["v4_loads"] >= 2, f"the fp32 master should still load as 16-byte vectors: {k}"
     # one register layout for the tile (only the per-block absmax rows move through shared memory)
@@ -127,5 +130,6 @@ def test_compact_format_kernels_compile_without_spills(codegen):
     in registers."""
     for name in ("adamw8_nomaster_sr", "load8"):
         assert codegen[name]["local"] == 0, f"{name}: local-memory spills: {codegen[name]}"
-    assert codegen["adamw8_nomaster_sr"]["div_approx"] == 0 and codegen["adamw8_nomaster_sr"]["fma"] == 0
+    nomaster = codegen["adamw8_nomaster_sr"]
+    assert nomaster["sqrt_rn"] == 0 and nomaster["div_approx"] > 0 and nomaster["fma"] == 0, nomaster
     assert codegen["load8"]["shared"] == 0 and codegen["load8"]["v4_stores"] >= 2, codegen["load8"]

@@ -11,6 +11,10 @@ square root, no fused multiply-add):
     v = v * beta2 + ((1 - beta2) * g) * g
     denom = sqrt(v) / sqrt(1 - beta2^t) + eps
     p = p + (-(lr / (1 - beta1^t)) * m) / denom
+
+8-bit moments: m and v exactly so (their codes depend on nothing else); the weight's step is
+``sqrt(v) * (1 / sqrt(1 - beta2^t)) + eps`` with the hardware's approximate square root and
+division on a GPU (a few ulps of the step), since that kernel is bound by instructions, not bytes.
 """
 from __future__ import annotations
 
@@ -42,6 +46,23 @@ def _adamw_update(g, p, m, v, grad_scale, p_scale, beta2, one_minus_beta1, one_m
     v = v * beta2 + (one_minus_beta2 * g) * g
     denom = tl.div_rn(tl.sqrt_rn(v), bc2_sqrt) + eps
     p = p + tl.div_rn(neg_step_size * m, denom)
+    return p, m, v
+
+
+@triton.jit
+def _adamw_update_8bit(g, p, m, v, grad_scale, p_scale, beta2, one_minus_beta1, one_minus_beta2, eps, neg_step_size,
+                       inv_bc2_sqrt, HAS_SCALE: tl.constexpr):
+    """The 8-bit formats' update: m and v as in :func:`_adamw_update` (their codes depend on nothing
+    else), the weight's step by the hardware's approximate square root and division (a few ulps of
+    the step; about 25 fewer instructions per element in a kernel bound by instructions, not bytes).
+    The Triton interpreter evaluates both exactly, as the torch twin does."""
+    if HAS_SCALE:
+        g = g * grad_scale
+    p = p * p_scale
+    m = m + one_minus_beta1 * (g - m)
+    v = v * beta2 + (one_minus_beta2 * g) * g
+    denom = tl.sqrt(v) * inv_bc2_sqrt + eps
+    p = p + tl.fdiv(neg_step_size * m, denom, ieee_rounding=False)
     return p, m, v
 
 
@@ -101,8 +122,8 @@ def _adamw_chunk_8bit(w_ptr, g_ptr, master_ptr, m_codes_ptr, m_scale_ptr, v_code
                         m_map_ptr)
     v = dequantize_rows(_load(v_codes_ptr + idx, mask, MASKED), _load(v_scale_ptr + qrow, row_mask, MASKED),
                         v_map_ptr)
-    p, m, v = _adamw_update(g, p, m, v, grad_scale, p_scale, beta2, one_minus_beta1, one_minus_beta2, eps,
-                            neg_step_size, bc2_sqrt, HAS_SCALE)
+    p, m, v = _adamw_update_8bit(g, p, m, v, grad_scale, p_scale, beta2, one_minus_beta1, one_minus_beta2, eps,
+                                 neg_step_size, tl.div_rn(1.0, bc2_sqrt), HAS_SCALE)
     if MASKED:  # elements past the tensor must not count in their block's absmax
         m = tl.where(mask, m, 0.0)
         v = tl.where(mask, v, 0.0)
