@@ -34,7 +34,7 @@ class KernelBackend(Protocol):
     ``badam_ext.kernels.fused_adamw_step``)."""
 
     name: str
-    BlockTables: Any  # a class with ``build(weights, offsets, decay, block_size=None, min_block_size=1)``
+    BlockTables: Any  # a class with ``build(weights, offsets, decay, block_size=None, min_block_size=1, states="fp32")``
 
     def new_step_state(self, device: torch.device | str) -> torch.Tensor: ...
 

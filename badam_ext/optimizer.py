@@ -362,8 +362,10 @@ class BlockAdam(torch.optim.Optimizer):
             layout = self.arena.layout([t.numel() for _, _, t in held])
             self.arena.check_tensors(layout, [t.detach() for _, _, t in held])
             offsets = list(layout.offsets)
-        # programs cover whole multiples of the format's alignment (8-bit: whole quantization blocks)
-        build_tables = functools.partial(self._ops.BlockTables.build, min_block_size=self._spec.element_alignment)
+        # programs cover whole multiples of the format's alignment (8-bit: whole quantization blocks),
+        # with the launch configuration of the format's step
+        build_tables = functools.partial(self._ops.BlockTables.build, min_block_size=self._spec.element_alignment,
+                                         states=states_entry(self._spec)["states"])
         launch_groups = build_launch_groups(
             [n for n, _, _ in held], [p for _, p, _ in held], offsets,
             group_of=lambda p: self._group_of[id(p)],

@@ -49,7 +49,7 @@ class TorchTables:
     """Per-switch description of one launch group (same ``build`` API as the Triton tables).
 
     ``num_chunks`` is the number of tensors: :func:`grad_sq_norm` writes one partial per tensor.
-    ``block_size`` and ``min_block_size`` are accepted for API parity and ignored.
+    ``block_size``, ``min_block_size`` and ``states`` are accepted for API parity (checked) and ignored.
     """
 
     def __init__(self, weights: tuple[torch.Tensor, ...], offsets: tuple[int, ...], decay: tuple[bool, ...]):
@@ -64,7 +64,9 @@ class TorchTables:
 
     @classmethod
     def build(cls, weights: Sequence[torch.Tensor], offsets: Sequence[int], decay: Sequence[bool],
-              block_size: Optional[int] = None, min_block_size: int = 1) -> "TorchTables":
+              block_size: Optional[int] = None, min_block_size: int = 1, states: str = "fp32") -> "TorchTables":
+        if states not in ("fp32", "8bit"):
+            raise ValueError(f"states must be one of ['8bit', 'fp32'], got {states!r}")
         weights = tuple(weights)
         check_weights(weights)
         offs = check_offsets(offsets, [w.numel() for w in weights])

@@ -26,7 +26,7 @@ fi
 # Optional comparisons (torchao, and bitsandbytes unpacked with only its CUDA 13.0 library), on the path
 # only for the stages that compare with them: importing torchao initialises CUDA, which the benches'
 # fork isolation forbids in the parent process.
-OPT_PATH=$PYTHONPATH
+OPT_PATH=${PYTHONPATH:-}
 if [[ -d .whl/opt ]]; then
   python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site_opt .whl/opt/*.whl 2>/dev/null
   OPT_PATH=${PYTHONPATH:+$PYTHONPATH:}/tmp/site_opt:$PWD/.whl/opt/site

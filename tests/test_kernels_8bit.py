@@ -457,6 +457,11 @@ def test_state_errors():
             K.block_load(small, master, m, v, exp_avg_scale=ms, exp_avg_sq_scale=vs)
         assert K.BlockTables.build(block.weights, block.offsets, block.decay, block_size=128,
                                    min_block_size=256).block_size == 256
+    for backend in (K, torch_ops):
+        if backend is K and not K.interpreted():
+            continue
+        with pytest.raises(ValueError, match="states must be one of \\['8bit', 'fp32'\\], got '4bit'"):
+            backend.BlockTables.build(block.weights, block.offsets, block.decay, states="4bit")
 
 
 @pytest.mark.parametrize("master", [True, False], ids=["8bit", "8bit-nomaster"])

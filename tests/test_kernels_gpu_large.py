@@ -145,7 +145,7 @@ def _arena_regions(spec, weights, device):
 def test_llama3_8b_layer_8bit_matches_torch_twin(master):
     """8-bit states on the full layer: kernel against the torch twin on the GPU. First step from a
     block load: codes identical (m and v depend on g alone); second step: at most one code apart
-    where a tie resolves differently, master within fp32 rounding."""
+    where a tie resolves differently; master within a few ulps of the (approximate) weight step."""
     from badam_ext.states import QUANT_BLOCK, state_spec
 
     device = torch.device("cuda")
@@ -180,8 +180,17 @@ def test_llama3_8b_layer_8bit_matches_torch_twin(master):
         if master:
             for i, (x, y) in enumerate(zip(va["master"], vb["master"])):
                 assert_close_rel(x, y.double(), 1e-6, f"step {step} master {i}")
-            for w, tw in zip(weights, twins):
-                assert int(ulp_distance(w, tw).max()) <= 1
+            # The weight is the kernel's own master rounded to nearest; against the twin's, one ulp
+            # plus 1e-5 of lr: the 8-bit weight step's approximate square root and division move the
+            # master by a few fp32 ulps of the step, which is many bf16 ulps only next to zero.
+            lr = 1e-4
+            for i, (w, tw, m32) in enumerate(zip(weights, twins, va["master"])):
+                assert torch.equal(w, m32.bfloat16()), f"step {step} weight {i}: not its master rounded"
+                w32, t32 = w.float(), tw.float()
+                magnitude = torch.maximum(w32.abs(), t32.abs()).clamp_min(torch.finfo(torch.bfloat16).tiny)
+                ulp = torch.exp2(torch.floor(torch.log2(magnitude)) - 7)
+                excess = (w32 - t32).abs() - (ulp + 1e-5 * lr)
+                assert float(excess.max()) <= 0, f"step {step} weight {i}: {float(excess.max()):.3g} past the bound"
         else:
             # Both round stochastically, from different streams: one ulp (at the weight's magnitude)
             # per step and side; from step 2 on, a moment code that resolves a tie differently (<= 1e-4

@@ -124,6 +124,18 @@ def test_lookup_order_on_a_gpu(fake_gpu, monkeypatch):
     assert lc.default_block_size(CUDA0) == 2048
 
 
+def test_8bit_step_takes_its_own_cache_entry_else_the_fp32_steps(fake_gpu):
+    _write(fake_gpu, {FAKE.entry_key("fused_adamw", "16bit"): {"block_size": 1024, "num_warps": 2}})
+    lc.reload_cache()
+    assert lc.launch_config(CUDA0, lc.FUSED_STEP_8BIT) == lc.LaunchConfig(1024, 2, "cache")
+    _write(fake_gpu, {FAKE.entry_key("fused_adamw", "16bit"): {"block_size": 1024, "num_warps": 2},
+                      FAKE.entry_key("fused_adamw_8bit", "16bit"): {"block_size": 256, "num_warps": 1}})
+    lc.reload_cache()
+    assert lc.launch_config(CUDA0, lc.FUSED_STEP_8BIT) == lc.LaunchConfig(256, 1, "cache")
+    assert lc.launch_config(CUDA0) == lc.LaunchConfig(1024, 2, "cache")
+    assert lc.STEP_KERNELS == {"fp32": lc.FUSED_STEP, "8bit": lc.FUSED_STEP_8BIT}
+
+
 def test_gpu_warps_for_an_uncached_kernel_fall_back_to_the_heuristic_at_that_block(fake_gpu):
     _write(fake_gpu, {FAKE.entry_key("fused_adamw", "16bit"): {"block_size": 1024, "num_warps": 2}})
     lc.reload_cache()
@@ -134,9 +146,15 @@ def test_gpu_warps_for_an_uncached_kernel_fall_back_to_the_heuristic_at_that_blo
 
 def test_builtin_table_by_device_name(fake_gpu, monkeypatch):
     monkeypatch.setattr(lc, "device_key", lambda d: tuning_cache.DeviceKey("NVIDIA H100 80GB HBM3", "sm90", "3.6.0"))
-    assert lc.launch_config(CUDA0) == lc.MEASURED["H100"]
+    assert lc.launch_config(CUDA0) == lc.MEASURED["H100"][lc.FUSED_STEP]
+    # no 8-bit entry of its own on the H100: the fp32 step's
+    assert lc.launch_config(CUDA0, lc.FUSED_STEP_8BIT) == lc.MEASURED["H100"][lc.FUSED_STEP]
     monkeypatch.setattr(lc, "device_key", lambda d: tuning_cache.DeviceKey("NVIDIA H200", "sm90", "3.6.0"))
     assert (lc.launch_config(CUDA0).block_size, lc.launch_config(CUDA0).num_warps) == (512, 4)
+    assert (lc.launch_config(CUDA0, lc.FUSED_STEP_8BIT).block_size,
+            lc.launch_config(CUDA0, lc.FUSED_STEP_8BIT).num_warps) == (256, 1)
+    assert lc.default_num_warps(256, CUDA0, lc.FUSED_STEP_8BIT) == 1
+    assert lc.launch_config(CUDA0, lc.BLOCK_LOAD) == lc.MEASURED["H200"][lc.FUSED_STEP]  # no entry of its own
     monkeypatch.setattr(lc, "device_key", lambda d: tuning_cache.DeviceKey("Some GPU", "sm80", "3.6.0"))
     assert lc.launch_config(CUDA0) == lc.LaunchConfig(lc.GPU_BLOCK_SIZE, lc.heuristic_num_warps(lc.GPU_BLOCK_SIZE))
 
@@ -234,6 +252,7 @@ def test_bytes_per_param():
     assert tune.bytes_per_param(lc.FUSED_STEP, torch.bfloat16) == 28
     assert tune.bytes_per_param(lc.BLOCK_LOAD, torch.bfloat16) == 14
     assert tune.bytes_per_param(lc.FUSED_STEP, torch.float32) == 32
+    assert tune.bytes_per_param(lc.FUSED_STEP_8BIT, torch.bfloat16) == 16 + 16 / 256
 
 
 def test_tuner_cli_refuses_without_a_gpu(capsys):
@@ -248,7 +267,11 @@ def test_interpreted_sweep_runs_every_candidate():
         pytest.skip("needs TRITON_INTERPRET=1")
     trials = tune.sweep([(300,), (70,)], torch.device("cpu"), torch.bfloat16, 1.0, blocks=[64, 256], warps=[4],
                         rep_ms=1)
-    assert {(t.kernel, t.block_size) for t in trials} == {(k, b) for k in lc.KERNELS for b in (64, 256)}
+    # the 8-bit step only where a program covers a whole quantization block
+    assert {(t.kernel, t.block_size) for t in trials} == (
+        {(k, b) for k in lc.KERNELS for b in (64, 256)} - {(lc.FUSED_STEP_8BIT, 64)})
+    best = tune.choose(trials)
+    assert set(best) == set(lc.KERNELS) and best[lc.FUSED_STEP_8BIT].block_size == 256
     assert all(t.ms > 0 for t in trials)
 
 

@@ -135,6 +135,25 @@ def test_no_master_refuses_fp16_weights():
         BlockAdam(model, backend="torch", master=False)
 
 
+@pytest.mark.parametrize("states", ["8bit", "fp32"])
+def test_tables_are_built_for_the_formats_step(states: str, monkeypatch):
+    """Each format's step has its own launch configuration: BlockAdam names the format to the tables."""
+    from badam_ext import torch_ops
+
+    seen = []
+    build = torch_ops.TorchTables.build.__func__
+
+    def spy(cls, *args, **kwargs):
+        seen.append(kwargs.get("states"))
+        return build(cls, *args, **kwargs)
+
+    monkeypatch.setattr(torch_ops.TorchTables, "build", classmethod(spy))
+    model = tiny_model("llama", dtype=torch.bfloat16, num_layers=2)
+    opt = BlockAdam(model, lr=1e-2, backend="torch", states=states)
+    _train(opt, model, range(1))
+    assert seen and set(seen) == {states}
+
+
 @pytest.mark.skipif(not K.interpreted(), reason="compares the backends on CPU, in the Triton interpreter")
 @pytest.mark.parametrize("master", [True, False])
 def test_triton_and_torch_backends_agree_on_8bit(master: bool):

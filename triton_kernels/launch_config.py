@@ -41,10 +41,15 @@ INTERPRETER_BLOCK_SIZE = 16384
 MIN_BLOCK_SIZE = 64
 MAX_BLOCK_SIZE = 1 << 16
 
-#: kernels with a launch configuration of their own; the fused step's block size sets the chunk
-#: tables (BlockTables), the other kernels reuse those tables and tune only their warps
+#: kernels with a launch configuration of their own; the step's block size sets the chunk tables
+#: (BlockTables), the other kernels reuse those tables and tune only their warps. The step over
+#: 8-bit moments has its own entry: bound by instructions rather than bytes, it prefers other
+#: programs than the fp32 step (on the H200 a quantization block per one-warp program).
 FUSED_STEP, BLOCK_LOAD, GRAD_SQ_NORM = "fused_adamw", "block_load", "grad_sq_norm"
-KERNELS = (FUSED_STEP, BLOCK_LOAD, GRAD_SQ_NORM)
+FUSED_STEP_8BIT = "fused_adamw_8bit"
+KERNELS = (FUSED_STEP, BLOCK_LOAD, GRAD_SQ_NORM, FUSED_STEP_8BIT)
+#: the step kernel of each state format (``BlockAdam(states=...)``)
+STEP_KERNELS = {"fp32": FUSED_STEP, "8bit": FUSED_STEP_8BIT}
 #: ``BLOCKxWARPS`` (e.g. ``1024x4``) for every kernel, or ``builtin`` to ignore the cache
 LAUNCH_ENV = "BADAM_EXT_LAUNCH"
 
@@ -58,12 +63,17 @@ class LaunchConfig:
     source: str = field(default="builtin", compare=False)  # builtin | cache | env | override | interpreter
 
 
-# Configurations measured on a device model (name substring), used when the cache has none.
-MEASURED: dict[str, LaunchConfig] = {
-    "H100": LaunchConfig(2048, 8, "builtin"),  # fused step 98.2%, block load 94.6% of copy bandwidth
-    # three runs (2026-12-02): fused step 96.2-96.6%, block load 93.0-93.9% of copy bandwidth, the 8-bit
-    # step 3.24 ms (2048 x 8: 92.5%, 91%, 5.0 ms); the tuner's cache can still refine it per kernel
-    "H200": LaunchConfig(512, 4, "builtin"),
+# Configurations measured on a device model (name substring), per kernel, used when the cache has
+# none; a kernel without an entry of its own takes the device's FUSED_STEP entry.
+MEASURED: dict[str, dict[str, LaunchConfig]] = {
+    "H100": {FUSED_STEP: LaunchConfig(2048, 8, "builtin")},  # fused step 98.2%, block load 94.6% of copy bandwidth
+    "H200": {
+        # three runs (2026-12-02): fused step 96.2-96.6%, block load 93.0-93.9% of copy bandwidth
+        # (2048 x 8: 92.5%, 91%); the tuner's cache can still refine it per kernel
+        FUSED_STEP: LaunchConfig(512, 4, "builtin"),
+        # the 8-bit step (2026-12-02): 1.398 ms at 256 x 1 against 1.655 at 512 x 2 and 1.815 at 512 x 4
+        FUSED_STEP_8BIT: LaunchConfig(256, 1, "builtin"),
+    },
 }
 
 _overrides: list[LaunchConfig] = []
@@ -119,12 +129,18 @@ def _cached(device: torch.device, kernel: str, dtype: Optional[torch.dtype]) -> 
     return None if found is None else LaunchConfig(found.block_size, found.num_warps, "cache")
 
 
-def _builtin(device: torch.device) -> LaunchConfig:
+def _measured(device: torch.device, kernel: str) -> Optional[LaunchConfig]:
+    """The :data:`MEASURED` entry of ``kernel`` itself on this device model, if any."""
     name = device_key(device).name
-    for fragment, config in MEASURED.items():
+    for fragment, configs in MEASURED.items():
         if fragment in name:
-            return config
-    return LaunchConfig(GPU_BLOCK_SIZE, heuristic_num_warps(GPU_BLOCK_SIZE), "builtin")
+            return configs.get(kernel)
+    return None
+
+
+def _builtin(device: torch.device) -> LaunchConfig:
+    """The device model's FUSED_STEP entry, else the H100 default."""
+    return _measured(device, FUSED_STEP) or LaunchConfig(GPU_BLOCK_SIZE, heuristic_num_warps(GPU_BLOCK_SIZE), "builtin")
 
 
 def launch_config(device: torch.device, kernel: str = FUSED_STEP, dtype: Optional[torch.dtype] = None
@@ -132,8 +148,10 @@ def launch_config(device: torch.device, kernel: str = FUSED_STEP, dtype: Optiona
     """The launch configuration of ``kernel`` for weights of ``dtype`` on ``device``.
 
     Interpreter or CPU: large programs, as always. CUDA, first match wins: an :func:`override`
-    in effect, ``$BADAM_EXT_LAUNCH``, the on-disk cache written by the tuner, :data:`MEASURED`,
-    the H100 default. Nothing is measured here: tuning is an explicit run of the tuner.
+    in effect, ``$BADAM_EXT_LAUNCH``, the on-disk cache written by the tuner, the kernel's own
+    :data:`MEASURED` entry, and then (a kernel without entries of its own) what the fp32 step gets
+    from the cache or :data:`MEASURED`, the H100 default. Nothing is measured here: tuning is an
+    explicit run of the tuner.
     """
     if kernel not in KERNELS:
         raise ValueError(f"unknown kernel {kernel!r}; expected one of {KERNELS}")
@@ -148,7 +166,12 @@ def launch_config(device: torch.device, kernel: str = FUSED_STEP, dtype: Optiona
         if from_env is not None:
             return from_env
         return _builtin(device)
-    return _cached(device, kernel, dtype) or _builtin(device)
+    own = _cached(device, kernel, dtype) or _measured(device, kernel)
+    if own is not None:
+        return own
+    if kernel == FUSED_STEP_8BIT:  # the chunk size of the fp32 step's tables, if tuned
+        return _cached(device, FUSED_STEP, dtype) or _builtin(device)
+    return _builtin(device)
 
 
 def default_block_size(device: torch.device, kernel: str = FUSED_STEP, dtype: Optional[torch.dtype] = None) -> int:

@@ -17,6 +17,7 @@ from .launch_config import (
     BLOCK_LOAD,
     FUSED_STEP,
     GRAD_SQ_NORM,
+    STEP_KERNELS,
     check_block_size,
     check_launch_device,
     default_block_size,
@@ -110,12 +111,17 @@ class BlockTables:
         decay: Sequence[bool],
         block_size: Optional[int] = None,
         min_block_size: int = 1,
+        states: str = "fp32",
     ) -> "BlockTables":
         """Tables for ``weights`` stored at arena ``offsets`` (elements), decayed where ``decay`` is true.
 
         ``min_block_size`` raises the configured block size to at least that (a power of two): 8-bit
-        moments need programs of whole quantization blocks.
+        moments need programs of whole quantization blocks. ``states`` names the format whose step
+        these tables launch (``"fp32"`` or ``"8bit"``): each has its own launch configuration.
         """
+        if states not in STEP_KERNELS:
+            raise ValueError(f"states must be one of {sorted(STEP_KERNELS)}, got {states!r}")
+        step_kernel = STEP_KERNELS[states]
         weights = tuple(weights)
         device, _ = check_weights(weights)
         check_launch_device(device)
@@ -124,7 +130,7 @@ class BlockTables:
         decay = check_decay(decay, len(weights))
         dtype = weights[0].dtype
         block = (check_block_size(block_size) if block_size is not None
-                 else default_block_size(device, FUSED_STEP, dtype))
+                 else default_block_size(device, step_kernel, dtype))
         block = max(block, check_block_size(min_block_size) if min_block_size > 1 else 1)
 
         counts = [-(-n // block) for n in numels]
@@ -136,7 +142,8 @@ class BlockTables:
         meta = _h2d(meta_rows, torch.int64, device).view(len(weights), META_COLS)
         chunk_table = _chunk_table(_h2d(counts, torch.int64, device), sum(counts))
         # The step's block size sets the chunks every kernel shares; each kernel its own warps for it.
-        warps = {k: default_num_warps(block, device, k, dtype) for k in (FUSED_STEP, BLOCK_LOAD, GRAD_SQ_NORM)}
+        warps = {k: default_num_warps(block, device, k, dtype) for k in (BLOCK_LOAD, GRAD_SQ_NORM)}
+        warps[FUSED_STEP] = default_num_warps(block, device, step_kernel, dtype)
         return cls(weights, offs, decay, block, warps[FUSED_STEP], meta, chunk_table, kernel_warps=warps)
 
     def warps_for(self, kernel: str) -> int:

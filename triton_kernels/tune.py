@@ -5,12 +5,14 @@
 
 Sweeps every (elements per program, warps) candidate over one transformer layer's tensors (the
 Llama-3-8B layer by default: 218.1M parameters in 9 tensors, the shape class BlockAdam launches),
-timing the fused AdamW step, the block load and the gradient norm with ``triton.testing.do_bench``.
+timing the fused AdamW step, the block load and the gradient norm with ``triton.testing.do_bench``,
+and the step over 8-bit moments at every block of at least 256 elements.
 The fastest step picks the block size (it sets the chunk tables every kernel shares); the block
-load and the norm then get their fastest warps at that block size. The result goes to the cache
+load and the norm then get their fastest warps at that block size. The 8-bit step keeps its own
+fastest configuration (BlockAdam(states="8bit") builds its tables with it). The result goes to the cache
 that :func:`launch_config.launch_config` reads (see :mod:`tuning_cache` for where it lives).
 
-A sweep takes tens of seconds and about 16 bytes per parameter of device memory: it runs only when
+A sweep takes tens of seconds and about 22 bytes per parameter of device memory: it runs only when
 asked, never inside training.
 """
 from __future__ import annotations
@@ -25,6 +27,7 @@ from typing import Any, Callable, Optional, Sequence
 
 import torch
 
+from ..states.spec import QUANT_BLOCK
 from . import launch_config as lc
 from . import tuning_cache
 
@@ -42,12 +45,14 @@ DEFAULT_WARPS = (1, 2, 4, 8)
 BETAS, EPS, LR, WEIGHT_DECAY = (0.9, 0.999), 1e-8, 1e-5, 0.01
 
 
-def bytes_per_param(kernel: str, dtype: torch.dtype) -> int:
-    """The bytes a kernel must move per parameter (weights and grads in ``dtype``, fp32 state)."""
+def bytes_per_param(kernel: str, dtype: torch.dtype) -> float:
+    """The bytes a kernel must move per parameter (weights and grads in ``dtype``, fp32 state; the
+    8-bit step: fp32 master, 8-bit m and v with an fp32 absmax per 256)."""
     w = dtype.itemsize
     return {lc.FUSED_STEP: w + 12 + 12 + w,  # read grad, master, m, v; write master, m, v, weight
             lc.BLOCK_LOAD: w + 12,            # read the weight; write master, m, v
-            lc.GRAD_SQ_NORM: w}[kernel]      # read the grad (the per-chunk partials are negligible)
+            lc.GRAD_SQ_NORM: w,               # read the grad (the per-chunk partials are negligible)
+            lc.FUSED_STEP_8BIT: w + 6 + 6 + w + 16 / QUANT_BLOCK}[kernel]  # the same, m / v codes and scales
 
 
 @dataclass(frozen=True)
@@ -96,6 +101,20 @@ class _Layer:
         self.regions = [self.arena.flat(r).zero_() for r in ("master", "exp_avg", "exp_avg_sq")]
         self.numel = sum(w.numel() for w in self.weights)
         self.device = device
+        self._numels = numels
+        self._arena_8bit: Optional[Any] = None
+
+    def regions_8bit(self) -> tuple[list[int], list[Optional[torch.Tensor]]]:
+        """(offsets, master / codes / scales regions) of an 8-bit arena for the same weights, made once."""
+        from ..arena import BlockArena, required_capacity
+        from ..states import state_spec
+
+        if self._arena_8bit is None:
+            spec = state_spec("8bit", True)
+            self._arena_8bit = BlockArena(required_capacity(self._numels, spec), self.device, spec)
+        arena = self._arena_8bit
+        names = ("master", "exp_avg", "exp_avg_sq", "exp_avg_scale", "exp_avg_sq_scale")
+        return list(arena.layout(self._numels).offsets), [arena.flat(r) for r in names]
 
 
 def _kernel_fns(layer: _Layer, block_size: int) -> dict[str, Callable[[], None]]:
@@ -114,9 +133,22 @@ def _kernel_fns(layer: _Layer, block_size: int) -> dict[str, Callable[[], None]]
                          eps=EPS, weight_decay=WEIGHT_DECAY, seed=seed[0])
 
     block_load(tables, *layer.regions)
-    return {lc.FUSED_STEP: step,
-            lc.BLOCK_LOAD: lambda: block_load(tables, *layer.regions),
-            lc.GRAD_SQ_NORM: lambda: grad_sq_norm(tables, layer.grads, partials)}
+    fns = {lc.FUSED_STEP: step,
+           lc.BLOCK_LOAD: lambda: block_load(tables, *layer.regions),
+           lc.GRAD_SQ_NORM: lambda: grad_sq_norm(tables, layer.grads, partials)}
+    if block_size >= QUANT_BLOCK:  # 8-bit programs cover whole quantization blocks
+        offsets, r = layer.regions_8bit()
+        tables8 = BlockTables.build(layer.weights, offsets, layer.decay, block_size=block_size, states="8bit")
+        state8 = new_step_state(layer.device)
+        block_load(tables8, *r[:3], exp_avg_scale=r[3], exp_avg_sq_scale=r[4])
+
+        def step_8bit() -> None:
+            advance_step(state8, *BETAS)
+            fused_adamw_step(tables8, layer.grads, *r[:3], state8, lr=LR, beta1=BETAS[0], beta2=BETAS[1], eps=EPS,
+                             weight_decay=WEIGHT_DECAY, exp_avg_scale=r[3], exp_avg_sq_scale=r[4])
+
+        fns[lc.FUSED_STEP_8BIT] = step_8bit
+    return fns
 
 
 def sweep(shapes: Sequence[tuple[int, ...]], device: torch.device, dtype: torch.dtype, copy_gbs: float,
@@ -139,11 +171,15 @@ def sweep(shapes: Sequence[tuple[int, ...]], device: torch.device, dtype: torch.
 
 
 def choose(trials: Sequence[Trial]) -> dict[str, Trial]:
-    """The fastest step; for the other kernels the fastest warps at the step's block size."""
+    """The fastest step; for the other kernels the fastest warps at the step's block size; the 8-bit
+    step its own fastest configuration (its tables are built for it)."""
     steps = [t for t in trials if t.kernel == lc.FUSED_STEP]
     if not steps:
         raise ValueError("no fused-step trials to choose from")
     best = {lc.FUSED_STEP: min(steps, key=lambda t: t.ms)}
+    steps_8bit = [t for t in trials if t.kernel == lc.FUSED_STEP_8BIT]
+    if steps_8bit:
+        best[lc.FUSED_STEP_8BIT] = min(steps_8bit, key=lambda t: t.ms)
     for kernel in (lc.BLOCK_LOAD, lc.GRAD_SQ_NORM):
         same_block = [t for t in trials if t.kernel == kernel and t.block_size == best[lc.FUSED_STEP].block_size]
         if same_block:
