@@ -76,12 +76,11 @@ for stage in "$@"; do
     states-8bit)  # the 8-bit step over launch configurations (ours only; 256 x 1 keeps a block's row in one warp)
       run bench_states_8bit python3 bench/bench_states.py --formats 8bit,8bit-nomaster --no-baselines \
         --launch 256x1,256x2,512x1,512x2,512x4,1024x4,1024x8 --out "$OUT/results.jsonl" ;;
-    ncu-8bit)  # Nsight Compute of one 8-bit step at 256 x 2: the summary sections, then executed instructions per SASS line
-      run ncu_8bit ncu --clock-control none -k regex:_fused_adamw_kernel -s 30 -c 1 --section SpeedOfLight \
-        --section ComputeWorkloadAnalysis --section Occupancy --section LaunchStats --section InstructionStats \
-        --section WarpStateStats python3 bench/bench_states.py --formats 8bit --no-baselines --launch 256x2
-      run ncu_8bit_sass ncu --clock-control none -k regex:_fused_adamw_kernel -s 30 -c 1 --section SourceCounters \
-        --page source --print-source sass --csv python3 bench/bench_states.py --formats 8bit --no-baselines --launch 256x2 ;;
+    ncu-8bit)  # Nsight Compute of one 8-bit step at the H200's 256 x 1: the summary sections
+      run ncu_8bit ncu --clock-control none --kernel-name-base function -k regex:fused_adamw -s 5 -c 1 \
+        --section SpeedOfLight --section ComputeWorkloadAnalysis --section Occupancy --section LaunchStats \
+        --section InstructionStats --section WarpStateStats \
+        python3 bench/bench_states.py --formats 8bit --no-baselines --launch 256x1 ;;
     profile-32)  # all 32 layers of the 8B shape, block 10 active: step times, host syncs, traces, eager / compiled
       for variant in eager compiled compiled-aot_eager; do
         flags=(--layers 32 --start-block 8 --warmup 2 --sync-debug --trace "$OUT/trace-$variant.json.gz")
