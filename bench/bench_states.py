@@ -349,43 +349,70 @@ def run_accuracy(args: argparse.Namespace, device: torch.device) -> list[dict[st
 
 
 def run_finetune(args: argparse.Namespace, device: torch.device) -> list[dict[str, Any]]:
-    from badam_ext import BlockAdam
-    from badam_ext.train import TrainConfig, build_datasets, build_model, evaluate
+    """Each seed, each format: the finetune of :func:`_finetune_one`, its loss against fp32's of that seed."""
+    from badam_ext.train import TrainConfig
 
     steps = 4 if args.smoke else args.steps
-    cfg = TrainConfig(preset="tiny" if device.type == "cpu" else "small", seq_len=32 if args.smoke else 128,
-                      batch_size=2 if args.smoke else 8, seed=0)
-    base = env_record(device)
-    base.update(kind="finetune", preset=cfg.preset, steps=steps, batch_size=cfg.batch_size, seq_len=cfg.seq_len)
     records = []
-    for fmt in args.formats:
-        states, master = FORMATS[fmt]
-        built = build_model(cfg, device, torch.bfloat16)
-        train, evaluation = build_datasets(cfg, built)
-        opt = BlockAdam(built.model, lr=1e-3, weight_decay=0.01, switch_every=max(1, steps // 20),
-                        switch_mode="random", include_embedding=True, include_lm_head=True, max_grad_norm=1.0,
-                        seed=0, states=states, master=master)
-        gen = torch.Generator().manual_seed(0)
-        losses = []
-        t0 = time.perf_counter()
-        for _ in range(steps):
-            idx = torch.randint(0, len(train), (cfg.batch_size,), generator=gen)
-            batch = {k: v.to(device) for k, v in train.batch(idx).items()}
-            loss = built.model(**batch).loss
-            loss.backward()
-            opt.step()
-            opt.zero_grad()
-            losses.append(float(loss.detach()))
-        tail = losses[-20:]
-        records.append(dict(base, path=fmt, train_loss=sum(tail) / len(tail), first_loss=losses[0],
-                            eval_loss=evaluate(built.model, evaluation, cfg.batch_size, device),
-                            arena_bytes=opt.arena.capacity_bytes, seconds=round(time.perf_counter() - t0, 1)))
-        opt.close()
-    ref = next((r for r in records if r["path"] == "fp32"), None)
+    for seed in args.seeds:
+        cfg = TrainConfig(preset="tiny" if device.type == "cpu" else "small", seq_len=32 if args.smoke else 128,
+                          batch_size=2 if args.smoke else 8, seed=seed)
+        base = env_record(device)
+        base.update(kind="finetune", preset=cfg.preset, steps=steps, batch_size=cfg.batch_size, seq_len=cfg.seq_len,
+                    seed=seed)
+        for fmt in args.formats:
+            records.append(_finetune_one(cfg, fmt, steps, seed, device, base))
+    by_seed = {(r["seed"], r["path"]): r for r in records}
     for r in records:
+        ref = by_seed.get((r["seed"], "fp32"))
         if ref is not None:
             r["eval_loss_vs_fp32"] = r["eval_loss"] - ref["eval_loss"]
     return records
+
+
+def print_finetune_summary(records: list[dict[str, Any]]) -> None:
+    """Per format over the seeds: mean and spread of the eval loss, and of its difference to fp32's."""
+    import statistics
+
+    for fmt in dict.fromkeys(r["path"] for r in records):
+        evals = [r["eval_loss"] for r in records if r["path"] == fmt]
+        deltas = [r["eval_loss_vs_fp32"] for r in records if r["path"] == fmt and "eval_loss_vs_fp32" in r]
+        spread = statistics.stdev(evals) if len(evals) > 1 else 0.0
+        line = f"# {fmt:14s} eval loss {statistics.mean(evals):.4f} (sd {spread:.4f}, {len(evals)} seeds)"
+        if deltas:
+            line += f", vs fp32 {statistics.mean(deltas):+.4f} (per seed: {', '.join(f'{d:+.4f}' for d in deltas)})"
+        print(line)
+
+
+def _finetune_one(cfg: Any, fmt: str, steps: int, seed: int, device: torch.device, base: dict[str, Any]
+                  ) -> dict[str, Any]:
+    """One finetune of the embedded model with state format ``fmt`` (seed: model, data order, schedule)."""
+    from badam_ext import BlockAdam
+    from badam_ext.train import build_datasets, build_model, evaluate
+
+    states, master = FORMATS[fmt]
+    built = build_model(cfg, device, torch.bfloat16)
+    train, evaluation = build_datasets(cfg, built)
+    opt = BlockAdam(built.model, lr=1e-3, weight_decay=0.01, switch_every=max(1, steps // 20),
+                    switch_mode="random", include_embedding=True, include_lm_head=True, max_grad_norm=1.0,
+                    seed=seed, states=states, master=master)
+    gen = torch.Generator().manual_seed(seed)
+    losses = []
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        idx = torch.randint(0, len(train), (cfg.batch_size,), generator=gen)
+        batch = {k: v.to(device) for k, v in train.batch(idx).items()}
+        loss = built.model(**batch).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        losses.append(float(loss.detach()))
+    tail = losses[-20:]
+    record = dict(base, path=fmt, train_loss=sum(tail) / len(tail), first_loss=losses[0],
+                  eval_loss=evaluate(built.model, evaluation, cfg.batch_size, device),
+                  arena_bytes=opt.arena.capacity_bytes, seconds=round(time.perf_counter() - t0, 1))
+    opt.close()
+    return record
 
 
 def main(argv: Optional[list[str]] = None) -> int:
@@ -398,11 +425,16 @@ def main(argv: Optional[list[str]] = None) -> int:
                         "(default: the device's own); 8-bit formats raise BLOCK to at least 256")
     parser.add_argument("--accuracy", action="store_true", help="quantization error of m and v instead of speed")
     parser.add_argument("--finetune", action="store_true", help="train the embedded model with each format")
+    parser.add_argument("--seeds", default="0", help="--finetune: comma-separated seeds (model, data order, schedule)")
     parser.add_argument("--steps", type=int, default=None, help="optimizer steps (--accuracy 100, --finetune 300)")
     parser.add_argument("--copy-gib", type=float, default=4.0, help="size of the copy-bandwidth probe")
     parser.add_argument("--smoke", action="store_true", help="tiny sizes (CPU: in Triton's interpreter)")
     args = parser.parse_args(argv)
     args.formats = [f.strip() for f in args.formats.split(",") if f.strip()]
+    try:
+        args.seeds = [int(x) for x in args.seeds.split(",") if x.strip()]
+    except ValueError:
+        parser.error(f"--seeds: expected comma-separated integers, got {args.seeds!r}")
     args.launch = [c.strip() for c in args.launch.split(",") if c.strip()]
     unknown = [f for f in args.formats if f not in FORMATS]
     if unknown:
@@ -419,6 +451,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         return 2
     if args.finetune:
         records = run_finetune(args, device)
+        print_finetune_summary(records)
     else:
         records = run_accuracy(args, device) if args.accuracy else run_speed(args, device)
     write(args.out, records)

@@ -98,7 +98,7 @@ for stage in "$@"; do
       PYTHONPATH=$OPT_PATH run bench_states python3 bench/bench_states.py --out "$OUT/results.jsonl"
       PYTHONPATH=$OPT_PATH run bench_states_accuracy python3 bench/bench_states.py --accuracy --out "$OUT/results.jsonl" ;;
     states-finetune)
-      run bench_states_finetune python3 bench/bench_states.py --finetune --out "$OUT/results.jsonl" ;;
+      run bench_states_finetune python3 bench/bench_states.py --finetune --seeds 0,1,2 --out "$OUT/results.jsonl" ;;
     budget-8bit)  # the stretch goal: 32768 tokens in 23 GiB with BlockAdam(states="8bit")
       run bench_budget_8bit python3 bench/bench_budget.py --batch 1 --optimizers ours_saved_8bit \
         --lengths-for ours_saved_8bit=32768 --out "$OUT/results.jsonl" ;;
