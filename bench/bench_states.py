@@ -235,15 +235,18 @@ def run_speed(args: argparse.Namespace, device: torch.device) -> list[dict[str, 
         print(f"{path:28s} {kind:10s} {rec.get('launch', ''):>9s} {ms:8.3f} ms  {100 * rec['frac_copy_bw']:5.1f}% of copy BW")
 
     for launch in args.launch or [None]:
-        with launch_override(launch):
-            for fmt in args.formats:
-                layer = Layer(shapes, device, fmt)
-                config = {"launch": f"{layer.tables.block_size}x{layer.tables.num_warps}"}
-                record(fmt, "step", bench(layer.step), layer.numel, STEP_BYTES[fmt], config)
-                record(fmt, "block_load", bench(layer.load), layer.numel, LOAD_BYTES[fmt], config)
-                del layer
-                if device.type == "cuda":
-                    torch.cuda.empty_cache()
+        for maxnreg in args.maxnreg or [None]:
+            with launch_override(launch), step_register_cap(maxnreg):
+                for fmt in args.formats:
+                    layer = Layer(shapes, device, fmt)
+                    config = {"launch": f"{layer.tables.block_size}x{layer.tables.num_warps}"}
+                    if maxnreg is not None:
+                        config["maxnreg"] = maxnreg
+                    record(fmt, "step", bench(layer.step), layer.numel, STEP_BYTES[fmt], config)
+                    record(fmt, "block_load", bench(layer.load), layer.numel, LOAD_BYTES[fmt], config)
+                    del layer
+                    if device.type == "cuda":
+                        torch.cuda.empty_cache()
     numel = sum(torch.Size(s).numel() for s in shapes)
     if not args.no_baselines:
         record("torch-AdamW-fused+casts", "step", bench(torch_adamw_fn(shapes, device)), numel, TORCH_ADAMW_BYTES)
@@ -255,6 +258,24 @@ def run_speed(args: argparse.Namespace, device: torch.device) -> list[dict[str, 
         else:
             print("# torchao / bitsandbytes: skipped (CUDA only)")
     return records
+
+
+@contextlib.contextmanager
+def step_register_cap(maxnreg: Optional[int]):
+    """Compile the fused step with at most ``maxnreg`` registers per thread inside the block (a probe
+    of occupancy against spills; the product launches never cap registers)."""
+    if maxnreg is None:
+        yield
+        return
+    from badam_ext.kernels import adamw
+
+    kernel = adamw._fused_adamw_kernel
+    run = kernel.run
+    kernel.run = lambda *a, **kw: run(*a, **kw, maxnreg=maxnreg)
+    try:
+        yield
+    finally:
+        kernel.run = run
 
 
 def launch_override(text: Optional[str]):
@@ -425,6 +446,8 @@ def main(argv: Optional[list[str]] = None) -> int:
                         "(default: the device's own); 8-bit formats raise BLOCK to at least 256")
     parser.add_argument("--accuracy", action="store_true", help="quantization error of m and v instead of speed")
     parser.add_argument("--finetune", action="store_true", help="train the embedded model with each format")
+    parser.add_argument("--maxnreg", default="", help="comma-separated register caps of the fused step to sweep "
+                        "(a probe: occupancy against spills)")
     parser.add_argument("--seeds", default="0", help="--finetune: comma-separated seeds (model, data order, schedule)")
     parser.add_argument("--steps", type=int, default=None, help="optimizer steps (--accuracy 100, --finetune 300)")
     parser.add_argument("--copy-gib", type=float, default=4.0, help="size of the copy-bandwidth probe")
@@ -436,6 +459,10 @@ def main(argv: Optional[list[str]] = None) -> int:
     except ValueError:
         parser.error(f"--seeds: expected comma-separated integers, got {args.seeds!r}")
     args.launch = [c.strip() for c in args.launch.split(",") if c.strip()]
+    try:
+        args.maxnreg = [int(x) for x in args.maxnreg.split(",") if x.strip()]
+    except ValueError:
+        parser.error(f"--maxnreg: expected comma-separated integers, got {args.maxnreg!r}")
     unknown = [f for f in args.formats if f not in FORMATS]
     if unknown:
         parser.error(f"unknown format(s) {unknown}; choose from {', '.join(FORMATS)}")
