@@ -40,6 +40,7 @@ def build(kernel, types, constexprs, **options):
         "div_rn": len(re.findall(r"div\.rn\.f32", ptx)),
         "div_approx": len(re.findall(r"div\.(approx|full)", ptx)),
         "fma": len(re.findall(r"fma\.rn\.f32", ptx)),
+        "maxnreg": [int(n) for n in re.findall(r"\.maxnreg\s+(\d+)", ptx)],
     }
 
 tables = dict(meta_ptr="*i64", chunk_ptr="*i32", grad_table_ptr="*i64")
@@ -58,6 +59,10 @@ out = {
                     dict(W_DTYPE=tl.bfloat16, G_DTYPE=tl.bfloat16, W_ALIGN=8, G_ALIGN=8, HAS_SCALE=True,
                          HAS_FOUND_INF=True, STOCHASTIC=False, BLOCK=2048, HAS_MASTER=True, QUANT=True, QBLOCK=256),
                     enable_fp_fusion=False),
+    "adamw8_cap64": build(adamw._fused_adamw_kernel, {**tables, **arena8, **scalars},
+                          dict(W_DTYPE=tl.bfloat16, G_DTYPE=tl.bfloat16, W_ALIGN=8, G_ALIGN=8, HAS_SCALE=False,
+                               HAS_FOUND_INF=False, STOCHASTIC=False, BLOCK=256, HAS_MASTER=True, QUANT=True,
+                               QBLOCK=256), enable_fp_fusion=False, num_warps=1, maxnreg=64),
     "adamw8_nomaster_sr": build(adamw._fused_adamw_kernel, {**tables, **arena8, **scalars},
                                 dict(W_DTYPE=tl.bfloat16, G_DTYPE=tl.bfloat16, W_ALIGN=8, G_ALIGN=8, HAS_SCALE=False,
                                      HAS_FOUND_INF=False, STOCHASTIC=True, BLOCK=2048, HAS_MASTER=False, QUANT=True,
@@ -133,3 +138,10 @@ def test_compact_format_kernels_compile_without_spills(codegen):
     nomaster = codegen["adamw8_nomaster_sr"]
     assert nomaster["sqrt_rn"] == 0 and nomaster["div_approx"] > 0 and nomaster["fma"] == 0, nomaster
     assert codegen["load8"]["shared"] == 0 and codegen["load8"]["v4_stores"] >= 2, codegen["load8"]
+
+
+def test_8bit_step_compiles_under_the_h200_register_cap(codegen):
+    """The H200's 8-bit entry (256 x 1, at most 64 registers) reaches the compiler as a register cap."""
+    k = codegen["adamw8_cap64"]
+    assert k["maxnreg"] == [64], k
+    assert codegen["adamw8"]["maxnreg"] == [], "an uncapped launch must not carry a cap"

@@ -184,6 +184,41 @@ def test_unknown_kernel_and_bad_override_are_refused(fake_gpu):
     with pytest.raises(ValueError, match="num_warps"):
         with lc.override(1024, 3):
             pass
+    with pytest.raises(ValueError, match="max_registers must be in \\[24, 255\\], got 300"):
+        with lc.override(1024, 4, 300):
+            pass
+
+
+def test_register_cap_applies_to_its_own_program_shape_only(fake_gpu, monkeypatch):
+    monkeypatch.setattr(lc, "device_key", lambda d: tuning_cache.DeviceKey("NVIDIA H200", "sm90", "3.6.0"))
+    assert lc.launch_config(CUDA0, lc.FUSED_STEP_8BIT).max_registers == 64
+    assert lc.default_max_registers(256, 1, CUDA0, lc.FUSED_STEP_8BIT) == 64
+    # tables of another shape (a user's block size) compile without the cap measured for 256 x 1
+    assert lc.default_max_registers(512, 1, CUDA0, lc.FUSED_STEP_8BIT) is None
+    assert lc.default_max_registers(256, 2, CUDA0, lc.FUSED_STEP_8BIT) is None
+    assert lc.default_max_registers(512, 4, CUDA0, lc.FUSED_STEP) is None  # the fp32 step has no cap
+    with lc.override(256, 1, 48):
+        assert lc.default_max_registers(256, 1, CUDA0, lc.FUSED_STEP_8BIT) == 48
+    assert lc.default_max_registers(256, 1, torch.device("cpu"), lc.FUSED_STEP_8BIT) is None
+
+
+@pytest.mark.parametrize("cap, why", [(300, "max_registers 300"), (True, "max_registers True"), ("64", "max_registers '64'")])
+def test_cache_entry_register_cap_is_checked(cache, cap, why):
+    with pytest.raises(tuning_cache.CacheFormatError, match=why):
+        tuning_cache.write(cache, {"k": {"block_size": 256, "num_warps": 1, "max_registers": cap}})
+
+
+def test_cache_entry_register_cap_round_trips(fake_gpu):
+    trial = tune.Trial(lc.FUSED_STEP_8BIT, 256, 1, 1.17, 3000.0, 0.7, max_registers=64)
+    best = tune.choose([_trial("fused_adamw", 1024, 4, 1.5), trial])
+    assert best[lc.FUSED_STEP_8BIT] is trial
+    entries = tune.cache_entries(best, FAKE, torch.bfloat16, "llama3-8b", 4296.0)
+    assert entries[FAKE.entry_key(lc.FUSED_STEP_8BIT, "16bit")]["max_registers"] == 64
+    assert "max_registers" not in entries[FAKE.entry_key(lc.FUSED_STEP, "16bit")]
+    tuning_cache.write(fake_gpu, entries)
+    lc.reload_cache()
+    assert lc.launch_config(CUDA0, lc.FUSED_STEP_8BIT) == lc.LaunchConfig(256, 1, max_registers=64)
+    assert lc.launch_config(CUDA0) == lc.LaunchConfig(1024, 4)
 
 
 # ------------------------------------------------------------------------------ interpreter / CPU
@@ -282,7 +317,7 @@ def test_gpu_tune_writes_the_cache_and_tables_use_it(cache):
     device = torch.device("cuda", torch.cuda.current_device())
     _, trials, best = tune.tune(device, "llama3.2-1b", torch.bfloat16, [1024, 2048], [4, 8], copy_gib=0.5,
                                 warmup_ms=5, rep_ms=20, log=lambda _: None)
-    assert len(trials) == 2 * 2 * len(lc.KERNELS)
+    assert len(trials) == 2 * 2 * (len(lc.KERNELS) + len(tune.REGISTER_CAPS_8BIT) - 1)
     entries = tuning_cache.read(cache)
     key = lc.device_key(device)
     assert set(entries) == {key.entry_key(k, "16bit") for k in lc.KERNELS}
@@ -310,6 +345,26 @@ def test_gpu_step_is_bit_identical_across_launch_configs(cache):
             assert torch.equal(a, b)
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_gpu_8bit_step_is_bit_identical_with_and_without_a_register_cap(cache):
+    """A register cap changes spills and occupancy, never a result: codes, scales, master, weights."""
+    device = torch.device("cuda", torch.cuda.current_device())
+    results = []
+    for block, warps, cap in [(256, 1, None), (256, 1, 64), (256, 1, 40), (512, 2, 64)]:
+        with lc.override(block, warps, cap):
+            layer = tune._Layer([(1000, 37), (4097,), (1,)], device, torch.bfloat16)
+            step = tune._step_8bit_fn(layer, block)
+            step()
+            step()
+            torch.cuda.synchronize()
+            _, regions = layer.regions_8bit()
+            results.append([r.clone() for r in regions] + [w.clone() for w in layer.weights])
+    for other in results[1:]:
+        for a, b in zip(results[0], other):
+            assert torch.equal(a, b)
+
+
 def test_block_tables_ask_for_each_kernels_configuration_with_the_weight_dtype(monkeypatch):
     from badam_ext.kernels import tables as T
 
@@ -332,3 +387,16 @@ def test_block_tables_ask_for_each_kernels_configuration_with_the_weight_dtype(m
     assert all(a[2] is torch.float32 and a[3] == 1024 for a in asked if a[0] == "warps")
     assert tables.block_size == 1024 and tables.num_warps == 4
     assert (tables.warps_for(lc.BLOCK_LOAD), tables.warps_for(lc.GRAD_SQ_NORM)) == (8, 2)
+    assert tables.step_max_registers is None  # the interpreter never caps registers
+
+    # 8-bit tables: the block, the step's warps and its register cap come from the 8-bit step's entry
+    asked.clear()
+    monkeypatch.setattr(T, "default_max_registers",
+                        lambda block, nw, device, kernel=lc.FUSED_STEP, dtype=None: 64 if kernel == lc.FUSED_STEP_8BIT else None)
+    warps_of = {lc.FUSED_STEP_8BIT: 1, lc.BLOCK_LOAD: 8, lc.GRAD_SQ_NORM: 2}
+    monkeypatch.setattr(T, "default_num_warps", lambda block, device=None, kernel=lc.FUSED_STEP, dtype=None:
+                        asked.append(("warps", kernel, dtype, block)) or warps_of[kernel])
+    tables = T.BlockTables.build(weights, [0, 3072], [True, False], states="8bit")
+    assert ("block", lc.FUSED_STEP_8BIT, torch.float32) in asked
+    assert {a[1] for a in asked if a[0] == "warps"} == {lc.FUSED_STEP_8BIT, lc.BLOCK_LOAD, lc.GRAD_SQ_NORM}
+    assert tables.num_warps == 1 and tables.step_max_registers == 64

@@ -251,6 +251,8 @@ def fused_adamw_step(
     stochastic = bool(stochastic_rounding) and tables.dtype == torch.bfloat16
     # unused pointers (no master, no scales, no maps) get a region of the right device as placeholder
     master = master_flat if master_flat is not None else exp_avg_flat
+    # a register cap is a compile option: pass it only when configured (one compilation per cap)
+    options = {} if tables.step_max_registers is None else {"maxnreg": tables.step_max_registers}
     m_map = codebook(True, tables.device) if quantized else exp_avg_flat
     v_map = codebook(False, tables.device) if quantized else exp_avg_flat
     with device_guard(tables.device):
@@ -264,7 +266,7 @@ def fused_adamw_step(
             W_DTYPE=TL_DTYPES[tables.dtype], G_DTYPE=TL_DTYPES[g_dtype], W_ALIGN=align_hint(tables.weights_aligned, tables.dtype),
             G_ALIGN=align_hint(g_aligned, g_dtype), HAS_SCALE=grad_scale is not None, HAS_FOUND_INF=found_inf is not None,
             STOCHASTIC=stochastic, BLOCK=tables.block_size, HAS_MASTER=master_flat is not None, QUANT=quantized,
-            QBLOCK=QUANT_BLOCK, num_warps=tables.num_warps, enable_fp_fusion=False,
+            QBLOCK=QUANT_BLOCK, num_warps=tables.num_warps, enable_fp_fusion=False, **options,
         )
 
 

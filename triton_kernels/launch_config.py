@@ -61,6 +61,9 @@ class LaunchConfig:
     block_size: int
     num_warps: int
     source: str = field(default="builtin", compare=False)  # builtin | cache | env | override | interpreter
+    #: cap on registers per thread (Triton's ``maxnreg``), None: the compiler's choice. Trades spills
+    #: for occupancy: the 8-bit step, latency-bound on its table gathers, runs faster at 64 on an H200.
+    max_registers: Optional[int] = None
 
 
 # Configurations measured on a device model (name substring), per kernel, used when the cache has
@@ -71,8 +74,10 @@ MEASURED: dict[str, dict[str, LaunchConfig]] = {
         # three runs (2026-12-02): fused step 96.2-96.6%, block load 93.0-93.9% of copy bandwidth
         # (2048 x 8: 92.5%, 91%); the tuner's cache can still refine it per kernel
         FUSED_STEP: LaunchConfig(512, 4, "builtin"),
-        # the 8-bit step (2026-12-02): 1.398 ms at 256 x 1 against 1.655 at 512 x 2 and 1.815 at 512 x 4
-        FUSED_STEP_8BIT: LaunchConfig(256, 1, "builtin"),
+        # the 8-bit step (2026-12-02): 1.398 ms at 256 x 1 against 1.655 at 512 x 2 and 1.815 at 512 x 4;
+        # 64 registers (a few spills, 32 one-warp programs per SM instead of 20): 1.174 ms, against
+        # 1.252 at 80, 1.202 at 56, 1.297 at 48
+        FUSED_STEP_8BIT: LaunchConfig(256, 1, "builtin", max_registers=64),
     },
 }
 
@@ -126,7 +131,7 @@ def _cached(device: torch.device, kernel: str, dtype: Optional[torch.dtype]) -> 
     if path not in _cache_entries:
         _cache_entries[path] = tuning_cache.read(path)
     found = tuning_cache.lookup(_cache_entries[path], device_key(device), kernel, dtype_class(dtype))
-    return None if found is None else LaunchConfig(found.block_size, found.num_warps, "cache")
+    return None if found is None else LaunchConfig(found.block_size, found.num_warps, "cache", found.max_registers)
 
 
 def _measured(device: torch.device, kernel: str) -> Optional[LaunchConfig]:
@@ -190,6 +195,18 @@ def check_block_size(block_size: int) -> int:
     return block_size
 
 
+def default_max_registers(block_size: int, num_warps: int, device: torch.device, kernel: str = FUSED_STEP,
+                          dtype: Optional[torch.dtype] = None) -> Optional[int]:
+    """The configured register cap of ``kernel`` when its configuration is ``block_size`` x ``num_warps``
+    (a cap is measured for one shape of program), else None."""
+    if interpreted() or torch.device(device).type != "cuda":
+        return None
+    config = launch_config(device, kernel, dtype)
+    if (config.block_size, config.num_warps) == (block_size, num_warps):
+        return config.max_registers
+    return None
+
+
 def default_num_warps(block_size: int, device: Optional[torch.device] = None, kernel: str = FUSED_STEP,
                       dtype: Optional[torch.dtype] = None) -> int:
     """Warps per program for programs of ``block_size`` elements.
@@ -207,12 +224,16 @@ def default_num_warps(block_size: int, device: Optional[torch.device] = None, ke
 
 
 @contextlib.contextmanager
-def override(block_size: int, num_warps: int) -> Iterator[LaunchConfig]:
-    """Every CUDA lookup in this process returns ``block_size`` / ``num_warps`` inside the block (the tuner's sweep)."""
+def override(block_size: int, num_warps: int, max_registers: Optional[int] = None) -> Iterator[LaunchConfig]:
+    """Every CUDA lookup in this process returns ``block_size`` / ``num_warps`` (and the register cap)
+    inside the block (the tuner's sweep)."""
     check_block_size(block_size)
     if num_warps not in tuning_cache.VALID_WARPS:
         raise ValueError(f"num_warps must be one of {tuning_cache.VALID_WARPS}, got {num_warps}")
-    config = LaunchConfig(block_size, num_warps, "override")
+    if max_registers is not None and not tuning_cache.MIN_REGISTERS <= max_registers <= tuning_cache.MAX_REGISTERS:
+        raise ValueError(f"max_registers must be in [{tuning_cache.MIN_REGISTERS}, {tuning_cache.MAX_REGISTERS}], "
+                         f"got {max_registers}")
+    config = LaunchConfig(block_size, num_warps, "override", max_registers)
     _overrides.append(config)
     try:
         yield config

@@ -21,6 +21,7 @@ from .launch_config import (
     check_block_size,
     check_launch_device,
     default_block_size,
+    default_max_registers,
     default_num_warps,
 )
 
@@ -85,6 +86,7 @@ class BlockTables:
         meta: torch.Tensor,
         chunks: torch.Tensor,
         kernel_warps: Optional[dict[str, int]] = None,
+        step_max_registers: Optional[int] = None,
     ) -> None:
         self.weights = weights
         self.offsets = offsets
@@ -96,6 +98,8 @@ class BlockTables:
         self.block_size = block_size
         # kernel name -> warps per program; the step's is ``num_warps``, the others default to it
         self.kernel_warps = {FUSED_STEP: num_warps, **(kernel_warps or {})}
+        #: register cap of the step's compilation (None: the compiler's choice)
+        self.step_max_registers = step_max_registers
         self.meta = meta
         self.chunks = chunks
         self.span = max(o + n for o, n in zip(offsets, self.numels))
@@ -144,7 +148,9 @@ class BlockTables:
         # The step's block size sets the chunks every kernel shares; each kernel its own warps for it.
         warps = {k: default_num_warps(block, device, k, dtype) for k in (BLOCK_LOAD, GRAD_SQ_NORM)}
         warps[FUSED_STEP] = default_num_warps(block, device, step_kernel, dtype)
-        return cls(weights, offs, decay, block, warps[FUSED_STEP], meta, chunk_table, kernel_warps=warps)
+        cap = default_max_registers(block, warps[FUSED_STEP], device, step_kernel, dtype)
+        return cls(weights, offs, decay, block, warps[FUSED_STEP], meta, chunk_table, kernel_warps=warps,
+                   step_max_registers=cap)
 
     def warps_for(self, kernel: str) -> int:
         """Warps per program of ``kernel`` (a name of ``launch_config.KERNELS``) over these tables."""

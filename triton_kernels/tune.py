@@ -6,7 +6,8 @@
 Sweeps every (elements per program, warps) candidate over one transformer layer's tensors (the
 Llama-3-8B layer by default: 218.1M parameters in 9 tensors, the shape class BlockAdam launches),
 timing the fused AdamW step, the block load and the gradient norm with ``triton.testing.do_bench``,
-and the step over 8-bit moments at every block of at least 256 elements.
+and the step over 8-bit moments at every block of at least 256 elements, with and without a cap of
+64 registers per thread.
 The fastest step picks the block size (it sets the chunk tables every kernel shares); the block
 load and the norm then get their fastest warps at that block size. The 8-bit step keeps its own
 fastest configuration (BlockAdam(states="8bit") builds its tables with it). The result goes to the cache
@@ -42,6 +43,8 @@ LAYERS: dict[str, list[tuple[int, ...]]] = {
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 DEFAULT_BLOCKS = (256, 512, 1024, 2048)  # 4096 never won on an H100 or H200
 DEFAULT_WARPS = (1, 2, 4, 8)
+#: register caps tried for the 8-bit step (None: the compiler's choice); 64 won on an H200
+REGISTER_CAPS_8BIT = (None, 64)
 BETAS, EPS, LR, WEIGHT_DECAY = (0.9, 0.999), 1e-8, 1e-5, 0.01
 
 
@@ -63,6 +66,7 @@ class Trial:
     ms: float
     gbs: float
     frac_copy_bw: float
+    max_registers: Optional[int] = None
 
 
 def bench_ms(fn: Callable[[], Any], device: torch.device, warmup_ms: float, rep_ms: float) -> float:
@@ -133,22 +137,26 @@ def _kernel_fns(layer: _Layer, block_size: int) -> dict[str, Callable[[], None]]
                          eps=EPS, weight_decay=WEIGHT_DECAY, seed=seed[0])
 
     block_load(tables, *layer.regions)
-    fns = {lc.FUSED_STEP: step,
-           lc.BLOCK_LOAD: lambda: block_load(tables, *layer.regions),
-           lc.GRAD_SQ_NORM: lambda: grad_sq_norm(tables, layer.grads, partials)}
-    if block_size >= QUANT_BLOCK:  # 8-bit programs cover whole quantization blocks
-        offsets, r = layer.regions_8bit()
-        tables8 = BlockTables.build(layer.weights, offsets, layer.decay, block_size=block_size, states="8bit")
-        state8 = new_step_state(layer.device)
-        block_load(tables8, *r[:3], exp_avg_scale=r[3], exp_avg_sq_scale=r[4])
+    return {lc.FUSED_STEP: step,
+            lc.BLOCK_LOAD: lambda: block_load(tables, *layer.regions),
+            lc.GRAD_SQ_NORM: lambda: grad_sq_norm(tables, layer.grads, partials)}
 
-        def step_8bit() -> None:
-            advance_step(state8, *BETAS)
-            fused_adamw_step(tables8, layer.grads, *r[:3], state8, lr=LR, beta1=BETAS[0], beta2=BETAS[1], eps=EPS,
-                             weight_decay=WEIGHT_DECAY, exp_avg_scale=r[3], exp_avg_sq_scale=r[4])
 
-        fns[lc.FUSED_STEP_8BIT] = step_8bit
-    return fns
+def _step_8bit_fn(layer: _Layer, block_size: int) -> Callable[[], None]:
+    """The 8-bit step over ``layer`` with tables of ``block_size`` (warps and register cap from the lookup)."""
+    from . import BlockTables, advance_step, block_load, fused_adamw_step, new_step_state
+
+    offsets, r = layer.regions_8bit()
+    tables = BlockTables.build(layer.weights, offsets, layer.decay, block_size=block_size, states="8bit")
+    state = new_step_state(layer.device)
+    block_load(tables, *r[:3], exp_avg_scale=r[3], exp_avg_sq_scale=r[4])
+
+    def step() -> None:
+        advance_step(state, *BETAS)
+        fused_adamw_step(tables, layer.grads, *r[:3], state, lr=LR, beta1=BETAS[0], beta2=BETAS[1], eps=EPS,
+                         weight_decay=WEIGHT_DECAY, exp_avg_scale=r[3], exp_avg_sq_scale=r[4])
+
+    return step
 
 
 def sweep(shapes: Sequence[tuple[int, ...]], device: torch.device, dtype: torch.dtype, copy_gbs: float,
@@ -157,16 +165,25 @@ def sweep(shapes: Sequence[tuple[int, ...]], device: torch.device, dtype: torch.
     """Time every kernel at every (block, warps) candidate over one layer of ``shapes``."""
     layer = _Layer(shapes, device, dtype)
     trials = []
+
+    def trial(kernel: str, fn: Callable[[], None], block: int, nw: int, cap: Optional[int] = None) -> None:
+        ms = bench_ms(fn, device, warmup_ms, rep_ms)
+        bw = bytes_per_param(kernel, dtype) * layer.numel / (ms * 1e-3) / 1e9
+        trials.append(Trial(kernel, block, nw, ms, bw, bw / copy_gbs, cap))
+
     for block in blocks:
         for nw in warps:
+            first = len(trials)
             with lc.override(block, nw):
-                fns = _kernel_fns(layer, block)
-                for kernel, fn in fns.items():
-                    ms = bench_ms(fn, device, warmup_ms, rep_ms)
-                    bw = bytes_per_param(kernel, dtype) * layer.numel / (ms * 1e-3) / 1e9
-                    trials.append(Trial(kernel, block, nw, ms, bw, bw / copy_gbs))
+                for kernel, fn in _kernel_fns(layer, block).items():
+                    trial(kernel, fn, block, nw)
+            if block >= QUANT_BLOCK:  # 8-bit programs cover whole quantization blocks
+                for cap in REGISTER_CAPS_8BIT:
+                    with lc.override(block, nw, cap):
+                        trial(lc.FUSED_STEP_8BIT, _step_8bit_fn(layer, block), block, nw, cap)
             log(f"  BLOCK {block:5d} x {nw:2d} warps: " + ", ".join(
-                f"{t.kernel} {t.ms:.3f} ms ({100 * t.frac_copy_bw:.1f}%)" for t in trials[-len(fns):]))
+                f"{t.kernel}{'' if t.max_registers is None else f' (<= {t.max_registers} registers)'} "
+                f"{t.ms:.3f} ms ({100 * t.frac_copy_bw:.1f}%)" for t in trials[first:]))
     return trials
 
 
@@ -194,7 +211,8 @@ def cache_entries(best: dict[str, Trial], key: tuning_cache.DeviceKey, dtype: to
     return {key.entry_key(kernel, lc.dtype_class(dtype)): {
         "block_size": t.block_size, "num_warps": t.num_warps, "ms": round(t.ms, 4),
         "frac_copy_bw": round(t.frac_copy_bw, 4), "copy_gbs": round(copy_gbs, 1), "layer": layer,
-        "torch": torch.__version__, "date": date} for kernel, t in best.items()}
+        "torch": torch.__version__, "date": date,
+        **({} if t.max_registers is None else {"max_registers": t.max_registers})} for kernel, t in best.items()}
 
 
 def write_choice(best: dict[str, Trial], device: torch.device, dtype: torch.dtype, layer: str, copy_gbs: float,
@@ -259,7 +277,8 @@ def tune(device: torch.device, layer: str, dtype: torch.dtype, blocks: Sequence[
                    log=log)
     best = choose(trials)
     for kernel, t in best.items():
-        log(f"best {kernel}: BLOCK {t.block_size} x {t.num_warps} warps, {t.ms:.3f} ms, "
+        cap = "" if t.max_registers is None else f" (<= {t.max_registers} registers)"
+        log(f"best {kernel}: BLOCK {t.block_size} x {t.num_warps} warps{cap}, {t.ms:.3f} ms, "
             f"{t.gbs:.0f} GB/s = {100 * t.frac_copy_bw:.1f}% of copy bandwidth")
     if write:
         write_choice(best, device, dtype, layer, copy_gbs, log)

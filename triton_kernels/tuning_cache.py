@@ -40,10 +40,15 @@ class DeviceKey:
         return "|".join((self.name, self.capability, f"triton {self.triton}", kernel, dtype_class))
 
 
+#: register caps a cache entry may carry (``max_registers``; absent: the compiler's choice)
+MIN_REGISTERS, MAX_REGISTERS = 24, 255
+
+
 @dataclass(frozen=True)
 class CachedConfig:
     block_size: int
     num_warps: int
+    max_registers: Optional[int] = None
 
 
 def cache_dir(environ: Mapping[str, str] = os.environ) -> Path:
@@ -70,7 +75,11 @@ def _check_config(key: str, value: Any) -> CachedConfig:
         raise CacheFormatError(f"entry {key!r}: block_size {block} is not a power of two in [{MIN_BLOCK}, {MAX_BLOCK}]")
     if warps not in VALID_WARPS:
         raise CacheFormatError(f"entry {key!r}: num_warps {warps} is not one of {VALID_WARPS}")
-    return CachedConfig(block, warps)
+    cap = value.get("max_registers")
+    if cap is not None and (isinstance(cap, bool) or not isinstance(cap, int)
+                            or not MIN_REGISTERS <= cap <= MAX_REGISTERS):
+        raise CacheFormatError(f"entry {key!r}: max_registers {cap!r} is not an int in [{MIN_REGISTERS}, {MAX_REGISTERS}]")
+    return CachedConfig(block, warps, cap)
 
 
 def parse(text: str) -> dict[str, CachedConfig]:
