@@ -49,7 +49,8 @@ class TorchTables:
     """Per-switch description of one launch group (same ``build`` API as the Triton tables).
 
     ``num_chunks`` is the number of tensors: :func:`grad_sq_norm` writes one partial per tensor.
-    ``block_size``, ``min_block_size`` and ``states`` are accepted for API parity (checked) and ignored.
+    ``block_size``, ``min_block_size`` and ``states`` are accepted for API parity and ignored
+    (``states`` is checked).
     """
 
     def __init__(self, weights: tuple[torch.Tensor, ...], offsets: tuple[int, ...], decay: tuple[bool, ...]):

@@ -239,7 +239,8 @@ def run_speed(args: argparse.Namespace, device: torch.device) -> list[dict[str, 
             with launch_override(launch), step_register_cap(maxnreg):
                 for fmt in args.formats:
                     layer = Layer(shapes, device, fmt)
-                    config = {"launch": f"{layer.tables.block_size}x{layer.tables.num_warps}"}
+                    config = {"launch": f"{layer.tables.block_size}x{layer.tables.num_warps}",
+                              "max_registers": layer.tables.step_max_registers}
                     if maxnreg is not None:
                         config["maxnreg"] = maxnreg
                     record(fmt, "step", bench(layer.step), layer.numel, STEP_BYTES[fmt], config)

@@ -39,7 +39,9 @@ class StateBlock:
         return tuple(self.arena.flat(r) if self.spec.has(r) else None for r in REGIONS)
 
     def tables(self, backend: Any) -> Any:
-        return backend.BlockTables.build(self.weights, self.offsets, self.decay, min_block_size=QUANT_BLOCK)
+        states = "8bit" if self.spec.has("exp_avg_scale") else "fp32"  # the format's launch configuration
+        return backend.BlockTables.build(self.weights, self.offsets, self.decay, min_block_size=QUANT_BLOCK,
+                                         states=states)
 
     def views(self) -> dict[str, list[torch.Tensor]]:
         return self.arena.views(self.arena.layout([w.numel() for w in self.weights]),
@@ -457,9 +459,7 @@ def test_state_errors():
             K.block_load(small, master, m, v, exp_avg_scale=ms, exp_avg_sq_scale=vs)
         assert K.BlockTables.build(block.weights, block.offsets, block.decay, block_size=128,
                                    min_block_size=256).block_size == 256
-    for backend in (K, torch_ops):
-        if backend is K and not K.interpreted():
-            continue
+    for backend in (K, torch_ops):  # checked before any device check
         with pytest.raises(ValueError, match="states must be one of \\['8bit', 'fp32'\\], got '4bit'"):
             backend.BlockTables.build(block.weights, block.offsets, block.decay, states="4bit")
 
@@ -490,3 +490,26 @@ def test_8bit_grad_scale_and_found_inf(kdevice, master: bool):
         a, b = blocks["triton"].views(), blocks["torch"].views()
         for k in a:
             assert all(torch.equal(x, y) for x, y in zip(a[k], b[k])), k
+
+
+def test_step_launch_passes_the_tables_register_cap(monkeypatch):
+    """A cap configured for the tables reaches the step's compilation as ``maxnreg``; no cap, no option."""
+    if not K.interpreted():
+        pytest.skip("spies on the launch in Triton's interpreter")
+    from badam_ext.kernels import adamw
+
+    block = make_state_block(state_spec("8bit"), torch.bfloat16, torch.device("cpu"), shapes=[(300,)])
+    tables = block.tables(K)
+    block.load(K, tables)
+    state = K.new_step_state("cpu")
+    seen = []
+    run = adamw._fused_adamw_kernel.run
+    monkeypatch.setattr(adamw._fused_adamw_kernel, "run",
+                        lambda *a, **kw: seen.append(kw.get("maxnreg", "absent")) or run(*a, **kw))
+    for cap in (None, 64):
+        tables.step_max_registers = cap
+        K.advance_step(state, HYPER["beta1"], HYPER["beta2"])
+        block.step(K, tables, grads_for(block, 1), state, lr=1e-3, **HYPER)
+    assert seen == ["absent", 64]
+    tables.num_warps = tables.num_warps * 2  # another program shape: the measured cap no longer holds
+    assert tables.step_max_registers is None

@@ -200,6 +200,19 @@ def test_register_cap_applies_to_its_own_program_shape_only(fake_gpu, monkeypatc
     with lc.override(256, 1, 48):
         assert lc.default_max_registers(256, 1, CUDA0, lc.FUSED_STEP_8BIT) == 48
     assert lc.default_max_registers(256, 1, torch.device("cpu"), lc.FUSED_STEP_8BIT) is None
+    # "builtin" ignores the cache, not the kernel's own measured entry; BLOCKxWARPS sets no cap
+    monkeypatch.setenv(lc.LAUNCH_ENV, "builtin")
+    assert lc.launch_config(CUDA0, lc.FUSED_STEP_8BIT) == lc.MEASURED["H200"][lc.FUSED_STEP_8BIT]
+    assert lc.launch_config(CUDA0) == lc.MEASURED["H200"][lc.FUSED_STEP]
+    monkeypatch.setenv(lc.LAUNCH_ENV, "256x1")
+    assert lc.launch_config(CUDA0, lc.FUSED_STEP_8BIT) == lc.LaunchConfig(256, 1)
+
+
+def test_8bit_step_borrows_the_fp32_steps_shape_not_its_cap(fake_gpu):
+    _write(fake_gpu, {FAKE.entry_key("fused_adamw", "16bit"): {"block_size": 256, "num_warps": 1, "max_registers": 40}})
+    lc.reload_cache()
+    assert lc.launch_config(CUDA0).max_registers == 40
+    assert lc.launch_config(CUDA0, lc.FUSED_STEP_8BIT) == lc.LaunchConfig(256, 1, max_registers=None)
 
 
 @pytest.mark.parametrize("cap, why", [(300, "max_registers 300"), (True, "max_registers True"), ("64", "max_registers '64'")])
@@ -305,8 +318,8 @@ def test_interpreted_sweep_runs_every_candidate():
     # the 8-bit step only where a program covers a whole quantization block
     assert {(t.kernel, t.block_size) for t in trials} == (
         {(k, b) for k in lc.KERNELS for b in (64, 256)} - {(lc.FUSED_STEP_8BIT, 64)})
-    best = tune.choose(trials)
-    assert set(best) == set(lc.KERNELS) and best[lc.FUSED_STEP_8BIT].block_size == 256
+    assert {t.max_registers for t in trials if t.kernel == lc.FUSED_STEP_8BIT} == set(tune.REGISTER_CAPS_8BIT)
+    assert set(tune.choose(trials)) == set(lc.KERNELS)
     assert all(t.ms > 0 for t in trials)
 
 
@@ -354,6 +367,9 @@ def test_gpu_8bit_step_is_bit_identical_with_and_without_a_register_cap(cache):
     for block, warps, cap in [(256, 1, None), (256, 1, 64), (256, 1, 40), (512, 2, 64)]:
         with lc.override(block, warps, cap):
             layer = tune._Layer([(1000, 37), (4097,), (1,)], device, torch.bfloat16)
+            offsets, _ = layer.regions_8bit()
+            tables = K.BlockTables.build(layer.weights, offsets, layer.decay, block_size=block, states="8bit")
+            assert tables.step_max_registers == cap
             step = tune._step_8bit_fn(layer, block)
             step()
             step()

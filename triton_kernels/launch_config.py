@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import os
 from dataclasses import dataclass, field
@@ -50,7 +51,7 @@ FUSED_STEP_8BIT = "fused_adamw_8bit"
 KERNELS = (FUSED_STEP, BLOCK_LOAD, GRAD_SQ_NORM, FUSED_STEP_8BIT)
 #: the step kernel of each state format (``BlockAdam(states=...)``)
 STEP_KERNELS = {"fp32": FUSED_STEP, "8bit": FUSED_STEP_8BIT}
-#: ``BLOCKxWARPS`` (e.g. ``1024x4``) for every kernel, or ``builtin`` to ignore the cache
+#: ``BLOCKxWARPS`` (e.g. ``1024x4``) for every kernel, without a register cap, or ``builtin`` to ignore the cache
 LAUNCH_ENV = "BADAM_EXT_LAUNCH"
 
 
@@ -153,10 +154,11 @@ def launch_config(device: torch.device, kernel: str = FUSED_STEP, dtype: Optiona
     """The launch configuration of ``kernel`` for weights of ``dtype`` on ``device``.
 
     Interpreter or CPU: large programs, as always. CUDA, first match wins: an :func:`override`
-    in effect, ``$BADAM_EXT_LAUNCH``, the on-disk cache written by the tuner, the kernel's own
-    :data:`MEASURED` entry, and then (a kernel without entries of its own) what the fp32 step gets
-    from the cache or :data:`MEASURED`, the H100 default. Nothing is measured here: tuning is an
-    explicit run of the tuner.
+    in effect, ``$BADAM_EXT_LAUNCH`` (``BLOCKxWARPS``: no register cap; ``builtin``: the kernel's
+    own :data:`MEASURED` entry, else the fp32 step's), the on-disk cache written by the tuner, the
+    kernel's own :data:`MEASURED` entry, then the fp32 step's :data:`MEASURED` entry (the 8-bit step
+    first takes the fp32 step's cache entry, for its block and warps only), the H100 default.
+    Nothing is measured here: tuning is an explicit run of the tuner.
     """
     if kernel not in KERNELS:
         raise ValueError(f"unknown kernel {kernel!r}; expected one of {KERNELS}")
@@ -170,12 +172,14 @@ def launch_config(device: torch.device, kernel: str = FUSED_STEP, dtype: Optiona
         from_env = parse_launch_env(env)
         if from_env is not None:
             return from_env
-        return _builtin(device)
+        return _measured(device, kernel) or _builtin(device)
     own = _cached(device, kernel, dtype) or _measured(device, kernel)
     if own is not None:
         return own
     if kernel == FUSED_STEP_8BIT:  # the chunk size of the fp32 step's tables, if tuned
-        return _cached(device, FUSED_STEP, dtype) or _builtin(device)
+        borrowed = _cached(device, FUSED_STEP, dtype) or _builtin(device)
+        # a register cap belongs to the kernel it was measured for
+        return dataclasses.replace(borrowed, max_registers=None)
     return _builtin(device)
 
 
@@ -225,8 +229,8 @@ def default_num_warps(block_size: int, device: Optional[torch.device] = None, ke
 
 @contextlib.contextmanager
 def override(block_size: int, num_warps: int, max_registers: Optional[int] = None) -> Iterator[LaunchConfig]:
-    """Every CUDA lookup in this process returns ``block_size`` / ``num_warps`` (and the register cap)
-    inside the block (the tuner's sweep)."""
+    """Every CUDA lookup in this process returns ``block_size`` / ``num_warps`` inside the block (the
+    tuner's sweep); ``max_registers`` then caps every fused step compiled for that shape."""
     check_block_size(block_size)
     if num_warps not in tuning_cache.VALID_WARPS:
         raise ValueError(f"num_warps must be one of {tuning_cache.VALID_WARPS}, got {num_warps}")

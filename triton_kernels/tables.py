@@ -163,6 +163,8 @@ class BlockTables:
 
     @num_warps.setter
     def num_warps(self, value: int) -> None:
+        if value != self.kernel_warps[FUSED_STEP]:
+            self.step_max_registers = None  # a cap was measured for the old program shape
         self.kernel_warps[FUSED_STEP] = value
 
     @property

@@ -116,6 +116,8 @@ class _Layer:
         if self._arena_8bit is None:
             spec = state_spec("8bit", True)
             self._arena_8bit = BlockArena(required_capacity(self._numels, spec), self.device, spec)
+            for name in spec.region_names:  # padding too: runs compare whole regions
+                self._arena_8bit.flat(name).zero_()
         arena = self._arena_8bit
         names = ("master", "exp_avg", "exp_avg_sq", "exp_avg_scale", "exp_avg_sq_scale")
         return list(arena.layout(self._numels).offsets), [arena.flat(r) for r in names]

@@ -1,7 +1,8 @@
 """The on-disk cache of measured launch configurations (one JSON file, plain Python, no triton).
 
 An entry is keyed by ``device name | compute capability | triton version | kernel | dtype class``
-and holds ``block_size`` and ``num_warps`` plus how it was measured. The file lives in
+and holds ``block_size`` and ``num_warps`` (and, where measured, ``max_registers``, a cap on
+registers per thread) plus how it was measured. The file lives in
 ``$BADAM_EXT_CACHE`` (a directory), else ``$XDG_CACHE_HOME/badam_ext``, else ``~/.cache/badam_ext``.
 
 Readers never fail on a bad file: they warn once and behave as if it were absent. Writers replace
