@@ -29,6 +29,7 @@ from .contract import (
     reset_step_state,
 )
 from .states.quant import QUANT_BLOCK, dequantize, quantize, signed_map, unsigned_map, zero_code
+from .states.spec import check_states
 
 name = "torch"
 
@@ -66,8 +67,7 @@ class TorchTables:
     @classmethod
     def build(cls, weights: Sequence[torch.Tensor], offsets: Sequence[int], decay: Sequence[bool],
               block_size: Optional[int] = None, min_block_size: int = 1, states: str = "fp32") -> "TorchTables":
-        if states not in ("fp32", "8bit"):
-            raise ValueError(f"states must be one of ['8bit', 'fp32'], got {states!r}")
+        check_states(states)
         weights = tuple(weights)
         check_weights(weights)
         offs = check_offsets(offsets, [w.numel() for w in weights])
@@ -207,7 +207,7 @@ def fused_adamw_step(
 
     neg_step_size = (-(_fp32(lr) / (1.0 - step_state[1]))).float()
     bc2_sqrt = (1.0 - step_state[2]).sqrt().float()
-    inv_bc2_sqrt = 1.0 / bc2_sqrt
+    inv_bc2_sqrt = 1.0 / bc2_sqrt if quantized else None  # the 8-bit kernel's form of the step
     decay_factor = 1.0 - lr * weight_decay
     keep = None if found_inf is None else found_inf.reshape(()) == 0
     stochastic = bool(stochastic_rounding) and tables.dtype == torch.bfloat16
@@ -230,10 +230,8 @@ def fused_adamw_step(
         p = p_old * decay_factor if decay else p_old
         m = m_old + (1.0 - beta1) * (g - m_old)
         v = v_old * beta2 + ((1.0 - beta2) * g) * g
-        if quantized:  # the 8-bit kernel's form (its square root and division are approximate there)
-            denom = sqrt_rn(v) * inv_bc2_sqrt + eps
-        else:
-            denom = sqrt_rn(v) / bc2_sqrt + eps
+        # the 8-bit kernel multiplies by the inverse (its square root and division are approximate there)
+        denom = (sqrt_rn(v) * inv_bc2_sqrt if quantized else sqrt_rn(v) / bc2_sqrt) + eps
         p = p + (neg_step_size * m) / denom
         if stochastic:
             w_new = round_bf16_stochastic(p, generator)

@@ -134,7 +134,7 @@ class Layer:
         offsets = self.arena.layout(numels).offsets
         self.tables = K.BlockTables.build(self.weights, offsets, [w.dim() > 1 for w in self.weights],
                                           min_block_size=QUANT_BLOCK if is_quantized(self.spec) else 1,
-                                          states="8bit" if is_quantized(self.spec) else "fp32")
+                                          states=FORMATS[fmt][0])
         names = ("master", "exp_avg", "exp_avg_sq", "exp_avg_scale", "exp_avg_sq_scale")
         self.regions = [self.arena.flat(r) if self.spec.has(r) else None for r in names]
         self.state = K.new_step_state(device)

@@ -15,7 +15,7 @@ from _kernel_helpers import DTYPES, bf16_neighbours, kdevice, rel_err, std_error
 from badam_ext import kernels as K
 from badam_ext import torch_ops
 from badam_ext.arena import BlockArena, required_capacity
-from badam_ext.states import QUANT_BLOCK, StateSpec, state_spec
+from badam_ext.states import QUANT_BLOCK, StateSpec, state_spec, states_entry
 from badam_ext.states.quant import (bucket_layout, codebook, dequantize, quantize, signed_map, thresholds, unsigned_map,
                                     zero_code)
 
@@ -39,9 +39,8 @@ class StateBlock:
         return tuple(self.arena.flat(r) if self.spec.has(r) else None for r in REGIONS)
 
     def tables(self, backend: Any) -> Any:
-        states = "8bit" if self.spec.has("exp_avg_scale") else "fp32"  # the format's launch configuration
         return backend.BlockTables.build(self.weights, self.offsets, self.decay, min_block_size=QUANT_BLOCK,
-                                         states=states)
+                                         states=states_entry(self.spec)["states"])  # the format's launch config
 
     def views(self) -> dict[str, list[torch.Tensor]]:
         return self.arena.views(self.arena.layout([w.numel() for w in self.weights]),
@@ -460,7 +459,7 @@ def test_state_errors():
         assert K.BlockTables.build(block.weights, block.offsets, block.decay, block_size=128,
                                    min_block_size=256).block_size == 256
     for backend in (K, torch_ops):  # checked before any device check
-        with pytest.raises(ValueError, match="states must be one of \\['8bit', 'fp32'\\], got '4bit'"):
+        with pytest.raises(ValueError, match="unknown states='4bit': choose one of 'fp32', '8bit'"):
             backend.BlockTables.build(block.weights, block.offsets, block.decay, states="4bit")
 
 

@@ -36,33 +36,35 @@ _SEED_BITS = 31  # each half of the seed stays an int32 argument: no new compila
 
 
 @triton.jit
-def _adamw_update(g, p, m, v, grad_scale, p_scale, beta2, one_minus_beta1, one_minus_beta2, eps, neg_step_size,
-                  bc2_sqrt, HAS_SCALE: tl.constexpr):
-    """The AdamW arithmetic of the module docstring on fp32 registers; every format shares it."""
+def _adamw_moments(g, m, v, grad_scale, beta2, one_minus_beta1, one_minus_beta2, HAS_SCALE: tl.constexpr):
+    """The new m and v of the module docstring on fp32 registers; every format shares them exactly."""
     if HAS_SCALE:
         g = g * grad_scale
-    p = p * p_scale
     m = m + one_minus_beta1 * (g - m)
     v = v * beta2 + (one_minus_beta2 * g) * g
+    return m, v
+
+
+@triton.jit
+def _adamw_update(g, p, m, v, grad_scale, p_scale, beta2, one_minus_beta1, one_minus_beta2, eps, neg_step_size,
+                  bc2_sqrt, HAS_SCALE: tl.constexpr):
+    """The AdamW arithmetic of the module docstring on fp32 registers (fp32 moments: IEEE throughout)."""
+    m, v = _adamw_moments(g, m, v, grad_scale, beta2, one_minus_beta1, one_minus_beta2, HAS_SCALE)
     denom = tl.div_rn(tl.sqrt_rn(v), bc2_sqrt) + eps
-    p = p + tl.div_rn(neg_step_size * m, denom)
+    p = p * p_scale + tl.div_rn(neg_step_size * m, denom)
     return p, m, v
 
 
 @triton.jit
 def _adamw_update_8bit(g, p, m, v, grad_scale, p_scale, beta2, one_minus_beta1, one_minus_beta2, eps, neg_step_size,
                        inv_bc2_sqrt, HAS_SCALE: tl.constexpr):
-    """The 8-bit formats' update: m and v as in :func:`_adamw_update` (their codes depend on nothing
-    else), the weight's step by the hardware's approximate square root and division (a few ulps of
-    the step; about 25 fewer instructions per element in a kernel bound by instructions, not bytes).
-    The Triton interpreter evaluates both exactly, as the torch twin does."""
-    if HAS_SCALE:
-        g = g * grad_scale
-    p = p * p_scale
-    m = m + one_minus_beta1 * (g - m)
-    v = v * beta2 + (one_minus_beta2 * g) * g
+    """The 8-bit formats' update: the same moments (their codes depend on nothing else), the weight's
+    step by the hardware's approximate square root and division (a few ulps of the step; about 25
+    fewer instructions per element in a kernel bound by instructions, not bytes). The Triton
+    interpreter evaluates both exactly, as the torch twin does."""
+    m, v = _adamw_moments(g, m, v, grad_scale, beta2, one_minus_beta1, one_minus_beta2, HAS_SCALE)
     denom = tl.sqrt(v) * inv_bc2_sqrt + eps
-    p = p + tl.fdiv(neg_step_size * m, denom, ieee_rounding=False)
+    p = p * p_scale + tl.fdiv(neg_step_size * m, denom, ieee_rounding=False)
     return p, m, v
 
 

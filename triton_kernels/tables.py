@@ -13,6 +13,7 @@ from ..contract import (
     check_offsets,
     check_weights,
 )
+from ..states.spec import check_states
 from .launch_config import (
     BLOCK_LOAD,
     FUSED_STEP,
@@ -123,9 +124,7 @@ class BlockTables:
         moments need programs of whole quantization blocks. ``states`` names the format whose step
         these tables launch (``"fp32"`` or ``"8bit"``): each has its own launch configuration.
         """
-        if states not in STEP_KERNELS:
-            raise ValueError(f"states must be one of {sorted(STEP_KERNELS)}, got {states!r}")
-        step_kernel = STEP_KERNELS[states]
+        step_kernel = STEP_KERNELS[check_states(states)]
         weights = tuple(weights)
         device, _ = check_weights(weights)
         check_launch_device(device)
