@@ -141,9 +141,9 @@ class Layer:
         self.K = K
         self.load()
 
-    def load(self) -> None:
+    def load(self, chunks: Optional[int] = None) -> None:
         r = self.regions
-        self.K.block_load(self.tables, *r[:3], exp_avg_scale=r[3], exp_avg_sq_scale=r[4])
+        self.K.block_load(self.tables, *r[:3], exp_avg_scale=r[3], exp_avg_sq_scale=r[4], chunks=chunks)
 
     def step(self) -> None:
         r = self.regions
@@ -218,6 +218,8 @@ def _bnb_adam8bit():
 
 # ---------------------------------------------------------------------------------------- speed
 def run_speed(args: argparse.Namespace, device: torch.device) -> list[dict[str, Any]]:
+    from badam_ext.kernels.switch_load import chunks_per_program
+
     bench = timer(device)
     shapes = SMOKE_LAYER if args.smoke else LLAMA3_8B_LAYER
     copy_gbs = copy_bandwidth(device, bench, 0.001 if args.smoke else args.copy_gib)
@@ -232,7 +234,8 @@ def run_speed(args: argparse.Namespace, device: torch.device) -> list[dict[str, 
         rec = dict(base, path=path, kind=kind, ms=round(ms, 4), numel=numel, bytes_per_param=round(bytes_per_param, 4),
                    gbs=round(gbs, 1), frac_copy_bw=round(gbs / copy_gbs, 4), **(extra or {}))
         records.append(rec)
-        print(f"{path:28s} {kind:10s} {rec.get('launch', ''):>9s} {ms:8.3f} ms  {100 * rec['frac_copy_bw']:5.1f}% of copy BW")
+        chunks = f"c{rec['load_chunks']}" if "load_chunks" in rec else ""
+        print(f"{path:28s} {kind:10s} {rec.get('launch', ''):>9s} {chunks:>3s} {ms:8.3f} ms  {100 * rec['frac_copy_bw']:5.1f}% of copy BW")
 
     for launch in args.launch or [None]:
         for maxnreg in args.maxnreg or [None]:
@@ -244,7 +247,11 @@ def run_speed(args: argparse.Namespace, device: torch.device) -> list[dict[str, 
                     if maxnreg is not None:
                         config["maxnreg"] = maxnreg
                     record(fmt, "step", bench(layer.step), layer.numel, STEP_BYTES[fmt], config)
-                    record(fmt, "block_load", bench(layer.load), layer.numel, LOAD_BYTES[fmt], config)
+                    record(fmt, "block_load", bench(layer.load), layer.numel, LOAD_BYTES[fmt],
+                           dict(config, load_chunks=chunks_per_program(layer.tables.block_size)))
+                    for chunks in args.load_chunks:
+                        record(fmt, "block_load", bench(lambda: layer.load(chunks)), layer.numel, LOAD_BYTES[fmt],
+                               dict(config, load_chunks=chunks))
                     del layer
                     if device.type == "cuda":
                         torch.cuda.empty_cache()
@@ -449,6 +456,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser.add_argument("--finetune", action="store_true", help="train the embedded model with each format")
     parser.add_argument("--maxnreg", default="", help="comma-separated register caps of the fused step to sweep "
                         "(a probe: occupancy against spills)")
+    parser.add_argument("--load-chunks", default="", help="comma-separated chunks per block-load program to "
+                        "sweep besides the default (powers of two)")
     parser.add_argument("--seeds", default="0", help="--finetune: comma-separated seeds (model, data order, schedule)")
     parser.add_argument("--steps", type=int, default=None, help="optimizer steps (--accuracy 100, --finetune 300)")
     parser.add_argument("--copy-gib", type=float, default=4.0, help="size of the copy-bandwidth probe")
@@ -464,6 +473,10 @@ def main(argv: Optional[list[str]] = None) -> int:
         args.maxnreg = [int(x) for x in args.maxnreg.split(",") if x.strip()]
     except ValueError:
         parser.error(f"--maxnreg: expected comma-separated integers, got {args.maxnreg!r}")
+    try:
+        args.load_chunks = [int(x) for x in args.load_chunks.split(",") if x.strip()]
+    except ValueError:
+        parser.error(f"--load-chunks: expected comma-separated integers, got {args.load_chunks!r}")
     unknown = [f for f in args.formats if f not in FORMATS]
     if unknown:
         parser.error(f"unknown format(s) {unknown}; choose from {', '.join(FORMATS)}")

@@ -318,6 +318,22 @@ def test_block_load_fills_the_compact_layout(kdevice, states: str, master: bool)
         padding_untouched(block)
 
 
+@pytest.mark.parametrize("chunks", [2, 4])
+def test_8bit_block_load_programs_of_several_chunks(kdevice, chunks: int):
+    """256-element chunks (the 8-bit tables of an H200), several per block-load program: spans inside
+    a tensor and across tensors fill codes, scales and master exactly as the torch backend."""
+    spec = state_spec("8bit", True)
+    ours, theirs = (make_state_block(spec, torch.bfloat16, kdevice) for _ in range(2))
+    tables = K.BlockTables.build(ours.weights, ours.offsets, ours.decay, block_size=QUANT_BLOCK, states="8bit")
+    r = ours.regions()
+    K.block_load(tables, *r[:3], exp_avg_scale=r[3], exp_avg_sq_scale=r[4], chunks=chunks)
+    theirs.load(torch_ops, theirs.tables(torch_ops))
+    for name in spec.region_names:
+        assert torch.equal(ours.arena.flat(name).cpu().view(torch.uint8),
+                           theirs.arena.flat(name).cpu().view(torch.uint8)), name
+    padding_untouched(ours)
+
+
 # --------------------------------------------------------------------- float64 reference of the scheme
 def _quantize64(x: torch.Tensor, qmap: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     n = x.numel()

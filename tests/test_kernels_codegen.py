@@ -71,13 +71,17 @@ out = {
                                 dict(W_DTYPE=tl.bfloat16, G_DTYPE=tl.bfloat16, W_ALIGN=8, G_ALIGN=8, HAS_SCALE=False,
                                      HAS_FOUND_INF=False, STOCHASTIC=True, BLOCK=2048, HAS_MASTER=False, QUANT=True,
                                      QBLOCK=256), enable_fp_fusion=False),
-    "load8": build(switch_load._block_load_kernel, {**tables, **arena8},
-                   dict(W_DTYPE=tl.bfloat16, W_ALIGN=8, BLOCK=2048, HAS_MASTER=True, QUANT=True, M_ZERO=127,
-                        V_ZERO=0, QBLOCK=256)),
+    "load8": build(switch_load._block_load_kernel, {**tables, **arena8, "num_chunks": "i64"},
+                   dict(W_DTYPE=tl.bfloat16, W_ALIGN=8, BLOCK=2048, CHUNKS=1, HAS_MASTER=True, QUANT=True,
+                        M_ZERO=127, V_ZERO=0, QBLOCK=256)),
+    # the 8-bit tables of an H200 (256-element chunks), two chunks per load program
+    "load8_chunks": build(switch_load._block_load_kernel, {**tables, **arena8, "num_chunks": "i64"},
+                          dict(W_DTYPE=tl.bfloat16, W_ALIGN=8, BLOCK=256, CHUNKS=2, HAS_MASTER=True, QUANT=True,
+                               M_ZERO=127, V_ZERO=0, QBLOCK=256), num_warps=1),
     "load": build(switch_load._block_load_kernel, {**tables, **arena, "exp_avg_scale_ptr": "*fp32",
-                                                   "exp_avg_sq_scale_ptr": "*fp32"},
-                  dict(W_DTYPE=tl.bfloat16, W_ALIGN=8, BLOCK=2048, HAS_MASTER=True, QUANT=False, M_ZERO=127,
-                       V_ZERO=0, QBLOCK=256)),
+                                                   "exp_avg_sq_scale_ptr": "*fp32", "num_chunks": "i64"},
+                  dict(W_DTYPE=tl.bfloat16, W_ALIGN=8, BLOCK=2048, CHUNKS=1, HAS_MASTER=True, QUANT=False,
+                       M_ZERO=127, V_ZERO=0, QBLOCK=256)),
     "norm": build(norm._grad_sq_norm_kernel, {**tables, "partials_ptr": "*fp32", "num_chunks": "i64"},
                   dict(G_DTYPE=tl.bfloat16, G_ALIGN=16, BLOCK=512, CHUNKS=4), num_warps=2),
 }
@@ -137,11 +141,13 @@ def test_8bit_step_kernel_stays_in_registers_with_approximate_weight_step(codege
 def test_compact_format_kernels_compile_without_spills(codegen):
     """No master with stochastic rounding, and the 8-bit block load: they compile for sm_90 and stay
     in registers."""
-    for name in ("adamw8_nomaster_sr", "load8"):
+    for name in ("adamw8_nomaster_sr", "load8", "load8_chunks"):
         assert codegen[name]["local"] == 0, f"{name}: local-memory spills: {codegen[name]}"
     nomaster = codegen["adamw8_nomaster_sr"]
     assert nomaster["sqrt_rn"] == 0 and nomaster["div_approx"] > 0 and nomaster["fma"] == 0, nomaster
     assert codegen["load8"]["shared"] == 0 and codegen["load8"]["v4_stores"] >= 2, codegen["load8"]
+    # two chunks as one tile: 16-byte master stores in the one-tensor path, no layout conversion
+    assert codegen["load8_chunks"]["shared"] == 0 and codegen["load8_chunks"]["v4_stores"] >= 2, codegen["load8_chunks"]
 
 
 def test_8bit_step_compiles_under_the_h200_register_cap(codegen):

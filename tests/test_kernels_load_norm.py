@@ -27,6 +27,30 @@ def test_block_load_upcasts_exactly_and_zeroes_state(kdevice, dtype):
         assert region[pad].isnan().all(), "padding between tensors must stay untouched"
 
 
+@pytest.mark.parametrize("chunks", [1, 2, 4, 8])
+def test_block_load_programs_of_several_chunks(kdevice, chunks):
+    """Programs of several chunks: spans inside one tensor, spans across tensors, a last partial
+    program; every element written once, padding untouched."""
+    shapes = [(1,), (64,), (65,), (300,), (7, 19), (129,)]  # 1, 1, 2, 5, 3, 3 chunks of 64
+    block = make_block(shapes, torch.bfloat16, kdevice, seed=5)
+    tables = K.BlockTables.build(block.weights, block.offsets, block.decay, block_size=64)
+    K.block_load(tables, *block.regions, chunks=chunks)
+    for w, master, m, v in zip(block.weights, *(block.region_views(r) for r in block.regions)):
+        assert torch.equal(master, w.float())
+        assert torch.equal(m, torch.zeros_like(m)) and torch.equal(v, torch.zeros_like(v))
+    pad = block.padding_mask()
+    for region in block.regions:
+        assert region[pad].isnan().all(), "padding between tensors must stay untouched"
+
+
+@pytest.mark.parametrize("chunks", [0, 3, -2, 2.0, True])
+def test_block_load_refuses_bad_chunks_per_program(chunks):
+    block = make_block([(5,)], torch.bfloat16, torch.device("cpu"), seed=6)
+    tables = K.BlockTables.build(block.weights, block.offsets, block.decay, block_size=64)
+    with pytest.raises(ValueError, match="chunks per block-load program"):
+        K.block_load(tables, *block.regions, chunks=chunks)
+
+
 def test_block_load_matches_torch_backend(kdevice):
     block = make_block([(4097,), (5,)], torch.bfloat16, kdevice, seed=4)
     ref = make_block([(4097,), (5,)], torch.bfloat16, kdevice, seed=4)

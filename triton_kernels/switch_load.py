@@ -14,9 +14,13 @@ import triton.language as tl
 from ..contract import check_state
 from ..states.quant import QUANT_BLOCK, zero_code
 from .adamw import check_quant_block
-from .chunk_map import as_pointer, program_chunk
+from .chunk_map import as_pointer, chunk_at
 from .launch_config import BLOCK_LOAD, device_guard
 from .tables import TL_DTYPES, BlockTables, align_hint
+
+#: elements each block-load program fills at least: a program of one 256-element chunk (the 8-bit
+#: step's tables on an H200) spends as long finding its chunk as moving it (set from bench_states)
+LOAD_ELEMENTS_PER_PROGRAM = 512
 
 
 @triton.jit
@@ -53,51 +57,89 @@ def _load_chunk_8bit(w_ptr, master_ptr, m_codes_ptr, m_scale_ptr, v_codes_ptr, v
 
 
 @triton.jit
-def _block_load_kernel(meta_ptr, chunk_ptr, master_ptr, exp_avg_ptr, exp_avg_sq_ptr, exp_avg_scale_ptr,
-                       exp_avg_sq_scale_ptr, W_DTYPE: tl.constexpr, W_ALIGN: tl.constexpr, BLOCK: tl.constexpr,
-                       # the state format: one specialization each
-                       HAS_MASTER: tl.constexpr, QUANT: tl.constexpr, M_ZERO: tl.constexpr,
-                       V_ZERO: tl.constexpr, QBLOCK: tl.constexpr):
-    _, start, w_addr, offset, numel, _ = program_chunk(meta_ptr, chunk_ptr, BLOCK)
+def _load_span(meta_ptr, chunk_ptr, master_ptr, exp_avg_ptr, exp_avg_sq_ptr, exp_avg_scale_ptr,
+               exp_avg_sq_scale_ptr, chunk, W_DTYPE: tl.constexpr, W_ALIGN: tl.constexpr,
+               BLOCK: tl.constexpr, SPAN: tl.constexpr, HAS_MASTER: tl.constexpr, QUANT: tl.constexpr,
+               M_ZERO: tl.constexpr, V_ZERO: tl.constexpr, QBLOCK: tl.constexpr):
+    """Fill SPAN elements of one tensor from the first element of chunk ``chunk`` (int64)."""
+    _, start, w_addr, offset, numel, _ = chunk_at(meta_ptr, chunk_ptr, chunk, BLOCK)
     w_ptr = as_pointer(w_addr, W_DTYPE, W_ALIGN)
-    # Full chunks take the unmasked path: a mask against a table-loaded numel would stop vectorization.
+    # Full spans take the unmasked path: a mask against a table-loaded numel would stop vectorization.
     if QUANT:
         ms = exp_avg_scale_ptr + offset // QBLOCK
         vs = exp_avg_sq_scale_ptr + offset // QBLOCK
         # 4-byte code stores: the register layout of the fp32 master stream (see the step kernel)
         mc = tl.multiple_of(exp_avg_ptr + offset, 4)
         vc = tl.multiple_of(exp_avg_sq_ptr + offset, 4)
-        if start + BLOCK <= numel:
+        if start + SPAN <= numel:
             _load_chunk_8bit(w_ptr, master_ptr + offset, mc, ms, vc, vs,
-                             start, numel, BLOCK, False, HAS_MASTER, M_ZERO, V_ZERO, QBLOCK)
+                             start, numel, SPAN, False, HAS_MASTER, M_ZERO, V_ZERO, QBLOCK)
         else:
             _load_chunk_8bit(w_ptr, master_ptr + offset, mc, ms, vc, vs,
-                             start, numel, BLOCK, True, HAS_MASTER, M_ZERO, V_ZERO, QBLOCK)
-    elif start + BLOCK <= numel:
+                             start, numel, SPAN, True, HAS_MASTER, M_ZERO, V_ZERO, QBLOCK)
+    elif start + SPAN <= numel:
         _load_chunk(w_ptr, master_ptr + offset, exp_avg_ptr + offset, exp_avg_sq_ptr + offset, start, numel,
-                    BLOCK, False, HAS_MASTER)
+                    SPAN, False, HAS_MASTER)
     else:
         _load_chunk(w_ptr, master_ptr + offset, exp_avg_ptr + offset, exp_avg_sq_ptr + offset, start, numel,
-                    BLOCK, True, HAS_MASTER)
+                    SPAN, True, HAS_MASTER)
+
+
+@triton.jit
+def _block_load_kernel(meta_ptr, chunk_ptr, master_ptr, exp_avg_ptr, exp_avg_sq_ptr, exp_avg_scale_ptr,
+                       exp_avg_sq_scale_ptr, num_chunks, W_DTYPE: tl.constexpr, W_ALIGN: tl.constexpr,
+                       BLOCK: tl.constexpr, CHUNKS: tl.constexpr,
+                       # the state format: one specialization each
+                       HAS_MASTER: tl.constexpr, QUANT: tl.constexpr, M_ZERO: tl.constexpr,
+                       V_ZERO: tl.constexpr, QBLOCK: tl.constexpr):
+    # A program fills CHUNKS consecutive chunks: as one tile when they lie in one tensor (the common
+    # case: one table lookup, every access in flight at once), else chunk by chunk.
+    first = tl.program_id(0).to(tl.int64) * CHUNKS
+    last = tl.minimum(first + CHUNKS, num_chunks) - 1
+    if CHUNKS == 1:
+        one_tensor = True
+    else:
+        one_tensor = (last == first + CHUNKS - 1) & (tl.load(chunk_ptr + 2 * first) == tl.load(chunk_ptr + 2 * last))
+    if one_tensor:
+        _load_span(meta_ptr, chunk_ptr, master_ptr, exp_avg_ptr, exp_avg_sq_ptr, exp_avg_scale_ptr,
+                   exp_avg_sq_scale_ptr, first, W_DTYPE, W_ALIGN, BLOCK, BLOCK * CHUNKS, HAS_MASTER, QUANT,
+                   M_ZERO, V_ZERO, QBLOCK)
+    else:
+        for i in tl.static_range(CHUNKS):
+            if first + i < num_chunks:
+                _load_span(meta_ptr, chunk_ptr, master_ptr, exp_avg_ptr, exp_avg_sq_ptr, exp_avg_scale_ptr,
+                           exp_avg_sq_scale_ptr, first + i, W_DTYPE, W_ALIGN, BLOCK, BLOCK, HAS_MASTER, QUANT,
+                           M_ZERO, V_ZERO, QBLOCK)
+
+
+def chunks_per_program(block_size: int) -> int:
+    """Consecutive chunks of the tables one block-load program fills (at least one)."""
+    return max(1, LOAD_ELEMENTS_PER_PROGRAM // block_size)
 
 
 def block_load(tables: BlockTables, master_flat: Optional[torch.Tensor], exp_avg_flat: torch.Tensor,
                exp_avg_sq_flat: torch.Tensor, *, exp_avg_scale: Optional[torch.Tensor] = None,
-               exp_avg_sq_scale: Optional[torch.Tensor] = None) -> None:
+               exp_avg_sq_scale: Optional[torch.Tensor] = None, chunks: Optional[int] = None) -> None:
     """One pass over the group: ``master[off + i] = float(weight[i])`` (unless ``master_flat`` is
     None); the moments zero (8-bit: zero codes and zero absmax, see :func:`fused_adamw_step`).
 
-    Arena elements outside the tensors' ranges (alignment padding) are not touched.
+    Arena elements outside the tensors' ranges (alignment padding) are not touched. Each program
+    fills ``chunks`` consecutive chunks of the tables (default :func:`chunks_per_program`).
     """
     quantized = check_state(tables, master_flat, exp_avg_flat, exp_avg_sq_flat, exp_avg_scale, exp_avg_sq_scale)
     if quantized:
         check_quant_block(tables)
+    if chunks is None:
+        chunks = chunks_per_program(tables.block_size)
+    elif isinstance(chunks, bool) or not isinstance(chunks, int) or chunks < 1 or chunks & (chunks - 1):
+        raise ValueError(f"chunks per block-load program must be a power of two >= 1, got {chunks!r}")
     master = master_flat if master_flat is not None else exp_avg_flat
     with device_guard(tables.device):
-        _block_load_kernel[(tables.num_chunks,)](
+        _block_load_kernel[(triton.cdiv(tables.num_chunks, chunks),)](
             tables.meta, tables.chunks, master, exp_avg_flat, exp_avg_sq_flat,
-            exp_avg_scale if quantized else master, exp_avg_sq_scale if quantized else master,
+            exp_avg_scale if quantized else master, exp_avg_sq_scale if quantized else master, tables.num_chunks,
             W_DTYPE=TL_DTYPES[tables.dtype], W_ALIGN=align_hint(tables.weights_aligned, tables.dtype), BLOCK=tables.block_size,
+            CHUNKS=chunks,
             HAS_MASTER=master_flat is not None, QUANT=quantized, M_ZERO=zero_code(True), V_ZERO=zero_code(False),
             QBLOCK=QUANT_BLOCK, num_warps=tables.warps_for(BLOCK_LOAD),
         )
