@@ -248,7 +248,7 @@ def run_speed(args: argparse.Namespace, device: torch.device) -> list[dict[str, 
                         config["maxnreg"] = maxnreg
                     record(fmt, "step", bench(layer.step), layer.numel, STEP_BYTES[fmt], config)
                     record(fmt, "block_load", bench(layer.load), layer.numel, LOAD_BYTES[fmt],
-                           dict(config, load_chunks=chunks_per_program(layer.tables.block_size)))
+                           dict(config, load_chunks=chunks_per_program(layer.tables.block_size, FORMATS[fmt][0] == "8bit")))
                     for chunks in args.load_chunks:
                         record(fmt, "block_load", bench(lambda: layer.load(chunks)), layer.numel, LOAD_BYTES[fmt],
                                dict(config, load_chunks=chunks))

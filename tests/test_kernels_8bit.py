@@ -318,8 +318,8 @@ def test_block_load_fills_the_compact_layout(kdevice, states: str, master: bool)
         padding_untouched(block)
 
 
-@pytest.mark.parametrize("chunks", [2, 4])
-def test_8bit_block_load_programs_of_several_chunks(kdevice, chunks: int):
+@pytest.mark.parametrize("chunks", [None, 2, 4], ids=["default", "2", "4"])
+def test_8bit_block_load_programs_of_several_chunks(kdevice, chunks: Optional[int]):
     """256-element chunks (the 8-bit tables of an H200), several per block-load program: spans inside
     a tensor and across tensors fill codes, scales and master exactly as the torch backend."""
     spec = state_spec("8bit", True)

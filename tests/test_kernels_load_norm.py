@@ -43,6 +43,13 @@ def test_block_load_programs_of_several_chunks(kdevice, chunks):
         assert region[pad].isnan().all(), "padding between tensors must stay untouched"
 
 
+def test_block_load_programs_cover_the_measured_elements():
+    from badam_ext.kernels.switch_load import chunks_per_program
+
+    assert chunks_per_program(512) == 1 and chunks_per_program(256) == 2 and chunks_per_program(4096) == 1
+    assert chunks_per_program(256, quantized=True) == 8 and chunks_per_program(2048, quantized=True) == 1
+
+
 @pytest.mark.parametrize("chunks", [0, 3, -2, 2.0, True])
 def test_block_load_refuses_bad_chunks_per_program(chunks):
     block = make_block([(5,)], torch.bfloat16, torch.device("cpu"), seed=6)

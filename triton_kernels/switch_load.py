@@ -18,9 +18,12 @@ from .chunk_map import as_pointer, chunk_at
 from .launch_config import BLOCK_LOAD, device_guard
 from .tables import TL_DTYPES, BlockTables, align_hint
 
-#: elements each block-load program fills at least: a program of one 256-element chunk (the 8-bit
-#: step's tables on an H200) spends as long finding its chunk as moving it (set from bench_states)
-LOAD_ELEMENTS_PER_PROGRAM = 512
+#: elements each block-load program fills at least, per format (H200, bench_states --load-chunks):
+#: fp32 over 512-element chunks 93.2% of copy bandwidth at one chunk a program, 91.8-91.1% at 2-8;
+#: 8-bit over its one-warp 256-element chunks 66.3% at one, 87.5% at 2, 89.9% at 4, 91.2% at 8
+#: (without a master 20.1% at one, 84.6% at 8): such a program spends longer finding its chunk
+#: than moving it
+LOAD_ELEMENTS_PER_PROGRAM = {False: 512, True: 2048}  # keyed by "8-bit moments"
 
 
 @triton.jit
@@ -112,9 +115,10 @@ def _block_load_kernel(meta_ptr, chunk_ptr, master_ptr, exp_avg_ptr, exp_avg_sq_
                            M_ZERO, V_ZERO, QBLOCK)
 
 
-def chunks_per_program(block_size: int) -> int:
-    """Consecutive chunks of the tables one block-load program fills (at least one)."""
-    return max(1, LOAD_ELEMENTS_PER_PROGRAM // block_size)
+def chunks_per_program(block_size: int, quantized: bool = False) -> int:
+    """Consecutive chunks of the tables one block-load program fills (at least one), for fp32 or
+    8-bit (``quantized``) moments."""
+    return max(1, LOAD_ELEMENTS_PER_PROGRAM[bool(quantized)] // block_size)
 
 
 def block_load(tables: BlockTables, master_flat: Optional[torch.Tensor], exp_avg_flat: torch.Tensor,
@@ -130,7 +134,7 @@ def block_load(tables: BlockTables, master_flat: Optional[torch.Tensor], exp_avg
     if quantized:
         check_quant_block(tables)
     if chunks is None:
-        chunks = chunks_per_program(tables.block_size)
+        chunks = chunks_per_program(tables.block_size, quantized)
     elif isinstance(chunks, bool) or not isinstance(chunks, int) or chunks < 1 or chunks & (chunks - 1):
         raise ValueError(f"chunks per block-load program must be a power of two >= 1, got {chunks!r}")
     master = master_flat if master_flat is not None else exp_avg_flat
