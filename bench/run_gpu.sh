@@ -73,7 +73,7 @@ for stage in "$@"; do
         --launch 256x2,256x4,512x2,512x4,512x8,1024x4,1024x8,2048x8 --out "$OUT/results.jsonl" ;;
     states-load)  # the block load per format with 1-8 chunks per program, beside the default
       run bench_states_load python3 bench/bench_states.py --formats fp32,8bit,8bit-nomaster --no-baselines \
-        --load-chunks 1,2,4,8 --out "$OUT/results.jsonl" ;;
+        --load-chunks 1,2,4,8,16 --out "$OUT/results.jsonl" ;;
     compile)  # regional compilation with non-reentrant checkpointing on a small model (then: compile-e2e)
       run diagnose_compile python3 bench/diagnose_compile.py --variants regional,traced ;;
     states-8bit)  # the 8-bit step over launch configurations (ours only; 256 x 1 keeps a block's row in one warp)
