@@ -129,11 +129,12 @@ class Layer:
         self.grads = [(torch.randn(s, device=device, generator=gen) * 1e-3).bfloat16() for s in shapes]
         self.numel = sum(w.numel() for w in self.weights)
         self.spec = state_spec(*FORMATS[fmt])
+        self.quantized = is_quantized(self.spec)
         numels = [w.numel() for w in self.weights]
         self.arena = BlockArena(required_capacity(numels, self.spec), device, self.spec)
         offsets = self.arena.layout(numels).offsets
         self.tables = K.BlockTables.build(self.weights, offsets, [w.dim() > 1 for w in self.weights],
-                                          min_block_size=QUANT_BLOCK if is_quantized(self.spec) else 1,
+                                          min_block_size=QUANT_BLOCK if self.quantized else 1,
                                           states=FORMATS[fmt][0])
         names = ("master", "exp_avg", "exp_avg_sq", "exp_avg_scale", "exp_avg_sq_scale")
         self.regions = [self.arena.flat(r) if self.spec.has(r) else None for r in names]
@@ -247,9 +248,10 @@ def run_speed(args: argparse.Namespace, device: torch.device) -> list[dict[str, 
                     if maxnreg is not None:
                         config["maxnreg"] = maxnreg
                     record(fmt, "step", bench(layer.step), layer.numel, STEP_BYTES[fmt], config)
+                    default_chunks = chunks_per_program(layer.tables.block_size, layer.quantized)
                     record(fmt, "block_load", bench(layer.load), layer.numel, LOAD_BYTES[fmt],
-                           dict(config, load_chunks=chunks_per_program(layer.tables.block_size, FORMATS[fmt][0] == "8bit")))
-                    for chunks in args.load_chunks:
+                           dict(config, load_chunks=default_chunks))
+                    for chunks in (c for c in args.load_chunks if c != default_chunks):
                         record(fmt, "block_load", bench(lambda: layer.load(chunks)), layer.numel, LOAD_BYTES[fmt],
                                dict(config, load_chunks=chunks))
                     del layer

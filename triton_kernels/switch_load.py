@@ -23,7 +23,7 @@ from .tables import TL_DTYPES, BlockTables, align_hint
 #: 8-bit over its one-warp 256-element chunks 66.3% at one, 87.5% at 2, 89.9% at 4, 91.2% at 8
 #: (without a master 20.1% at one, 84.6% at 8): such a program spends longer finding its chunk
 #: than moving it
-LOAD_ELEMENTS_PER_PROGRAM = {False: 512, True: 2048}  # keyed by "8-bit moments"
+LOAD_ELEMENTS_FP32, LOAD_ELEMENTS_8BIT = 512, 2048
 
 
 @triton.jit
@@ -118,7 +118,7 @@ def _block_load_kernel(meta_ptr, chunk_ptr, master_ptr, exp_avg_ptr, exp_avg_sq_
 def chunks_per_program(block_size: int, quantized: bool = False) -> int:
     """Consecutive chunks of the tables one block-load program fills (at least one), for fp32 or
     8-bit (``quantized``) moments."""
-    return max(1, LOAD_ELEMENTS_PER_PROGRAM[bool(quantized)] // block_size)
+    return max(1, (LOAD_ELEMENTS_8BIT if quantized else LOAD_ELEMENTS_FP32) // block_size)
 
 
 def block_load(tables: BlockTables, master_flat: Optional[torch.Tensor], exp_avg_flat: torch.Tensor,
