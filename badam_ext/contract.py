@@ -165,13 +165,6 @@ def check_partials(partials: torch.Tensor, device: torch.device, needed: int) ->
         raise ValueError(f"partials has {partials.numel()} elements, needs {needed} (tables.num_chunks)")
 
 
-def check_chunks(chunks: Any, kernel: str) -> int:
-    """Chunks of the tables one program of ``kernel`` covers: a power of two >= 1."""
-    if isinstance(chunks, bool) or not isinstance(chunks, int) or chunks < 1 or chunks & (chunks - 1):
-        raise ValueError(f"chunks per {kernel} program must be a power of two >= 1, got {chunks!r}")
-    return chunks
-
-
 def check_device_scalar(name: str, t: Optional[torch.Tensor], device: torch.device) -> None:
     """None, or a one-element fp32 tensor on ``device`` (grad_scale, found_inf)."""
     if t is None:

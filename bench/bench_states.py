@@ -146,12 +146,12 @@ class Layer:
         r = self.regions
         self.K.block_load(self.tables, *r[:3], exp_avg_scale=r[3], exp_avg_sq_scale=r[4], chunks=chunks)
 
-    def step(self, chunks: Optional[int] = None) -> None:
+    def step(self) -> None:
         r = self.regions
         self.K.advance_step(self.state, HYPER["beta1"], HYPER["beta2"])
         self.K.fused_adamw_step(self.tables, self.grads, *r[:3], self.state, **HYPER,
                                 stochastic_rounding=not self.spec.has("master"), seed=1,
-                                exp_avg_scale=r[3], exp_avg_sq_scale=r[4], chunks=chunks)
+                                exp_avg_scale=r[3], exp_avg_sq_scale=r[4])
 
 
 def torch_adamw_fn(shapes, device: torch.device) -> Callable[[], None]:
@@ -219,7 +219,6 @@ def _bnb_adam8bit():
 
 # ---------------------------------------------------------------------------------------- speed
 def run_speed(args: argparse.Namespace, device: torch.device) -> list[dict[str, Any]]:
-    from badam_ext.kernels.adamw import step_chunks_per_program
     from badam_ext.kernels.switch_load import chunks_per_program
 
     bench = timer(device)
@@ -236,8 +235,7 @@ def run_speed(args: argparse.Namespace, device: torch.device) -> list[dict[str, 
         rec = dict(base, path=path, kind=kind, ms=round(ms, 4), numel=numel, bytes_per_param=round(bytes_per_param, 4),
                    gbs=round(gbs, 1), frac_copy_bw=round(gbs / copy_gbs, 4), **(extra or {}))
         records.append(rec)
-        chunks = rec.get("load_chunks", rec.get("step_chunks"))
-        chunks = "" if chunks is None else f"c{chunks}"
+        chunks = f"c{rec['load_chunks']}" if "load_chunks" in rec else ""
         print(f"{path:28s} {kind:10s} {rec.get('launch', ''):>9s} {chunks:>3s} {ms:8.3f} ms  {100 * rec['frac_copy_bw']:5.1f}% of copy BW")
 
     for launch in args.launch or [None]:
@@ -249,12 +247,7 @@ def run_speed(args: argparse.Namespace, device: torch.device) -> list[dict[str, 
                               "max_registers": layer.tables.step_max_registers}
                     if maxnreg is not None:
                         config["maxnreg"] = maxnreg
-                    default_step = step_chunks_per_program(layer.tables.block_size, layer.quantized)
-                    record(fmt, "step", bench(layer.step), layer.numel, STEP_BYTES[fmt],
-                           dict(config, step_chunks=default_step))
-                    for chunks in (c for c in args.step_chunks if c != default_step):
-                        record(fmt, "step", bench(lambda: layer.step(chunks)), layer.numel, STEP_BYTES[fmt],
-                               dict(config, step_chunks=chunks))
+                    record(fmt, "step", bench(layer.step), layer.numel, STEP_BYTES[fmt], config)
                     default_chunks = chunks_per_program(layer.tables.block_size, layer.quantized)
                     record(fmt, "block_load", bench(layer.load), layer.numel, LOAD_BYTES[fmt],
                            dict(config, load_chunks=default_chunks))
@@ -467,8 +460,6 @@ def main(argv: Optional[list[str]] = None) -> int:
                         "(a probe: occupancy against spills)")
     parser.add_argument("--load-chunks", default="", help="comma-separated chunks per block-load program to "
                         "sweep besides the default (powers of two)")
-    parser.add_argument("--step-chunks", default="", help="comma-separated chunks per step program to "
-                        "sweep besides the default (powers of two)")
     parser.add_argument("--seeds", default="0", help="--finetune: comma-separated seeds (model, data order, schedule)")
     parser.add_argument("--steps", type=int, default=None, help="optimizer steps (--accuracy 100, --finetune 300)")
     parser.add_argument("--copy-gib", type=float, default=4.0, help="size of the copy-bandwidth probe")
@@ -488,10 +479,6 @@ def main(argv: Optional[list[str]] = None) -> int:
         args.load_chunks = [int(x) for x in args.load_chunks.split(",") if x.strip()]
     except ValueError:
         parser.error(f"--load-chunks: expected comma-separated integers, got {args.load_chunks!r}")
-    try:
-        args.step_chunks = [int(x) for x in args.step_chunks.split(",") if x.strip()]
-    except ValueError:
-        parser.error(f"--step-chunks: expected comma-separated integers, got {args.step_chunks!r}")
     unknown = [f for f in args.formats if f not in FORMATS]
     if unknown:
         parser.error(f"unknown format(s) {unknown}; choose from {', '.join(FORMATS)}")

@@ -74,13 +74,6 @@ for stage in "$@"; do
     states-load)  # the block load per format with 1-8 chunks per program, beside the default
       run bench_states_load python3 bench/bench_states.py --formats fp32,8bit,8bit-nomaster --no-baselines \
         --load-chunks 1,2,4,8,16 --out "$OUT/results.jsonl" ;;
-    states-step)  # the step per format with 1-16 chunks per program at the device's launch, then other launches
-      run bench_states_step python3 bench/bench_states.py --formats fp32,8bit,8bit-nomaster --no-baselines \
-        --step-chunks 1,2,4,8,16 --out "$OUT/results.jsonl"
-      run bench_states_step_fp32 python3 bench/bench_states.py --formats fp32 --no-baselines \
-        --launch 256x2,1024x4,2048x8 --step-chunks 1,2,4,8 --out "$OUT/results.jsonl"
-      run bench_states_step_8bit python3 bench/bench_states.py --formats 8bit,8bit-nomaster --no-baselines \
-        --launch 256x2,512x4 --maxnreg 64 --step-chunks 1,2,4,8 --out "$OUT/results.jsonl" ;;
     compile)  # regional compilation with non-reentrant checkpointing on a small model (then: compile-e2e)
       run diagnose_compile python3 bench/diagnose_compile.py --variants regional,traced ;;
     states-8bit)  # the 8-bit step over launch configurations (ours only; 256 x 1 keeps a block's row in one warp)

@@ -334,31 +334,6 @@ def test_8bit_block_load_programs_of_several_chunks(kdevice, chunks: Optional[in
     padding_untouched(ours)
 
 
-@pytest.mark.parametrize("master", [True, False], ids=["8bit", "8bit-nomaster"])
-@pytest.mark.parametrize("chunks", [1, 2, 4], ids=["1", "2", "4"])
-def test_8bit_step_programs_of_several_chunks(kdevice, chunks: int, master: bool):
-    """256-element chunks, several stepped one after another per program (the tail program partial):
-    codes, scales, master and weights bit for bit those of one-chunk programs."""
-    spec = state_spec("8bit", master)
-    blocks = [make_state_block(spec, torch.bfloat16, kdevice) for _ in range(2)]
-    tables = [K.BlockTables.build(b.weights, b.offsets, b.decay, block_size=QUANT_BLOCK, states="8bit")
-              for b in blocks]
-    assert tables[0].num_chunks % 4 != 0  # a partial last program for 2 and 4
-    for b, tab, c in zip(blocks, tables, (1, chunks)):
-        b.load(K, tab)
-        state = K.new_step_state(kdevice)
-        for t in range(2):
-            K.advance_step(state, HYPER["beta1"], HYPER["beta2"])
-            b.step(K, tab, grads_for(b, seed=60 + t), state, lr=1e-3, **HYPER, chunks=c,
-                   stochastic_rounding=not master, seed=7 + t)
-    for name in spec.region_names:
-        ours, theirs = blocks[1].arena.flat(name).cpu(), blocks[0].arena.flat(name).cpu()
-        assert torch.equal(ours.view(torch.uint8), theirs.view(torch.uint8)), name
-    for w, v in zip(blocks[1].weights, blocks[0].weights):
-        assert torch.equal(w, v)
-    padding_untouched(blocks[1])
-
-
 # --------------------------------------------------------------------- float64 reference of the scheme
 def _quantize64(x: torch.Tensor, qmap: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     n = x.numel()

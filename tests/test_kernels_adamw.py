@@ -94,64 +94,6 @@ def test_default_block_size_and_one_big_chunk(kdevice):
     _check_block(block, ref, "default block size")
 
 
-@pytest.mark.parametrize("chunks", [1, 2, 4, 8])
-def test_step_programs_of_several_chunks(kdevice, chunks):
-    """Programs that step several chunks one after another: spans inside one tensor and across
-    tensors, a last partial program; the float64 reference holds and every element is written."""
-    shapes = [(1,), (64,), (65,), (300,), (7, 19), (129,)]  # 1, 1, 2, 5, 3, 3 chunks of 64
-    block = make_block(shapes, torch.bfloat16, kdevice, decay=[i % 2 == 0 for i in range(6)], seed=41)
-    tables = K.BlockTables.build(block.weights, block.offsets, block.decay, block_size=64)
-    assert tables.num_chunks == 15  # not a multiple of 2, 4 or 8: the last program is partial
-    randomize_state(block, seed=42)
-    ref = Float64Block(block)
-    state = K.new_step_state(kdevice)
-    for t in (1, 2):
-        grads = random_grads(block, seed=43 + t)
-        for w in block.weights:
-            w.fill_(float("nan"))
-        K.advance_step(state, HYPER["beta1"], HYPER["beta2"])
-        _step(K, tables, grads, block, state, 1e-3, chunks=chunks)
-        ref.step(grads, t, 1e-3)
-        _check_block(block, ref, f"{chunks} chunks a program, step {t}")
-
-
-@pytest.mark.parametrize("chunks", [2, 8])
-def test_chunks_per_step_program_do_not_change_the_result(kdevice, chunks):
-    """Bit for bit the one-chunk programs' result, with stochastic rounding (the seed is per element)."""
-    shapes = [(3,), (130,), (257,), (5, 41)]
-    blocks = [make_block(shapes, torch.bfloat16, kdevice, seed=45) for _ in range(2)]
-    for b in blocks:
-        randomize_state(b, seed=46)
-    tables = [K.BlockTables.build(b.weights, b.offsets, b.decay, block_size=64) for b in blocks]
-    states = [K.new_step_state(kdevice) for _ in blocks]
-    grads = random_grads(blocks[0], seed=47)
-    for b, tab, st, c in zip(blocks, tables, states, (1, chunks)):
-        K.advance_step(st, HYPER["beta1"], HYPER["beta2"])
-        _step(K, tab, grads, b, st, 1e-3, chunks=c, stochastic_rounding=True, seed=99)
-    for a, b in zip(blocks[0].regions, blocks[1].regions):
-        assert torch.equal(a.nan_to_num(7.0), b.nan_to_num(7.0))
-    for wa, wb in zip(blocks[0].weights, blocks[1].weights):
-        assert torch.equal(wa, wb)
-
-
-def test_step_programs_cover_the_measured_elements():
-    from badam_ext.kernels.adamw import STEP_ELEMENTS_8BIT, STEP_ELEMENTS_FP32, step_chunks_per_program
-
-    assert step_chunks_per_program(STEP_ELEMENTS_FP32) == 1 and step_chunks_per_program(4 * STEP_ELEMENTS_FP32) == 1
-    assert step_chunks_per_program(STEP_ELEMENTS_FP32 // 2) == 2
-    assert step_chunks_per_program(STEP_ELEMENTS_8BIT // 4, quantized=True) == 4
-    assert step_chunks_per_program(2 * STEP_ELEMENTS_8BIT, quantized=True) == 1
-
-
-@pytest.mark.parametrize("chunks", [0, 3, -2, 2.0, True])
-def test_step_refuses_bad_chunks_per_program(chunks):
-    block = make_block([(5,)], torch.bfloat16, torch.device("cpu"), seed=48)
-    tables = K.BlockTables.build(block.weights, block.offsets, block.decay, block_size=64)
-    state = K.new_step_state(torch.device("cpu"))
-    with pytest.raises(ValueError, match="chunks per step program"):
-        _step(K, tables, random_grads(block, seed=49), block, state, 1e-3, chunks=chunks)
-
-
 def test_grad_scale_and_found_inf(kdevice):
     block = make_block(SHAPES, torch.bfloat16, kdevice, seed=16)
     tables = K.BlockTables.build(block.weights, block.offsets, block.decay, block_size=512)

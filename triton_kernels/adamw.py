@@ -24,8 +24,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .chunk_map import as_pointer, chunk_at
-from ..contract import check_chunks, check_device_scalar, check_hyper, check_seed, check_state, check_step_state
+from .chunk_map import as_pointer, program_chunk
+from ..contract import check_device_scalar, check_hyper, check_seed, check_state, check_step_state
 from ..states.quant import QUANT_BLOCK, codebook
 from .launch_config import device_guard
 from .quant import dequantize_rows, quantize_rows
@@ -33,11 +33,6 @@ from .rounding import to_weight_dtype
 from .tables import TL_DTYPES, BlockTables, align_hint
 
 _SEED_BITS = 31  # each half of the seed stays an int32 argument: no new compilation per seed
-
-#: elements each step program covers at least, one chunk after another, per format (H200,
-#: bench_states --step-chunks): the per-program scalars (bias corrections in fp64, the seed) and
-#: the chunk lookup cost about a hundred instructions, a seventh of an 8-bit one-warp program
-STEP_ELEMENTS_FP32, STEP_ELEMENTS_8BIT = 512, 1024
 
 
 @triton.jit
@@ -148,56 +143,14 @@ def _adamw_chunk_8bit(w_ptr, g_ptr, master_ptr, m_codes_ptr, m_scale_ptr, v_code
     tl.store(w_ptr + idx, w, mask=store_mask)
 
 
-@triton.jit
-def _adamw_group_chunk(meta_ptr, chunk_ptr, grad_table_ptr, master_ptr, exp_avg_ptr, exp_avg_sq_ptr,
-                       exp_avg_scale_ptr, exp_avg_sq_scale_ptr, m_map_ptr, v_map_ptr, chunk,
-                       grad_scale, decay_factor, beta2, one_minus_beta1, one_minus_beta2, eps, neg_step_size,
-                       bc2_sqrt, seed, W_DTYPE: tl.constexpr, G_DTYPE: tl.constexpr, W_ALIGN: tl.constexpr,
-                       G_ALIGN: tl.constexpr, HAS_SCALE: tl.constexpr, STOCHASTIC: tl.constexpr,
-                       BLOCK: tl.constexpr, HAS_MASTER: tl.constexpr, QUANT: tl.constexpr, QBLOCK: tl.constexpr):
-    """Step chunk number ``chunk`` (int64) of the tables: find its tensor, then the full or masked path."""
-    tid, start, w_addr, offset, numel, decay = chunk_at(meta_ptr, chunk_ptr, chunk, BLOCK)
-    w_ptr = as_pointer(w_addr, W_DTYPE, W_ALIGN)
-    g_ptr = as_pointer(tl.load(grad_table_ptr + tid), G_DTYPE, G_ALIGN)
-    p_scale = tl.where(decay != 0, decay_factor, 1.0)
-    p_base = master_ptr + offset
-    m_base = exp_avg_ptr + offset
-    v_base = exp_avg_sq_ptr + offset
-    if QUANT:
-        # 4-byte accesses to the codes: 4 per thread, the fp32 streams' register layout (16-byte
-        # code vectors would give the tile a second layout, converted through shared memory)
-        m_base = tl.multiple_of(m_base, 4)
-        v_base = tl.multiple_of(v_base, 4)
-        ms_base = exp_avg_scale_ptr + offset // QBLOCK
-        vs_base = exp_avg_sq_scale_ptr + offset // QBLOCK
-        if start + BLOCK <= numel:
-            _adamw_chunk_8bit(w_ptr, g_ptr, p_base, m_base, ms_base, v_base, vs_base, m_map_ptr, v_map_ptr,
-                              start, numel, offset, grad_scale, p_scale, beta2, one_minus_beta1,
-                              one_minus_beta2, eps, neg_step_size, bc2_sqrt, seed,
-                              BLOCK, False, HAS_SCALE, W_DTYPE, STOCHASTIC, HAS_MASTER, QBLOCK)
-        else:
-            _adamw_chunk_8bit(w_ptr, g_ptr, p_base, m_base, ms_base, v_base, vs_base, m_map_ptr, v_map_ptr,
-                              start, numel, offset, grad_scale, p_scale, beta2, one_minus_beta1,
-                              one_minus_beta2, eps, neg_step_size, bc2_sqrt, seed,
-                              BLOCK, True, HAS_SCALE, W_DTYPE, STOCHASTIC, HAS_MASTER, QBLOCK)
-    elif start + BLOCK <= numel:
-        _adamw_chunk(w_ptr, g_ptr, p_base, m_base, v_base, start, numel, offset, grad_scale, p_scale, beta2,
-                     one_minus_beta1, one_minus_beta2, eps, neg_step_size, bc2_sqrt, seed,
-                     BLOCK, False, HAS_SCALE, W_DTYPE, STOCHASTIC, HAS_MASTER)
-    else:
-        _adamw_chunk(w_ptr, g_ptr, p_base, m_base, v_base, start, numel, offset, grad_scale, p_scale, beta2,
-                     one_minus_beta1, one_minus_beta2, eps, neg_step_size, bc2_sqrt, seed,
-                     BLOCK, True, HAS_SCALE, W_DTYPE, STOCHASTIC, HAS_MASTER)
-
-
 @triton.jit(do_not_specialize=["seed_lo", "seed_hi"])
 def _fused_adamw_kernel(meta_ptr, chunk_ptr, grad_table_ptr, master_ptr, exp_avg_ptr, exp_avg_sq_ptr,
                         exp_avg_scale_ptr, exp_avg_sq_scale_ptr, m_map_ptr, v_map_ptr,
-                        state_ptr, grad_scale_ptr, found_inf_ptr, num_chunks,
+                        state_ptr, grad_scale_ptr, found_inf_ptr,
                         lr, decay_factor, beta2, one_minus_beta1, one_minus_beta2, eps, seed_lo, seed_hi,
                         W_DTYPE: tl.constexpr, G_DTYPE: tl.constexpr, W_ALIGN: tl.constexpr,
                         G_ALIGN: tl.constexpr, HAS_SCALE: tl.constexpr, HAS_FOUND_INF: tl.constexpr,
-                        STOCHASTIC: tl.constexpr, BLOCK: tl.constexpr, CHUNKS: tl.constexpr,
+                        STOCHASTIC: tl.constexpr, BLOCK: tl.constexpr,
                         # the state format: one specialization each, no runtime branches in the loop
                         HAS_MASTER: tl.constexpr, QUANT: tl.constexpr, QBLOCK: tl.constexpr):
     if HAS_FOUND_INF:
@@ -205,6 +158,9 @@ def _fused_adamw_kernel(meta_ptr, chunk_ptr, grad_table_ptr, master_ptr, exp_avg
     else:
         run = True
     if run:
+        tid, start, w_addr, offset, numel, decay = program_chunk(meta_ptr, chunk_ptr, BLOCK)
+        w_ptr = as_pointer(w_addr, W_DTYPE, W_ALIGN)
+        g_ptr = as_pointer(tl.load(grad_table_ptr + tid), G_DTYPE, G_ALIGN)
         if HAS_SCALE:
             grad_scale = tl.load(grad_scale_ptr)
         else:
@@ -215,30 +171,36 @@ def _fused_adamw_kernel(meta_ptr, chunk_ptr, grad_table_ptr, master_ptr, exp_avg
         bc2 = 1.0 - tl.load(state_ptr + 2)
         neg_step_size = (-(tl.cast(lr, tl.float64) / bc1)).to(tl.float32)
         bc2_sqrt = tl.sqrt(bc2).to(tl.float32)  # fp64 sqrt is correctly rounded
+        p_scale = tl.where(decay != 0, decay_factor, 1.0)
         seed = (seed_hi.to(tl.int64) << 31) | seed_lo.to(tl.int64)
-        # A program steps CHUNKS consecutive chunks one after another: the scalars above, about a
-        # hundred instructions, are paid once per program rather than once per chunk.
-        first = tl.program_id(0).to(tl.int64) * CHUNKS
-        if CHUNKS == 1:
-            _adamw_group_chunk(meta_ptr, chunk_ptr, grad_table_ptr, master_ptr, exp_avg_ptr, exp_avg_sq_ptr,
-                               exp_avg_scale_ptr, exp_avg_sq_scale_ptr, m_map_ptr, v_map_ptr, first,
-                               grad_scale, decay_factor, beta2, one_minus_beta1, one_minus_beta2, eps,
-                               neg_step_size, bc2_sqrt, seed, W_DTYPE, G_DTYPE, W_ALIGN, G_ALIGN, HAS_SCALE,
-                               STOCHASTIC, BLOCK, HAS_MASTER, QUANT, QBLOCK)
+        p_base = master_ptr + offset
+        m_base = exp_avg_ptr + offset
+        v_base = exp_avg_sq_ptr + offset
+        if QUANT:
+            # 4-byte accesses to the codes: 4 per thread, the fp32 streams' register layout (16-byte
+            # code vectors would give the tile a second layout, converted through shared memory)
+            m_base = tl.multiple_of(m_base, 4)
+            v_base = tl.multiple_of(v_base, 4)
+            ms_base = exp_avg_scale_ptr + offset // QBLOCK
+            vs_base = exp_avg_sq_scale_ptr + offset // QBLOCK
+            if start + BLOCK <= numel:
+                _adamw_chunk_8bit(w_ptr, g_ptr, p_base, m_base, ms_base, v_base, vs_base, m_map_ptr, v_map_ptr,
+                                  start, numel, offset, grad_scale, p_scale, beta2, one_minus_beta1,
+                                  one_minus_beta2, eps, neg_step_size, bc2_sqrt, seed,
+                                  BLOCK, False, HAS_SCALE, W_DTYPE, STOCHASTIC, HAS_MASTER, QBLOCK)
+            else:
+                _adamw_chunk_8bit(w_ptr, g_ptr, p_base, m_base, ms_base, v_base, vs_base, m_map_ptr, v_map_ptr,
+                                  start, numel, offset, grad_scale, p_scale, beta2, one_minus_beta1,
+                                  one_minus_beta2, eps, neg_step_size, bc2_sqrt, seed,
+                                  BLOCK, True, HAS_SCALE, W_DTYPE, STOCHASTIC, HAS_MASTER, QBLOCK)
+        elif start + BLOCK <= numel:
+            _adamw_chunk(w_ptr, g_ptr, p_base, m_base, v_base, start, numel, offset, grad_scale, p_scale, beta2,
+                         one_minus_beta1, one_minus_beta2, eps, neg_step_size, bc2_sqrt, seed,
+                         BLOCK, False, HAS_SCALE, W_DTYPE, STOCHASTIC, HAS_MASTER)
         else:
-            for i in range(CHUNKS):
-                if first + i < num_chunks:
-                    _adamw_group_chunk(meta_ptr, chunk_ptr, grad_table_ptr, master_ptr, exp_avg_ptr,
-                                       exp_avg_sq_ptr, exp_avg_scale_ptr, exp_avg_sq_scale_ptr, m_map_ptr,
-                                       v_map_ptr, first + i, grad_scale, decay_factor, beta2, one_minus_beta1,
-                                       one_minus_beta2, eps, neg_step_size, bc2_sqrt, seed, W_DTYPE, G_DTYPE,
-                                       W_ALIGN, G_ALIGN, HAS_SCALE, STOCHASTIC, BLOCK, HAS_MASTER, QUANT, QBLOCK)
-
-
-def step_chunks_per_program(block_size: int, quantized: bool = False) -> int:
-    """Consecutive chunks of the tables one step program covers (at least one), for fp32 or 8-bit
-    (``quantized``) moments."""
-    return max(1, (STEP_ELEMENTS_8BIT if quantized else STEP_ELEMENTS_FP32) // block_size)
+            _adamw_chunk(w_ptr, g_ptr, p_base, m_base, v_base, start, numel, offset, grad_scale, p_scale, beta2,
+                         one_minus_beta1, one_minus_beta2, eps, neg_step_size, bc2_sqrt, seed,
+                         BLOCK, True, HAS_SCALE, W_DTYPE, STOCHASTIC, HAS_MASTER)
 
 
 def split_seed(seed: int) -> tuple[int, int]:
@@ -266,7 +228,6 @@ def fused_adamw_step(
     seed: int = 0,
     exp_avg_scale: Optional[torch.Tensor] = None,
     exp_avg_sq_scale: Optional[torch.Tensor] = None,
-    chunks: Optional[int] = None,
 ) -> None:
     """One AdamW step over the launch group in one launch (see the module docstring for the math).
 
@@ -276,9 +237,7 @@ def fused_adamw_step(
     ``step_state`` must already hold this step's ``t`` (call :func:`advance_step` first).
     ``grad_scale`` (fp32 device scalar) multiplies the gradients; ``found_inf`` (fp32 device scalar)
     nonzero skips the whole step on device. ``stochastic_rounding`` applies to bf16 weights only;
-    ``seed`` (reduced to 62 bits) should change every step. Each program steps ``chunks``
-    consecutive chunks of the tables (default :func:`step_chunks_per_program`); the result does not
-    depend on it.
+    ``seed`` (reduced to 62 bits) should change every step.
     """
     lr, beta1, beta2, eps, weight_decay = check_hyper(lr, beta1, beta2, eps, weight_decay)
     quantized = check_state(tables, master_flat, exp_avg_flat, exp_avg_sq_flat, exp_avg_scale, exp_avg_sq_scale)
@@ -289,7 +248,6 @@ def fused_adamw_step(
         raise ValueError(f"step_state is on {step_state.device}, the weights on {tables.device}")
     check_device_scalar("grad_scale", grad_scale, tables.device)
     check_device_scalar("found_inf", found_inf, tables.device)
-    chunks = step_chunks_per_program(tables.block_size, quantized) if chunks is None else check_chunks(chunks, "step")
     seed_lo, seed_hi = split_seed(seed)
     table, g_dtype, g_aligned = tables.gather_grads(grads)
     stochastic = bool(stochastic_rounding) and tables.dtype == torch.bfloat16
@@ -300,16 +258,16 @@ def fused_adamw_step(
     m_map = codebook(True, tables.device) if quantized else exp_avg_flat
     v_map = codebook(False, tables.device) if quantized else exp_avg_flat
     with device_guard(tables.device):
-        _fused_adamw_kernel[(triton.cdiv(tables.num_chunks, chunks),)](
+        _fused_adamw_kernel[(tables.num_chunks,)](
             tables.meta, tables.chunks, table, master, exp_avg_flat, exp_avg_sq_flat,
             exp_avg_scale if quantized else exp_avg_flat, exp_avg_sq_scale if quantized else exp_avg_flat,
             m_map, v_map, step_state,
             grad_scale if grad_scale is not None else master,
-            found_inf if found_inf is not None else master, tables.num_chunks,
+            found_inf if found_inf is not None else master,
             lr, 1.0 - lr * weight_decay, beta2, 1.0 - beta1, 1.0 - beta2, eps, seed_lo, seed_hi,
             W_DTYPE=TL_DTYPES[tables.dtype], G_DTYPE=TL_DTYPES[g_dtype], W_ALIGN=align_hint(tables.weights_aligned, tables.dtype),
             G_ALIGN=align_hint(g_aligned, g_dtype), HAS_SCALE=grad_scale is not None, HAS_FOUND_INF=found_inf is not None,
-            STOCHASTIC=stochastic, BLOCK=tables.block_size, CHUNKS=chunks, HAS_MASTER=master_flat is not None, QUANT=quantized,
+            STOCHASTIC=stochastic, BLOCK=tables.block_size, HAS_MASTER=master_flat is not None, QUANT=quantized,
             QBLOCK=QUANT_BLOCK, num_warps=tables.num_warps, enable_fp_fusion=False, **options,
         )
 

@@ -16,12 +16,17 @@ _OFFSET_ALIGN = tl.constexpr(OFFSET_ALIGN)
 
 
 @triton.jit
-def chunk_at(meta_ptr, chunk_ptr, chunk, BLOCK: tl.constexpr):
-    """(tensor index, first element, weight address, arena offset, numel, decay flag) of chunk
-    number ``chunk`` (int64) of the tables.
+def program_chunk(meta_ptr, chunk_ptr, BLOCK: tl.constexpr):
+    """(tensor index, first element, weight address, arena offset, numel, decay flag) of this program.
 
     All int64: element indices of tensors over 2^31 elements must not wrap.
     """
+    return chunk_at(meta_ptr, chunk_ptr, tl.program_id(0).to(tl.int64), BLOCK)
+
+
+@triton.jit
+def chunk_at(meta_ptr, chunk_ptr, chunk, BLOCK: tl.constexpr):
+    """:func:`program_chunk` of chunk number ``chunk`` (int64) of the tables."""
     tid = tl.load(chunk_ptr + 2 * chunk).to(tl.int64)
     start = tl.load(chunk_ptr + 2 * chunk + 1).to(tl.int64) * BLOCK
     row = meta_ptr + tid * _META_COLS

@@ -11,7 +11,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ..contract import check_chunks, check_state
+from ..contract import check_state
 from ..states.quant import QUANT_BLOCK, zero_code
 from .adamw import check_quant_block
 from .chunk_map import as_pointer, chunk_at
@@ -135,8 +135,8 @@ def block_load(tables: BlockTables, master_flat: Optional[torch.Tensor], exp_avg
         check_quant_block(tables)
     if chunks is None:
         chunks = chunks_per_program(tables.block_size, quantized)
-    else:
-        chunks = check_chunks(chunks, "block-load")
+    elif isinstance(chunks, bool) or not isinstance(chunks, int) or chunks < 1 or chunks & (chunks - 1):
+        raise ValueError(f"chunks per block-load program must be a power of two >= 1, got {chunks!r}")
     master = master_flat if master_flat is not None else exp_avg_flat
     with device_guard(tables.device):
         _block_load_kernel[(triton.cdiv(tables.num_chunks, chunks),)](
