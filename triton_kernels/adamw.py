@@ -13,8 +13,9 @@ square root, no fused multiply-add):
     p = p + (-(lr / (1 - beta1^t)) * m) / denom
 
 8-bit moments: m and v exactly so (their codes depend on nothing else); the weight's step is
-``sqrt(v) * (1 / sqrt(1 - beta2^t)) + eps`` with the hardware's approximate square root and
-division on a GPU (a few ulps of the step), since that kernel is bound by instructions, not bytes.
+``sqrt(v) * (1 / sqrt(1 - beta2^t)) + eps`` with the hardware's approximate square root and a
+reciprocal-and-multiply division on a GPU (a few ulps of the step), since that kernel is bound by
+instructions, not bytes.
 """
 from __future__ import annotations
 
@@ -23,16 +24,20 @@ from typing import Optional, Sequence
 import torch
 import triton
 import triton.language as tl
+from triton.language.extra.cuda import libdevice
 
 from .chunk_map import as_pointer, program_chunk
 from ..contract import check_device_scalar, check_hyper, check_seed, check_state, check_step_state
 from ..states.quant import QUANT_BLOCK, codebook
-from .launch_config import device_guard
+from .launch_config import device_guard, interpreted
 from .quant import dequantize_rows, quantize_rows
 from .rounding import to_weight_dtype
 from .tables import TL_DTYPES, BlockTables, align_hint
 
 _SEED_BITS = 31  # each half of the seed stays an int32 argument: no new compilation per seed
+#: the 8-bit update's weight step by the reciprocal-and-multiply division on a GPU; the interpreter
+#: has no CUDA intrinsics and divides as the torch twin does
+_FAST_DIVISION = tl.constexpr(not interpreted())
 
 
 @triton.jit
@@ -59,12 +64,17 @@ def _adamw_update(g, p, m, v, grad_scale, p_scale, beta2, one_minus_beta1, one_m
 def _adamw_update_8bit(g, p, m, v, grad_scale, p_scale, beta2, one_minus_beta1, one_minus_beta2, eps, neg_step_size,
                        inv_bc2_sqrt, HAS_SCALE: tl.constexpr):
     """The 8-bit formats' update: the same moments (their codes depend on nothing else), the weight's
-    step by the hardware's approximate square root and division (a few ulps of the step; about 25
-    fewer instructions per element in a kernel bound by instructions, not bytes). The Triton
-    interpreter evaluates both exactly, as the torch twin does."""
+    step by the hardware's approximate square root and a reciprocal-and-multiply division (a few
+    ulps of the step; zero where the denominator exceeds 2^126; fewer instructions in a kernel
+    bound by instructions, not bytes). The Triton interpreter evaluates both exactly, as the torch
+    twin does."""
     m, v = _adamw_moments(g, m, v, grad_scale, beta2, one_minus_beta1, one_minus_beta2, HAS_SCALE)
     denom = tl.sqrt(v) * inv_bc2_sqrt + eps
-    p = p * p_scale + tl.fdiv(neg_step_size * m, denom, ieee_rounding=False)
+    if _FAST_DIVISION:
+        step = libdevice.fast_dividef(neg_step_size * m, denom)
+    else:
+        step = tl.fdiv(neg_step_size * m, denom, ieee_rounding=False)
+    p = p * p_scale + step
     return p, m, v
 
 
