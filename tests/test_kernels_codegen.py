@@ -126,9 +126,10 @@ def test_switch_and_norm_kernels_vectorize(codegen):
 
 def test_8bit_step_kernel_stays_in_registers_with_approximate_weight_step(codegen):
     """The 8-bit step: no spills; the weight's step by approximate square root and the
-    reciprocal-and-multiply division (``div.approx``, not the longer ``div.full``), IEEE division only for the per-block inverse absmax the codes depend on; no fused
-    multiply-add (m and v, hence the codes, keep parity with the torch twin). Its throughput is
-    measured by bench/bench_states.py on the GPU."""
+    reciprocal-and-multiply division (``div.approx``, not the longer ``div.full``), IEEE division
+    only for the per-block inverse absmax the codes depend on; no fused multiply-add (m and v, hence
+    the codes, keep parity with the torch twin). Its throughput is measured by
+    bench/bench_states.py on the GPU."""
     k = codegen["adamw8"]
     assert k["local"] == 0, f"local-memory spills: {k}"
     assert k["sqrt_rn"] == 0 and k["sqrt_approx"] > 0 and k["div_approx"] > 0 and k["div_full"] == 0, k

@@ -73,7 +73,7 @@ def _adamw_update_8bit(g, p, m, v, grad_scale, p_scale, beta2, one_minus_beta1, 
     if _FAST_DIVISION:
         step = libdevice.fast_dividef(neg_step_size * m, denom)
     else:
-        step = tl.fdiv(neg_step_size * m, denom, ieee_rounding=False)
+        step = tl.div_rn(neg_step_size * m, denom)  # the interpreter only: IEEE, as the twin
     p = p * p_scale + step
     return p, m, v
 
