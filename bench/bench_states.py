@@ -54,6 +54,9 @@ import torch
 LLAMA3_8B_LAYER = [(4096, 4096), (1024, 4096), (1024, 4096), (4096, 4096),
                    (14336, 4096), (14336, 4096), (4096, 14336), (4096,), (4096,)]
 SMOKE_LAYER = [(3, 129), (257,), (1,), (40, 64)]
+#: ``--layer``: the 8B layer's 9 tensors, or one flat tensor of the same size (the same bytes without
+#: the tables' tensor lookup: what the multi-tensor launch costs)
+LAYERS = {"llama3-8b": LLAMA3_8B_LAYER, "flat": [(sum(math.prod(s) for s in LLAMA3_8B_LAYER),)]}
 FORMATS = {"fp32": ("fp32", True), "8bit": ("8bit", True), "8bit-nomaster": ("8bit", False),
            "fp32-nomaster": ("fp32", False)}
 STEP_BYTES = {"fp32": 28.0, "8bit": 16 + 16 / 256, "8bit-nomaster": 10 + 16 / 256, "fp32-nomaster": 22.0}
@@ -146,12 +149,13 @@ class Layer:
         r = self.regions
         self.K.block_load(self.tables, *r[:3], exp_avg_scale=r[3], exp_avg_sq_scale=r[4], chunks=chunks)
 
-    def step(self) -> None:
+    def step(self, chunks: Optional[int] = None) -> None:
         r = self.regions
         self.K.advance_step(self.state, HYPER["beta1"], HYPER["beta2"])
+        extra = {} if chunks is None else {"chunks": chunks}
         self.K.fused_adamw_step(self.tables, self.grads, *r[:3], self.state, **HYPER,
                                 stochastic_rounding=not self.spec.has("master"), seed=1,
-                                exp_avg_scale=r[3], exp_avg_sq_scale=r[4])
+                                exp_avg_scale=r[3], exp_avg_sq_scale=r[4], **extra)
 
 
 def torch_adamw_fn(shapes, device: torch.device) -> Callable[[], None]:
@@ -222,11 +226,11 @@ def run_speed(args: argparse.Namespace, device: torch.device) -> list[dict[str, 
     from badam_ext.kernels.switch_load import chunks_per_program
 
     bench = timer(device)
-    shapes = SMOKE_LAYER if args.smoke else LLAMA3_8B_LAYER
+    shapes = SMOKE_LAYER if args.smoke else LAYERS[args.layer]
     copy_gbs = copy_bandwidth(device, bench, 0.001 if args.smoke else args.copy_gib)
     print(f"# copy bandwidth: {copy_gbs:.0f} GB/s ({'smoke' if args.smoke else f'{args.copy_gib} GiB fp32 copy'})")
     base = env_record(device)
-    base.update(layer="smoke" if args.smoke else "llama3-8b", copy_gbs=round(copy_gbs, 1))
+    base.update(layer="smoke" if args.smoke else args.layer, copy_gbs=round(copy_gbs, 1))
     records = []
 
     def record(path: str, kind: str, ms: float, numel: int, bytes_per_param: float,
@@ -247,7 +251,10 @@ def run_speed(args: argparse.Namespace, device: torch.device) -> list[dict[str, 
                               "max_registers": layer.tables.step_max_registers}
                     if maxnreg is not None:
                         config["maxnreg"] = maxnreg
-                    record(fmt, "step", bench(layer.step), layer.numel, STEP_BYTES[fmt], config)
+                    step_chunks = (args.step_chunks or [None]) if layer.quantized else [None]
+                    for chunks in step_chunks:
+                        extra = dict(config) if chunks is None else dict(config, step_chunks=chunks)
+                        record(fmt, "step", bench(lambda: layer.step(chunks)), layer.numel, STEP_BYTES[fmt], extra)
                     default_chunks = chunks_per_program(layer.tables.block_size, layer.quantized)
                     record(fmt, "block_load", bench(layer.load), layer.numel, LOAD_BYTES[fmt],
                            dict(config, load_chunks=default_chunks))
@@ -460,6 +467,10 @@ def main(argv: Optional[list[str]] = None) -> int:
                         "(a probe: occupancy against spills)")
     parser.add_argument("--load-chunks", default="", help="comma-separated chunks per block-load program to "
                         "sweep besides the default (powers of two)")
+    parser.add_argument("--step-chunks", default="", help="comma-separated chunks per 8-bit step program to "
+                        "sweep (powers of two; default: the kernel's)")
+    parser.add_argument("--layer", default="llama3-8b", choices=sorted(LAYERS),
+                        help="the shapes timed: the 8B layer, or one flat tensor of its size")
     parser.add_argument("--seeds", default="0", help="--finetune: comma-separated seeds (model, data order, schedule)")
     parser.add_argument("--steps", type=int, default=None, help="optimizer steps (--accuracy 100, --finetune 300)")
     parser.add_argument("--copy-gib", type=float, default=4.0, help="size of the copy-bandwidth probe")
@@ -477,8 +488,9 @@ def main(argv: Optional[list[str]] = None) -> int:
         parser.error(f"--maxnreg: expected comma-separated integers, got {args.maxnreg!r}")
     try:
         args.load_chunks = [int(x) for x in args.load_chunks.split(",") if x.strip()]
+        args.step_chunks = [int(x) for x in args.step_chunks.split(",") if x.strip()]
     except ValueError:
-        parser.error(f"--load-chunks: expected comma-separated integers, got {args.load_chunks!r}")
+        parser.error("--load-chunks / --step-chunks: expected comma-separated integers")
     unknown = [f for f in args.formats if f not in FORMATS]
     if unknown:
         parser.error(f"unknown format(s) {unknown}; choose from {', '.join(FORMATS)}")
