@@ -149,13 +149,12 @@ class Layer:
         r = self.regions
         self.K.block_load(self.tables, *r[:3], exp_avg_scale=r[3], exp_avg_sq_scale=r[4], chunks=chunks)
 
-    def step(self, chunks: Optional[int] = None) -> None:
+    def step(self) -> None:
         r = self.regions
         self.K.advance_step(self.state, HYPER["beta1"], HYPER["beta2"])
-        extra = {} if chunks is None else {"chunks": chunks}
         self.K.fused_adamw_step(self.tables, self.grads, *r[:3], self.state, **HYPER,
                                 stochastic_rounding=not self.spec.has("master"), seed=1,
-                                exp_avg_scale=r[3], exp_avg_sq_scale=r[4], **extra)
+                                exp_avg_scale=r[3], exp_avg_sq_scale=r[4])
 
 
 def torch_adamw_fn(shapes, device: torch.device) -> Callable[[], None]:
@@ -251,10 +250,7 @@ def run_speed(args: argparse.Namespace, device: torch.device) -> list[dict[str, 
                               "max_registers": layer.tables.step_max_registers}
                     if maxnreg is not None:
                         config["maxnreg"] = maxnreg
-                    step_chunks = (args.step_chunks or [None]) if layer.quantized else [None]
-                    for chunks in step_chunks:
-                        extra = dict(config) if chunks is None else dict(config, step_chunks=chunks)
-                        record(fmt, "step", bench(lambda: layer.step(chunks)), layer.numel, STEP_BYTES[fmt], extra)
+                    record(fmt, "step", bench(layer.step), layer.numel, STEP_BYTES[fmt], config)
                     default_chunks = chunks_per_program(layer.tables.block_size, layer.quantized)
                     record(fmt, "block_load", bench(layer.load), layer.numel, LOAD_BYTES[fmt],
                            dict(config, load_chunks=default_chunks))
@@ -467,8 +463,6 @@ def main(argv: Optional[list[str]] = None) -> int:
                         "(a probe: occupancy against spills)")
     parser.add_argument("--load-chunks", default="", help="comma-separated chunks per block-load program to "
                         "sweep besides the default (powers of two)")
-    parser.add_argument("--step-chunks", default="", help="comma-separated chunks per 8-bit step program to "
-                        "sweep (powers of two; default: the kernel's)")
     parser.add_argument("--layer", default="llama3-8b", choices=sorted(LAYERS),
                         help="the shapes timed: the 8B layer, or one flat tensor of its size")
     parser.add_argument("--seeds", default="0", help="--finetune: comma-separated seeds (model, data order, schedule)")
@@ -488,9 +482,8 @@ def main(argv: Optional[list[str]] = None) -> int:
         parser.error(f"--maxnreg: expected comma-separated integers, got {args.maxnreg!r}")
     try:
         args.load_chunks = [int(x) for x in args.load_chunks.split(",") if x.strip()]
-        args.step_chunks = [int(x) for x in args.step_chunks.split(",") if x.strip()]
     except ValueError:
-        parser.error("--load-chunks / --step-chunks: expected comma-separated integers")
+        parser.error(f"--load-chunks: expected comma-separated integers, got {args.load_chunks!r}")
     unknown = [f for f in args.formats if f not in FORMATS]
     if unknown:
         parser.error(f"unknown format(s) {unknown}; choose from {', '.join(FORMATS)}")

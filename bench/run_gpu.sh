@@ -79,13 +79,12 @@ for stage in "$@"; do
     states-8bit)  # the 8-bit step over launch configurations (ours only; 256 x 1 keeps a block's row in one warp)
       run bench_states_8bit python3 bench/bench_states.py --formats 8bit,8bit-nomaster --no-baselines \
         --launch 256x1,256x2,512x1,512x2,512x4,1024x4,1024x8 --out "$OUT/results.jsonl" ;;
-    states-occupancy)  # the 8-bit step over programs of 1-4 warps (a warp a quantization block) and register caps,
-                       # then 1-2 chunks a program (pipelined); the fp32 step on the 8B layer's 9 tensors and on one
-                       # flat tensor of the same size (what the tables cost)
-      run bench_states_occupancy python3 bench/bench_states.py --formats 8bit --no-baselines \
-        --launch 256x1,512x2,1024x4 --maxnreg 48,56,64 --out "$OUT/results.jsonl"
-      run bench_states_pipeline python3 bench/bench_states.py --formats 8bit --no-baselines --step-chunks 1,2 \
-        --maxnreg 64,168 --out "$OUT/results.jsonl"
+    states-caps)  # the 8-bit step at 256 x 1 over register caps, then every format beside
+                    # torch, torchao and bitsandbytes; the fp32 step on the 8B layer's 9 tensors and on one flat
+                    # tensor of the same size (what the tables cost)
+      run bench_states_caps python3 bench/bench_states.py --formats 8bit,8bit-nomaster --no-baselines --launch 256x1 \
+        --maxnreg 64,80,96,128,168 --out "$OUT/results.jsonl"
+      PYTHONPATH=$OPT_PATH run bench_states_all python3 bench/bench_states.py --out "$OUT/results.jsonl"
       for layer in llama3-8b flat; do
         run "bench_states_fp32_$layer" python3 bench/bench_states.py --formats fp32 --no-baselines --layer "$layer" \
           --launch 512x4,1024x4 --out "$OUT/results.jsonl"

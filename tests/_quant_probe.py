@@ -5,7 +5,7 @@ import torch
 import triton
 import triton.language as tl
 
-from badam_ext.kernels.quant import SPAN, quantize_tile
+from badam_ext.kernels.quant import quantize_rows
 from badam_ext.states import QUANT_BLOCK
 from badam_ext.states.quant import codebook
 
@@ -13,8 +13,8 @@ from badam_ext.states.quant import codebook
 @triton.jit
 def _encode_rows(x_ptr, codes_ptr, absmax_ptr, codebook_ptr, SIGNED: tl.constexpr, QBLOCK: tl.constexpr):
     row = tl.program_id(0)
-    idx = row * QBLOCK + tl.arange(0, QBLOCK // SPAN)[:, None, None] * SPAN + tl.arange(0, SPAN)[None, None, :]
-    codes, absmax = quantize_tile(tl.load(x_ptr + idx), codebook_ptr, SIGNED)
+    idx = row * QBLOCK + tl.arange(0, QBLOCK)[None, :]
+    codes, absmax = quantize_rows(tl.load(x_ptr + idx), codebook_ptr, SIGNED)
     tl.store(codes_ptr + idx, codes)
     tl.store(absmax_ptr + row + tl.arange(0, 1), absmax)
 

@@ -14,7 +14,6 @@ import torch
 from _kernel_helpers import DTYPES, bf16_neighbours, kdevice, rel_err, std_errors  # noqa: F401
 from badam_ext import kernels as K
 from badam_ext import torch_ops
-from badam_ext.kernels import adamw
 from badam_ext.arena import BlockArena, required_capacity
 from badam_ext.states import QUANT_BLOCK, StateSpec, state_spec, states_entry
 from badam_ext.states.quant import (bucket_layout, codebook, dequantize, quantize, signed_map, thresholds, unsigned_map,
@@ -333,46 +332,6 @@ def test_8bit_block_load_programs_of_several_chunks(kdevice, chunks: Optional[in
         assert torch.equal(ours.arena.flat(name).cpu().view(torch.uint8),
                            theirs.arena.flat(name).cpu().view(torch.uint8)), name
     padding_untouched(ours)
-
-
-@pytest.mark.parametrize("master", [True, False], ids=["8bit", "8bit-nomaster"])
-@pytest.mark.parametrize("chunks", [2, 4], ids=["2", "4"])
-def test_8bit_step_programs_of_several_chunks(kdevice, chunks: int, master: bool):
-    """Several 256-element chunks a step program, pipelined inside one tensor, one by one where a
-    program's chunks cross tensors or run past the last chunk: codes, scales, master and weights bit
-    for bit those of one-chunk programs, with masked tails and the padding untouched."""
-    spec = state_spec("8bit", master)
-    blocks = [make_state_block(spec, torch.bfloat16, kdevice) for _ in range(2)]
-    tables = [K.BlockTables.build(b.weights, b.offsets, b.decay, block_size=QUANT_BLOCK, states="8bit")
-              for b in blocks]
-    counts = [-(-w.numel() // QUANT_BLOCK) for w in blocks[0].weights]
-    assert sum(counts) % chunks != 0, "a program past the last chunk"
-    assert any(c >= chunks for c in counts) and any(c % chunks for c in counts), "spans in one tensor and across"
-    for b, tab, c in zip(blocks, tables, (1, chunks)):
-        b.load(K, tab)
-        state = K.new_step_state(kdevice)
-        for t in range(2):
-            K.advance_step(state, HYPER["beta1"], HYPER["beta2"])
-            b.step(K, tab, grads_for(b, seed=60 + t), state, lr=1e-3, **HYPER, chunks=c,
-                   stochastic_rounding=not master, seed=7 + t)
-    for name in spec.region_names:
-        ours, theirs = blocks[1].arena.flat(name).cpu(), blocks[0].arena.flat(name).cpu()
-        assert torch.equal(ours.view(torch.uint8), theirs.view(torch.uint8)), name
-    for w, v in zip(blocks[1].weights, blocks[0].weights):
-        assert torch.equal(w, v)
-    padding_untouched(blocks[1])
-
-
-@pytest.mark.parametrize("chunks", [0, 3, True, 2.0], ids=["zero", "three", "bool", "float"])
-def test_step_chunks_must_be_a_power_of_two(chunks):
-    with pytest.raises(ValueError, match="power of two"):
-        adamw.step_chunks(chunks, quantized=True)
-
-
-def test_fp32_step_takes_one_chunk_a_program():
-    assert adamw.step_chunks(None, quantized=False) == 1 and adamw.step_chunks(1, quantized=False) == 1
-    with pytest.raises(ValueError, match="one chunk a program"):
-        adamw.step_chunks(2, quantized=False)
 
 
 # --------------------------------------------------------------------- float64 reference of the scheme

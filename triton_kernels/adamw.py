@@ -26,11 +26,11 @@ import triton
 import triton.language as tl
 from triton.language.extra.cuda import libdevice
 
-from .chunk_map import as_pointer, chunk_at, program_chunk
+from .chunk_map import as_pointer, program_chunk
 from ..contract import check_device_scalar, check_hyper, check_seed, check_state, check_step_state
 from ..states.quant import QUANT_BLOCK, codebook
 from .launch_config import device_guard, interpreted
-from .quant import SPAN, dequantize_tile, quantize_tile
+from .quant import dequantize_rows, quantize_rows
 from .rounding import to_weight_dtype
 from .tables import TL_DTYPES, BlockTables, align_hint
 
@@ -38,8 +38,6 @@ _SEED_BITS = 31  # each half of the seed stays an int32 argument: no new compila
 #: the 8-bit update's weight step by the reciprocal-and-multiply division on a GPU; the interpreter
 #: has no CUDA intrinsics and divides as the torch twin does
 _FAST_DIVISION = tl.constexpr(not interpreted())
-#: consecutive chunks an 8-bit step program covers by default (``fused_adamw_step(chunks=...)``)
-STEP_CHUNKS_8BIT = 1
 
 
 @triton.jit
@@ -115,49 +113,34 @@ def _load(ptr, mask, MASKED: tl.constexpr):
 
 
 @triton.jit
-def _chunk_rows(start, numel, QBLOCK: tl.constexpr, BLOCK: tl.constexpr):
-    """Element indices of the chunk at ``start`` as a ``[QBLOCK // SPAN, rows, SPAN]`` tile (one row
-    per quantization block, see ``quant``), its blocks' indices ``[rows]``, and both masks against
-    ``numel``."""
+def _adamw_chunk_8bit(w_ptr, g_ptr, master_ptr, m_codes_ptr, m_scale_ptr, v_codes_ptr, v_scale_ptr,
+                      m_map_ptr, v_map_ptr, start, numel, arena_offset,
+                      grad_scale, p_scale, beta2, one_minus_beta1, one_minus_beta2, eps, neg_step_size, bc2_sqrt,
+                      seed, BLOCK: tl.constexpr, MASKED: tl.constexpr, HAS_SCALE: tl.constexpr,
+                      W_DTYPE: tl.constexpr, STOCHASTIC: tl.constexpr, HAS_MASTER: tl.constexpr,
+                      QBLOCK: tl.constexpr):
+    # One row per quantization block: chunks start on whole blocks (BLOCK is a multiple of QBLOCK).
     rows = tl.arange(0, BLOCK // QBLOCK)
-    parts = tl.arange(0, QBLOCK // SPAN)
-    idx = start + parts[:, None, None] * SPAN + rows[None, :, None] * QBLOCK + tl.arange(0, SPAN)[None, None, :]
-    return idx, start // QBLOCK + rows, idx < numel, start + rows * QBLOCK < numel
-
-
-@triton.jit
-def _read_chunk_8bit(w_ptr, g_ptr, master_ptr, m_codes_ptr, m_scale_ptr, v_codes_ptr, v_scale_ptr, start, numel,
-                     BLOCK: tl.constexpr, MASKED: tl.constexpr, HAS_MASTER: tl.constexpr, QBLOCK: tl.constexpr):
-    """The raw inputs of one chunk (gradient, weight or master, codes and scales), as loaded."""
-    idx, qrow, mask, row_mask = _chunk_rows(start, numel, QBLOCK, BLOCK)
-    g = _load(g_ptr + idx, mask, MASKED)
+    idx = start + rows[:, None] * QBLOCK + tl.arange(0, QBLOCK)[None, :]
+    qrow = start // QBLOCK + rows
+    mask = idx < numel
+    row_mask = start + rows * QBLOCK < numel
+    g = _load(g_ptr + idx, mask, MASKED).to(tl.float32)
     if HAS_MASTER:
         p = _load(master_ptr + idx, mask, MASKED)
     else:
-        p = _load(w_ptr + idx, mask, MASKED)
-    return (g, p, _load(m_codes_ptr + idx, mask, MASKED), _load(m_scale_ptr + qrow, row_mask, MASKED),
-            _load(v_codes_ptr + idx, mask, MASKED), _load(v_scale_ptr + qrow, row_mask, MASKED))
-
-
-@triton.jit
-def _step_chunk_8bit(inputs, w_ptr, master_ptr, m_codes_ptr, m_scale_ptr, v_codes_ptr, v_scale_ptr,
-                     m_map_ptr, v_map_ptr, start, numel, arena_offset,
-                     grad_scale, p_scale, beta2, one_minus_beta1, one_minus_beta2, eps, neg_step_size,
-                     inv_bc2_sqrt, seed, BLOCK: tl.constexpr, MASKED: tl.constexpr, HAS_SCALE: tl.constexpr,
-                     W_DTYPE: tl.constexpr, STOCHASTIC: tl.constexpr, HAS_MASTER: tl.constexpr,
-                     QBLOCK: tl.constexpr):
-    """Update one chunk from its :func:`_read_chunk_8bit` inputs; write master, codes, scales, weight."""
-    g, p, m_codes, m_scale, v_codes, v_scale = inputs
-    idx, qrow, mask, row_mask = _chunk_rows(start, numel, QBLOCK, BLOCK)
-    m = dequantize_tile(m_codes, m_scale, m_map_ptr)
-    v = dequantize_tile(v_codes, v_scale, v_map_ptr)
-    p, m, v = _adamw_update_8bit(g.to(tl.float32), p.to(tl.float32), m, v, grad_scale, p_scale, beta2,
-                                 one_minus_beta1, one_minus_beta2, eps, neg_step_size, inv_bc2_sqrt, HAS_SCALE)
+        p = _load(w_ptr + idx, mask, MASKED).to(tl.float32)
+    m = dequantize_rows(_load(m_codes_ptr + idx, mask, MASKED), _load(m_scale_ptr + qrow, row_mask, MASKED),
+                        m_map_ptr)
+    v = dequantize_rows(_load(v_codes_ptr + idx, mask, MASKED), _load(v_scale_ptr + qrow, row_mask, MASKED),
+                        v_map_ptr)
+    p, m, v = _adamw_update_8bit(g, p, m, v, grad_scale, p_scale, beta2, one_minus_beta1, one_minus_beta2, eps,
+                                 neg_step_size, tl.div_rn(1.0, bc2_sqrt), HAS_SCALE)
     if MASKED:  # elements past the tensor must not count in their block's absmax
         m = tl.where(mask, m, 0.0)
         v = tl.where(mask, v, 0.0)
-    m_codes, m_absmax = quantize_tile(m, m_map_ptr, True)
-    v_codes, v_absmax = quantize_tile(v, v_map_ptr, False)
+    m_codes, m_absmax = quantize_rows(m, m_map_ptr, True)
+    v_codes, v_absmax = quantize_rows(v, v_map_ptr, False)
     store_mask = mask if MASKED else None
     store_row_mask = row_mask if MASKED else None
     if HAS_MASTER:
@@ -170,71 +153,14 @@ def _step_chunk_8bit(inputs, w_ptr, master_ptr, m_codes_ptr, m_scale_ptr, v_code
     tl.store(w_ptr + idx, w, mask=store_mask)
 
 
-@triton.jit
-def _adamw_span_8bit(w_ptr, g_ptr, master_ptr, m_codes_ptr, m_scale_ptr, v_codes_ptr, v_scale_ptr,
-                     m_map_ptr, v_map_ptr, start, numel, arena_offset,
-                     grad_scale, p_scale, beta2, one_minus_beta1, one_minus_beta2, eps, neg_step_size, inv_bc2_sqrt,
-                     seed, BLOCK: tl.constexpr, CHUNKS: tl.constexpr, MASKED: tl.constexpr,
-                     HAS_SCALE: tl.constexpr, W_DTYPE: tl.constexpr, STOCHASTIC: tl.constexpr,
-                     HAS_MASTER: tl.constexpr, QBLOCK: tl.constexpr):
-    """CHUNKS consecutive chunks of one tensor from ``start``, software-pipelined: the next chunk's
-    loads are issued before this chunk's arithmetic, so a program keeps bytes in flight while it
-    computes (the 8-bit step waits on its loads and table gathers, not on its bytes)."""
-    inputs = _read_chunk_8bit(w_ptr, g_ptr, master_ptr, m_codes_ptr, m_scale_ptr, v_codes_ptr, v_scale_ptr,
-                              start, numel, BLOCK, MASKED, HAS_MASTER, QBLOCK)
-    for i in tl.static_range(1, CHUNKS + 1):
-        if i < CHUNKS:
-            upcoming = _read_chunk_8bit(w_ptr, g_ptr, master_ptr, m_codes_ptr, m_scale_ptr, v_codes_ptr,
-                                        v_scale_ptr, start + i * BLOCK, numel, BLOCK, MASKED, HAS_MASTER, QBLOCK)
-        _step_chunk_8bit(inputs, w_ptr, master_ptr, m_codes_ptr, m_scale_ptr, v_codes_ptr, v_scale_ptr,
-                         m_map_ptr, v_map_ptr, start + (i - 1) * BLOCK, numel, arena_offset, grad_scale, p_scale,
-                         beta2, one_minus_beta1, one_minus_beta2, eps, neg_step_size, inv_bc2_sqrt, seed,
-                         BLOCK, MASKED, HAS_SCALE, W_DTYPE, STOCHASTIC, HAS_MASTER, QBLOCK)
-        if i < CHUNKS:
-            inputs = upcoming
-
-
-@triton.jit
-def _adamw_chunk_8bit(meta_ptr, chunk_ptr, grad_table_ptr, master_ptr, exp_avg_ptr, exp_avg_sq_ptr,
-                      exp_avg_scale_ptr, exp_avg_sq_scale_ptr, m_map_ptr, v_map_ptr, chunk,
-                      grad_scale, decay_factor, beta2, one_minus_beta1, one_minus_beta2, eps, neg_step_size,
-                      inv_bc2_sqrt, seed, W_DTYPE: tl.constexpr, G_DTYPE: tl.constexpr, W_ALIGN: tl.constexpr,
-                      G_ALIGN: tl.constexpr, HAS_SCALE: tl.constexpr, STOCHASTIC: tl.constexpr,
-                      BLOCK: tl.constexpr, CHUNKS: tl.constexpr, HAS_MASTER: tl.constexpr,
-                      QBLOCK: tl.constexpr):
-    """Step chunk number ``chunk`` (int64) of the tables and, when CHUNKS > 1, the CHUNKS - 1 after
-    it in the same tensor (the caller checked they are)."""
-    tid, start, w_addr, offset, numel, decay = chunk_at(meta_ptr, chunk_ptr, chunk, BLOCK)
-    w_ptr = as_pointer(w_addr, W_DTYPE, W_ALIGN)
-    g_ptr = as_pointer(tl.load(grad_table_ptr + tid), G_DTYPE, G_ALIGN)
-    p_scale = tl.where(decay != 0, decay_factor, 1.0)
-    # 4-byte accesses to the codes: 4 per thread, the fp32 streams' register layout (16-byte
-    # code vectors would give the tile a second layout, converted through shared memory)
-    m_base = tl.multiple_of(exp_avg_ptr + offset, 4)
-    v_base = tl.multiple_of(exp_avg_sq_ptr + offset, 4)
-    ms_base = exp_avg_scale_ptr + offset // QBLOCK
-    vs_base = exp_avg_sq_scale_ptr + offset // QBLOCK
-    p_base = master_ptr + offset
-    if start + CHUNKS * BLOCK <= numel:
-        _adamw_span_8bit(w_ptr, g_ptr, p_base, m_base, ms_base, v_base, vs_base, m_map_ptr, v_map_ptr,
-                         start, numel, offset, grad_scale, p_scale, beta2, one_minus_beta1, one_minus_beta2, eps,
-                         neg_step_size, inv_bc2_sqrt, seed, BLOCK, CHUNKS, False, HAS_SCALE, W_DTYPE,
-                         STOCHASTIC, HAS_MASTER, QBLOCK)
-    else:
-        _adamw_span_8bit(w_ptr, g_ptr, p_base, m_base, ms_base, v_base, vs_base, m_map_ptr, v_map_ptr,
-                         start, numel, offset, grad_scale, p_scale, beta2, one_minus_beta1, one_minus_beta2, eps,
-                         neg_step_size, inv_bc2_sqrt, seed, BLOCK, CHUNKS, True, HAS_SCALE, W_DTYPE,
-                         STOCHASTIC, HAS_MASTER, QBLOCK)
-
-
 @triton.jit(do_not_specialize=["seed_lo", "seed_hi"])
 def _fused_adamw_kernel(meta_ptr, chunk_ptr, grad_table_ptr, master_ptr, exp_avg_ptr, exp_avg_sq_ptr,
                         exp_avg_scale_ptr, exp_avg_sq_scale_ptr, m_map_ptr, v_map_ptr,
-                        state_ptr, grad_scale_ptr, found_inf_ptr, num_chunks,
+                        state_ptr, grad_scale_ptr, found_inf_ptr,
                         lr, decay_factor, beta2, one_minus_beta1, one_minus_beta2, eps, seed_lo, seed_hi,
                         W_DTYPE: tl.constexpr, G_DTYPE: tl.constexpr, W_ALIGN: tl.constexpr,
                         G_ALIGN: tl.constexpr, HAS_SCALE: tl.constexpr, HAS_FOUND_INF: tl.constexpr,
-                        STOCHASTIC: tl.constexpr, BLOCK: tl.constexpr, CHUNKS: tl.constexpr,
+                        STOCHASTIC: tl.constexpr, BLOCK: tl.constexpr,
                         # the state format: one specialization each, no runtime branches in the loop
                         HAS_MASTER: tl.constexpr, QUANT: tl.constexpr, QBLOCK: tl.constexpr):
     if HAS_FOUND_INF:
@@ -242,6 +168,9 @@ def _fused_adamw_kernel(meta_ptr, chunk_ptr, grad_table_ptr, master_ptr, exp_avg
     else:
         run = True
     if run:
+        tid, start, w_addr, offset, numel, decay = program_chunk(meta_ptr, chunk_ptr, BLOCK)
+        w_ptr = as_pointer(w_addr, W_DTYPE, W_ALIGN)
+        g_ptr = as_pointer(tl.load(grad_table_ptr + tid), G_DTYPE, G_ALIGN)
         if HAS_SCALE:
             grad_scale = tl.load(grad_scale_ptr)
         else:
@@ -252,54 +181,36 @@ def _fused_adamw_kernel(meta_ptr, chunk_ptr, grad_table_ptr, master_ptr, exp_avg
         bc2 = 1.0 - tl.load(state_ptr + 2)
         neg_step_size = (-(tl.cast(lr, tl.float64) / bc1)).to(tl.float32)
         bc2_sqrt = tl.sqrt(bc2).to(tl.float32)  # fp64 sqrt is correctly rounded
+        p_scale = tl.where(decay != 0, decay_factor, 1.0)
         seed = (seed_hi.to(tl.int64) << 31) | seed_lo.to(tl.int64)
-        pid = tl.program_id(0).to(tl.int64)
+        p_base = master_ptr + offset
+        m_base = exp_avg_ptr + offset
+        v_base = exp_avg_sq_ptr + offset
         if QUANT:
-            inv_bc2_sqrt = tl.div_rn(1.0, bc2_sqrt)
-            if CHUNKS == 1:
-                _adamw_chunk_8bit(meta_ptr, chunk_ptr, grad_table_ptr, master_ptr, exp_avg_ptr, exp_avg_sq_ptr,
-                                  exp_avg_scale_ptr, exp_avg_sq_scale_ptr, m_map_ptr, v_map_ptr, pid, grad_scale,
-                                  decay_factor, beta2, one_minus_beta1, one_minus_beta2, eps, neg_step_size,
-                                  inv_bc2_sqrt, seed, W_DTYPE, G_DTYPE, W_ALIGN, G_ALIGN, HAS_SCALE, STOCHASTIC,
-                                  BLOCK, 1, HAS_MASTER, QBLOCK)
-            else:
-                # CHUNKS consecutive chunks a program: pipelined when they lie in one tensor (the
-                # common case), else one by one
-                first = pid * CHUNKS
-                last = tl.minimum(first + CHUNKS, num_chunks) - 1
-                one_tensor = ((last == first + CHUNKS - 1)
-                              & (tl.load(chunk_ptr + 2 * first) == tl.load(chunk_ptr + 2 * last)))
-                if one_tensor:
-                    _adamw_chunk_8bit(meta_ptr, chunk_ptr, grad_table_ptr, master_ptr, exp_avg_ptr,
-                                      exp_avg_sq_ptr, exp_avg_scale_ptr, exp_avg_sq_scale_ptr, m_map_ptr, v_map_ptr,
-                                      first, grad_scale, decay_factor, beta2, one_minus_beta1, one_minus_beta2, eps,
-                                      neg_step_size, inv_bc2_sqrt, seed, W_DTYPE, G_DTYPE, W_ALIGN, G_ALIGN,
-                                      HAS_SCALE, STOCHASTIC, BLOCK, CHUNKS, HAS_MASTER, QBLOCK)
-                else:
-                    for i in range(CHUNKS):
-                        if first + i < num_chunks:
-                            _adamw_chunk_8bit(meta_ptr, chunk_ptr, grad_table_ptr, master_ptr, exp_avg_ptr,
-                                              exp_avg_sq_ptr, exp_avg_scale_ptr, exp_avg_sq_scale_ptr, m_map_ptr,
-                                              v_map_ptr, first + i, grad_scale, decay_factor, beta2,
-                                              one_minus_beta1, one_minus_beta2, eps, neg_step_size, inv_bc2_sqrt,
-                                              seed, W_DTYPE, G_DTYPE, W_ALIGN, G_ALIGN, HAS_SCALE, STOCHASTIC,
-                                              BLOCK, 1, HAS_MASTER, QBLOCK)
-        else:
-            tid, start, w_addr, offset, numel, decay = program_chunk(meta_ptr, chunk_ptr, BLOCK)
-            w_ptr = as_pointer(w_addr, W_DTYPE, W_ALIGN)
-            g_ptr = as_pointer(tl.load(grad_table_ptr + tid), G_DTYPE, G_ALIGN)
-            p_scale = tl.where(decay != 0, decay_factor, 1.0)
-            p_base = master_ptr + offset
-            m_base = exp_avg_ptr + offset
-            v_base = exp_avg_sq_ptr + offset
+            # 4-byte accesses to the codes: 4 per thread, the fp32 streams' register layout (16-byte
+            # code vectors would give the tile a second layout, converted through shared memory)
+            m_base = tl.multiple_of(m_base, 4)
+            v_base = tl.multiple_of(v_base, 4)
+            ms_base = exp_avg_scale_ptr + offset // QBLOCK
+            vs_base = exp_avg_sq_scale_ptr + offset // QBLOCK
             if start + BLOCK <= numel:
-                _adamw_chunk(w_ptr, g_ptr, p_base, m_base, v_base, start, numel, offset, grad_scale, p_scale,
-                             beta2, one_minus_beta1, one_minus_beta2, eps, neg_step_size, bc2_sqrt, seed,
-                             BLOCK, False, HAS_SCALE, W_DTYPE, STOCHASTIC, HAS_MASTER)
+                _adamw_chunk_8bit(w_ptr, g_ptr, p_base, m_base, ms_base, v_base, vs_base, m_map_ptr, v_map_ptr,
+                                  start, numel, offset, grad_scale, p_scale, beta2, one_minus_beta1,
+                                  one_minus_beta2, eps, neg_step_size, bc2_sqrt, seed,
+                                  BLOCK, False, HAS_SCALE, W_DTYPE, STOCHASTIC, HAS_MASTER, QBLOCK)
             else:
-                _adamw_chunk(w_ptr, g_ptr, p_base, m_base, v_base, start, numel, offset, grad_scale, p_scale,
-                             beta2, one_minus_beta1, one_minus_beta2, eps, neg_step_size, bc2_sqrt, seed,
-                             BLOCK, True, HAS_SCALE, W_DTYPE, STOCHASTIC, HAS_MASTER)
+                _adamw_chunk_8bit(w_ptr, g_ptr, p_base, m_base, ms_base, v_base, vs_base, m_map_ptr, v_map_ptr,
+                                  start, numel, offset, grad_scale, p_scale, beta2, one_minus_beta1,
+                                  one_minus_beta2, eps, neg_step_size, bc2_sqrt, seed,
+                                  BLOCK, True, HAS_SCALE, W_DTYPE, STOCHASTIC, HAS_MASTER, QBLOCK)
+        elif start + BLOCK <= numel:
+            _adamw_chunk(w_ptr, g_ptr, p_base, m_base, v_base, start, numel, offset, grad_scale, p_scale, beta2,
+                         one_minus_beta1, one_minus_beta2, eps, neg_step_size, bc2_sqrt, seed,
+                         BLOCK, False, HAS_SCALE, W_DTYPE, STOCHASTIC, HAS_MASTER)
+        else:
+            _adamw_chunk(w_ptr, g_ptr, p_base, m_base, v_base, start, numel, offset, grad_scale, p_scale, beta2,
+                         one_minus_beta1, one_minus_beta2, eps, neg_step_size, bc2_sqrt, seed,
+                         BLOCK, True, HAS_SCALE, W_DTYPE, STOCHASTIC, HAS_MASTER)
 
 
 def split_seed(seed: int) -> tuple[int, int]:
@@ -327,7 +238,6 @@ def fused_adamw_step(
     seed: int = 0,
     exp_avg_scale: Optional[torch.Tensor] = None,
     exp_avg_sq_scale: Optional[torch.Tensor] = None,
-    chunks: Optional[int] = None,
 ) -> None:
     """One AdamW step over the launch group in one launch (see the module docstring for the math).
 
@@ -337,10 +247,7 @@ def fused_adamw_step(
     ``step_state`` must already hold this step's ``t`` (call :func:`advance_step` first).
     ``grad_scale`` (fp32 device scalar) multiplies the gradients; ``found_inf`` (fp32 device scalar)
     nonzero skips the whole step on device. ``stochastic_rounding`` applies to bf16 weights only;
-    ``seed`` (reduced to 62 bits) should change every step. With 8-bit moments each program steps
-    ``chunks`` consecutive chunks of the tables (a power of two; default :data:`STEP_CHUNKS_8BIT`),
-    the next one's loads in flight during this one's arithmetic; the result does not depend on it.
-    fp32 moments take one chunk a program.
+    ``seed`` (reduced to 62 bits) should change every step.
     """
     lr, beta1, beta2, eps, weight_decay = check_hyper(lr, beta1, beta2, eps, weight_decay)
     quantized = check_state(tables, master_flat, exp_avg_flat, exp_avg_sq_flat, exp_avg_scale, exp_avg_sq_scale)
@@ -351,7 +258,6 @@ def fused_adamw_step(
         raise ValueError(f"step_state is on {step_state.device}, the weights on {tables.device}")
     check_device_scalar("grad_scale", grad_scale, tables.device)
     check_device_scalar("found_inf", found_inf, tables.device)
-    chunks = step_chunks(chunks, quantized)
     seed_lo, seed_hi = split_seed(seed)
     table, g_dtype, g_aligned = tables.gather_grads(grads)
     stochastic = bool(stochastic_rounding) and tables.dtype == torch.bfloat16
@@ -362,29 +268,18 @@ def fused_adamw_step(
     m_map = codebook(True, tables.device) if quantized else exp_avg_flat
     v_map = codebook(False, tables.device) if quantized else exp_avg_flat
     with device_guard(tables.device):
-        _fused_adamw_kernel[(triton.cdiv(tables.num_chunks, chunks),)](
+        _fused_adamw_kernel[(tables.num_chunks,)](
             tables.meta, tables.chunks, table, master, exp_avg_flat, exp_avg_sq_flat,
             exp_avg_scale if quantized else exp_avg_flat, exp_avg_sq_scale if quantized else exp_avg_flat,
             m_map, v_map, step_state,
             grad_scale if grad_scale is not None else master,
-            found_inf if found_inf is not None else master, tables.num_chunks,
+            found_inf if found_inf is not None else master,
             lr, 1.0 - lr * weight_decay, beta2, 1.0 - beta1, 1.0 - beta2, eps, seed_lo, seed_hi,
             W_DTYPE=TL_DTYPES[tables.dtype], G_DTYPE=TL_DTYPES[g_dtype], W_ALIGN=align_hint(tables.weights_aligned, tables.dtype),
             G_ALIGN=align_hint(g_aligned, g_dtype), HAS_SCALE=grad_scale is not None, HAS_FOUND_INF=found_inf is not None,
-            STOCHASTIC=stochastic, BLOCK=tables.block_size, CHUNKS=chunks, HAS_MASTER=master_flat is not None, QUANT=quantized,
+            STOCHASTIC=stochastic, BLOCK=tables.block_size, HAS_MASTER=master_flat is not None, QUANT=quantized,
             QBLOCK=QUANT_BLOCK, num_warps=tables.num_warps, enable_fp_fusion=False, **options,
         )
-
-
-def step_chunks(chunks: Optional[int], quantized: bool) -> int:
-    """Chunks per step program: ``chunks`` checked (a power of two >= 1; 1 for fp32 moments), or the default."""
-    if chunks is None:
-        return STEP_CHUNKS_8BIT if quantized else 1
-    if isinstance(chunks, bool) or not isinstance(chunks, int) or chunks < 1 or chunks & (chunks - 1):
-        raise ValueError(f"chunks per step program must be a power of two >= 1, got {chunks!r}")
-    if chunks > 1 and not quantized:
-        raise ValueError(f"the fp32 step takes one chunk a program, got chunks={chunks}")
-    return chunks
 
 
 def check_quant_block(tables: BlockTables) -> None:

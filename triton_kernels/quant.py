@@ -1,9 +1,7 @@
 """Blockwise 8-bit codes inside the kernels (the scheme and the codec of ``badam_ext.states.quant``).
 
-Values are handled as ``[QBLOCK // SPAN, rows, SPAN]`` tiles: one row per quantization block, each
-row in ``QBLOCK // SPAN`` parts of ``SPAN`` consecutive elements (a warp's 32 lanes x 4). Triton
-gives the lanes the last axis and the warps the rows, so a warp holds whole blocks and a block's
-absmax needs no shared memory, whatever the rows per warp. The kernels read one int32 codebook per map (``states.quant.codebook``):
+Values are handled as ``[rows, QBLOCK]`` tiles, one row per quantization block, so a row's absmax is
+one ``tl.max`` along the row. The kernels read one int32 codebook per map (``states.quant.codebook``):
 the map's bits at ``[0, 256)`` (decoding is one gather; it stays in L1) and the encoder's buckets after
 it. Encoding makes no search: the high bits of the fp32 ratio pick a bucket, whose entry holds the
 code below it and the low bits of the one threshold inside it, so one gather and one integer
@@ -23,31 +21,29 @@ _V_LOW = tl.constexpr((1 << bucket_layout(False)[0]) - 1)
 _SMALLEST_SCALE = tl.constexpr(SMALLEST_SCALE)
 #: where the buckets start in a codebook
 _BUCKETS = tl.constexpr(256)
-#: consecutive elements of a tile part: 32 lanes x 4 (16-byte fp32 vectors)
-SPAN = tl.constexpr(128)
 
 
 @triton.jit
-def dequantize_tile(codes, scales, codebook_ptr):
-    """fp32 ``map[codes] * scale`` of a ``[parts, rows, SPAN]`` tile of codes and its ``[rows]`` scales."""
-    return tl.load(codebook_ptr + codes.to(tl.int32)).to(tl.float32, bitcast=True) * scales[None, :, None]
+def dequantize_rows(codes, scales, codebook_ptr):
+    """fp32 ``map[codes] * scale`` of a ``[rows, QBLOCK]`` tile of codes and its ``[rows]`` scales."""
+    return tl.load(codebook_ptr + codes.to(tl.int32)).to(tl.float32, bitcast=True) * scales[:, None]
 
 
 @triton.jit
-def quantize_tile(x, codebook_ptr, SIGNED: tl.constexpr):
-    """(uint8 codes, fp32 absmax per row) of a ``[parts, rows, SPAN]`` fp32 tile; masked-out
-    elements must already be 0. A row of zeros, or of absmax below ``SMALLEST_SCALE``, gets absmax 0
-    and the code of zero."""
+def quantize_rows(x, codebook_ptr, SIGNED: tl.constexpr):
+    """(uint8 codes, fp32 absmax per row) of a ``[rows, QBLOCK]`` fp32 tile; masked-out elements
+    must already be 0. A row of zeros, or of absmax below ``SMALLEST_SCALE``, gets absmax 0 and the
+    code of zero."""
     ZERO: tl.constexpr = 127 if SIGNED else 0
     SHIFT: tl.constexpr = _M_SHIFT if SIGNED else _V_SHIFT
     BASE: tl.constexpr = _M_BASE if SIGNED else _V_BASE
     LAST: tl.constexpr = (_M_BUCKETS if SIGNED else _V_BUCKETS) - 1
     LOW: tl.constexpr = _M_LOW if SIGNED else _V_LOW
     magnitude = tl.abs(x)
-    absmax = tl.max(tl.max(magnitude, axis=2), axis=0)
+    absmax = tl.max(magnitude, axis=1)
     absmax = tl.where(absmax < _SMALLEST_SCALE, 0.0, absmax)  # 1 / absmax would overflow: stored as zeros
     inverse = tl.div_rn(1.0, tl.where(absmax > 0, absmax, 1.0))
-    bits = (magnitude * inverse[None, :, None]).to(tl.int32, bitcast=True)  # ratio >= 0: bits order as values
+    bits = (magnitude * inverse[:, None]).to(tl.int32, bitcast=True)  # ratio >= 0: bits order as values
     bucket = tl.minimum(tl.maximum((bits >> SHIFT) - BASE, 0), LAST)
     entry = tl.load(codebook_ptr + _BUCKETS + bucket)
     count = (entry >> SHIFT) + ((bits & LOW) > (entry & LOW)).to(tl.int32)
