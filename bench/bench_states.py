@@ -28,6 +28,7 @@ float64 EMAs, for our fp32 and 8-bit states and, when importable, bitsandbytes a
 
     python bench/bench_states.py [--out results.jsonl] [--formats fp32,8bit,8bit-nomaster] [--no-baselines]
     python bench/bench_states.py --formats 8bit --no-baselines --launch 256x2,512x4,1024x8   # a sweep
+    python bench/bench_states.py --formats fp32 --no-baselines --layer flat   # one tensor of the layer's size
     python bench/bench_states.py --accuracy [--steps 100] [--out results.jsonl]
     python bench/bench_states.py --finetune [--steps 300] [--out results.jsonl]   # CPU or GPU
     python bench/bench_states.py --smoke      # tiny sizes on CPU in Triton's interpreter (a CI check)

@@ -49,6 +49,9 @@ run() {  # run NAME CMD...: log to $OUT/NAME.log, keep going on failure
   echo "== $name: rc=$rc in $(( $(date +%s) - s )) s"
 }
 
+# Nsight Compute of one fused step (the sixth launch: after the warm-up compilations)
+NCU_ONE_STEP=(ncu --clock-control none --kernel-name-base function -k regex:fused_adamw -s 5 -c 1)
+
 for stage in "$@"; do
   case $stage in
     launch)  # tune BLOCK x warps on this GPU (writes the cache), then the step and load beside torch AdamW
@@ -79,26 +82,19 @@ for stage in "$@"; do
     states-8bit)  # the 8-bit step over launch configurations (ours only; 256 x 1 keeps a block's row in one warp)
       run bench_states_8bit python3 bench/bench_states.py --formats 8bit,8bit-nomaster --no-baselines \
         --launch 256x1,256x2,512x1,512x2,512x4,1024x4,1024x8 --out "$OUT/results.jsonl" ;;
-    states-caps)  # the 8-bit step at 256 x 1 over register caps, then every format beside
-                    # torch, torchao and bitsandbytes; the fp32 step on the 8B layer's 9 tensors and on one flat
-                    # tensor of the same size (what the tables cost)
-      run bench_states_caps python3 bench/bench_states.py --formats 8bit,8bit-nomaster --no-baselines --launch 256x1 \
-        --maxnreg 64,80,96,128,168 --out "$OUT/results.jsonl"
-      PYTHONPATH=$OPT_PATH run bench_states_all python3 bench/bench_states.py --out "$OUT/results.jsonl"
+    states-flat)  # the fp32 step on the 8B layer's 9 tensors and on one flat tensor of the same size (what the tables cost)
       for layer in llama3-8b flat; do
         run "bench_states_fp32_$layer" python3 bench/bench_states.py --formats fp32 --no-baselines --layer "$layer" \
           --launch 512x4,1024x4 --out "$OUT/results.jsonl"
       done ;;
     ncu-8bit-memory)  # Nsight Compute of one 8-bit step at the H200's entry (256 x 1, 64 registers): where L1 time goes
-      run ncu_8bit_memory ncu --clock-control none --kernel-name-base function -k regex:fused_adamw -s 5 -c 1 \
-        --section SpeedOfLight --section MemoryWorkloadAnalysis --section MemoryWorkloadAnalysis_Tables \
+      run ncu_8bit_memory "${NCU_ONE_STEP[@]}" --section SpeedOfLight --section MemoryWorkloadAnalysis --section MemoryWorkloadAnalysis_Tables \
         --section WarpStateStats --section SourceCounters --import-source no -o "$OUT/ncu-8bit" \
         python3 bench/bench_states.py --formats 8bit --no-baselines
       run ncu_8bit_memory_details ncu --import "$OUT/ncu-8bit.ncu-rep" --page details
       run ncu_8bit_memory_sass ncu --import "$OUT/ncu-8bit.ncu-rep" --page source --csv --print-source sass ;;
     ncu-8bit)  # Nsight Compute of one 8-bit step at the H200's 256 x 1: the summary sections
-      run ncu_8bit ncu --clock-control none --kernel-name-base function -k regex:fused_adamw -s 5 -c 1 \
-        --section SpeedOfLight --section ComputeWorkloadAnalysis --section Occupancy --section LaunchStats \
+      run ncu_8bit "${NCU_ONE_STEP[@]}" --section SpeedOfLight --section ComputeWorkloadAnalysis --section Occupancy --section LaunchStats \
         --section InstructionStats --section WarpStateStats \
         python3 bench/bench_states.py --formats 8bit --no-baselines --launch 256x1 ;;
     profile-32)  # all 32 layers of the 8B shape, block 10 active: step times, host syncs, traces, eager / compiled
