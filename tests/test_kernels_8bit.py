@@ -16,8 +16,8 @@ from badam_ext import kernels as K
 from badam_ext import torch_ops
 from badam_ext.arena import BlockArena, required_capacity
 from badam_ext.states import QUANT_BLOCK, StateSpec, state_spec, states_entry
-from badam_ext.states.quant import (DIRECTORY_SHIFT_BITS, MANTISSA_BITS, bucket_layout, codebook, dequantize,
-                                    quantize, signed_map, thresholds, unsigned_map, zero_code)
+from badam_ext.states.quant import (bucket_layout, codebook, dequantize, quantize, signed_map, thresholds, unsigned_map,
+                                    zero_code)
 
 SHAPES = [(1,), (255,), (257,), (4097,), (3, 129)]  # cross the 256-element quantization blocks
 HYPER = dict(beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.1)
@@ -208,26 +208,18 @@ def _adversarial(signed: bool, seed: int) -> torch.Tensor:
 
 @pytest.mark.parametrize("signed", [True, False])
 def test_codebook_buckets_count_the_thresholds_below(signed: bool):
-    """The kernels' encoder rule (``bucket_layout``: a binade's directory entry, then its bucket),
-    applied in torch integers, gives the number of thresholds below the ratio for every ratio within
-    3 ulps of a threshold or of a bucket's edge, and for ratios spread over [0, 1]; the tables stay
-    small (what keeps the kernels' gathers to a few cache lines)."""
-    lowest, binades = bucket_layout(signed)
-    book = codebook(signed).long()
-    directory = book[256:256 + binades]
-    first, shift = directory >> DIRECTORY_SHIFT_BITS, directory & ((1 << DIRECTORY_SHIFT_BITS) - 1)
-    assert int(first[0]) == 256 + binades and book.numel() == int(first[-1]) + (1 << (MANTISSA_BITS - int(shift[-1])))
-    assert book.numel() - 256 < (300 if signed else 500), "the encoder's tables grew"
-    edges = torch.cat([((lowest + i) << MANTISSA_BITS) + (torch.arange(1 << (MANTISSA_BITS - int(shift[i]))) << int(shift[i]))
-                       for i in range(binades)]).to(torch.int32).view(torch.float32)
+    """The kernels' bucket rule (``bucket_layout``), applied in torch integers, gives the number of
+    thresholds below the ratio for every ratio within 3 ulps of a threshold or of a bucket's edge,
+    and for ratios spread over [0, 1]."""
+    shift, base, count = bucket_layout(signed)
+    low = (1 << shift) - 1
+    edges = ((torch.arange(count + 1) + base) << shift).to(torch.int32).view(torch.float32)
     spread = torch.rand(100_000, generator=torch.Generator().manual_seed(0)) ** 8
     ratios = torch.cat([_ulps_around(torch.cat([thresholds(signed), edges])), spread, torch.tensor([0.0, 1.0])])
     ratios = ratios[(ratios >= 0) & (ratios <= 1.0)]
     bits = ratios.view(torch.int32).long()
-    mantissa = bits & ((1 << MANTISSA_BITS) - 1)
-    binade = ((bits >> MANTISSA_BITS) - lowest).clamp(0, binades - 1)
-    entry = book[first[binade] + (mantissa >> shift[binade])]
-    got = (entry >> MANTISSA_BITS) + (mantissa > (entry & ((1 << MANTISSA_BITS) - 1))).long()
+    entry = codebook(signed)[256:].long()[((bits >> shift) - base).clamp(0, count - 1)]
+    got = (entry >> shift) + ((bits & low) > (entry & low)).long()
     want = torch.searchsorted(thresholds(signed), ratios, right=False)
     assert torch.equal(got, want), f"{int((got != want).sum())} ratios counted wrong"
     assert torch.equal(codebook(signed)[:256].view(torch.float32), signed_map() if signed else unsigned_map())

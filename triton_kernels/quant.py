@@ -2,29 +2,26 @@
 
 Values are handled as ``[rows, QBLOCK]`` tiles, one row per quantization block, so a row's absmax is
 one ``tl.max`` along the row. The kernels read one int32 codebook per map (``states.quant.codebook``):
-the map's bits at ``[0, 256)`` (decoding is one gather; it stays in L1), then the encoder's directory
-of binades and its buckets. Encoding makes no search: the fp32 ratio's exponent picks a binade, whose
-directory entry gives its first bucket and the shift that picks the bucket from the mantissa; the
-bucket's entry holds the code below it and the mantissa of the one threshold inside it, so two
-gathers and one integer comparison give the torch codec's code.
+the map's bits at ``[0, 256)`` (decoding is one gather; it stays in L1) and the encoder's buckets after
+it. Encoding makes no search: the high bits of the fp32 ratio pick a bucket, whose entry holds the
+code below it and the low bits of the one threshold inside it, so one gather and one integer
+comparison give the torch codec's code.
 """
 from __future__ import annotations
 
 import triton
 import triton.language as tl
 
-from ..states.quant import DIRECTORY_SHIFT_BITS, MANTISSA_BITS, SMALLEST_SCALE, bucket_layout
+from ..states.quant import SMALLEST_SCALE, bucket_layout
 from .launch_config import interpreted
 
-_M_LOWEST, _M_BINADES = (tl.constexpr(v) for v in bucket_layout(True))
-_V_LOWEST, _V_BINADES = (tl.constexpr(v) for v in bucket_layout(False))
-_MANTISSA_BITS = tl.constexpr(MANTISSA_BITS)
-_MANTISSA = tl.constexpr((1 << MANTISSA_BITS) - 1)
-_DIRECTORY_SHIFT_BITS = tl.constexpr(DIRECTORY_SHIFT_BITS)
-_DIRECTORY_SHIFT_MASK = tl.constexpr((1 << DIRECTORY_SHIFT_BITS) - 1)
+_M_SHIFT, _M_BASE, _M_BUCKETS = (tl.constexpr(v) for v in bucket_layout(True))
+_V_SHIFT, _V_BASE, _V_BUCKETS = (tl.constexpr(v) for v in bucket_layout(False))
+_M_LOW = tl.constexpr((1 << bucket_layout(True)[0]) - 1)
+_V_LOW = tl.constexpr((1 << bucket_layout(False)[0]) - 1)
 _SMALLEST_SCALE = tl.constexpr(SMALLEST_SCALE)
-#: where the directory starts in a codebook
-_DIRECTORY = tl.constexpr(256)
+#: where the buckets start in a codebook
+_BUCKETS = tl.constexpr(256)
 #: GPU builds read the codebook through inline PTX (the interpreter has no PTX); see ``lookup``
 _ASM_LOOKUP = tl.constexpr(not interpreted())
 
@@ -58,19 +55,18 @@ def quantize_rows(x, codebook_ptr, SIGNED: tl.constexpr):
     must already be 0. A row of zeros, or of absmax below ``SMALLEST_SCALE``, gets absmax 0 and the
     code of zero."""
     ZERO: tl.constexpr = 127 if SIGNED else 0
-    LOWEST: tl.constexpr = _M_LOWEST if SIGNED else _V_LOWEST
-    LAST: tl.constexpr = (_M_BINADES if SIGNED else _V_BINADES) - 1
+    SHIFT: tl.constexpr = _M_SHIFT if SIGNED else _V_SHIFT
+    BASE: tl.constexpr = _M_BASE if SIGNED else _V_BASE
+    LAST: tl.constexpr = (_M_BUCKETS if SIGNED else _V_BUCKETS) - 1
+    LOW: tl.constexpr = _M_LOW if SIGNED else _V_LOW
     magnitude = tl.abs(x)
     absmax = tl.max(magnitude, axis=1)
     absmax = tl.where(absmax < _SMALLEST_SCALE, 0.0, absmax)  # 1 / absmax would overflow: stored as zeros
     inverse = tl.div_rn(1.0, tl.where(absmax > 0, absmax, 1.0))
     bits = (magnitude * inverse[:, None]).to(tl.int32, bitcast=True)  # ratio >= 0: bits order as values
-    binade = tl.minimum(tl.maximum((bits >> _MANTISSA_BITS) - LOWEST, 0), LAST)
-    directory = lookup(codebook_ptr, _DIRECTORY + binade)
-    mantissa = bits & _MANTISSA
-    bucket = (directory >> _DIRECTORY_SHIFT_BITS) + (mantissa >> (directory & _DIRECTORY_SHIFT_MASK))
-    entry = lookup(codebook_ptr, bucket)
-    count = (entry >> _MANTISSA_BITS) + (mantissa > (entry & _MANTISSA)).to(tl.int32)
+    bucket = tl.minimum(tl.maximum((bits >> SHIFT) - BASE, 0), LAST)
+    entry = lookup(codebook_ptr, _BUCKETS + bucket)
+    count = (entry >> SHIFT) + ((bits & LOW) > (entry & LOW)).to(tl.int32)
     if SIGNED:
         codes = tl.where(x < 0, ZERO - count, ZERO + count)
     else:

@@ -21,9 +21,9 @@ fp32 operations, in this order), then the code of the map entry nearest to ``r``
 zero. Nearness is decided against the exact midpoints between the map's fractions
 (``midpoint_numerator / midpoint_denominator``): ``r`` lies above the midpoint below magnitude ``j``
 exactly when ``r > thresholds[j]``, the largest fp32 not above that midpoint. The magnitude code is
-then the number of thresholds below ``r``: a search here; in the kernels two gathers (a binade's
-directory entry, then its bucket, tables built from the same thresholds: ``bucket_layout``) and one
-integer comparison, so both backends give the same codes.
+then the number of thresholds below ``r``: a search here; in the kernels one gather from a bucket
+table built from the same thresholds (``bucket_layout``) and one integer comparison, so both
+backends give the same codes.
 """
 from __future__ import annotations
 
@@ -124,7 +124,7 @@ def _cached(kind: str, device: torch.device | str, signed: bool) -> torch.Tensor
         elif kind == "thresholds":
             table = _thresholds_cpu(signed)
         else:  # the kernels' table, int32: the map's bits, then the encoder's buckets
-            table = torch.cat([_maps_cpu()[0 if signed else 1].view(torch.int32), _encoder_tables_cpu(signed)])
+            table = torch.cat([_maps_cpu()[0 if signed else 1].view(torch.int32), _buckets_cpu(signed)])
         _DEVICE_TABLES[key] = table.to(device)
     return _DEVICE_TABLES[key]
 
@@ -147,59 +147,39 @@ def thresholds(signed: bool, device: torch.device | str = "cpu") -> torch.Tensor
 
 def codebook(signed: bool, device: torch.device | str = "cpu") -> torch.Tensor:
     """What the kernels read (int32, cached): the map's fp32 bits at ``[0, 256)``, then the encoder's
-    directory and buckets (:func:`bucket_layout`)."""
+    buckets (:func:`bucket_layout`)."""
     return _cached("codebook", device, signed)
 
 
-#: fields of the encoder's int32 entries: a directory entry is ``(first bucket) << DIRECTORY_SHIFT_BITS |
-#: shift``; a bucket entry is ``(thresholds below it) << MANTISSA_BITS | (its threshold's mantissa)``
-MANTISSA_BITS = 23
-DIRECTORY_SHIFT_BITS = 5
-_MANTISSA = (1 << MANTISSA_BITS) - 1
+#: ratio bits below this many low bits select an encoder bucket, per map (signed, unsigned)
+BUCKET_SHIFT = {True: 17, False: 16}
 
 
 @functools.lru_cache(maxsize=None)
-def bucket_layout(signed: bool) -> tuple[int, int]:
-    """(lowest, binades) of the encoder's directory: a non-negative fp32 ratio with bits ``b`` lies
-    in binade ``clamp((b >> 23) - lowest, 0, binades - 1)`` (binade 0 holds everything below the
-    smallest threshold's binade; the last is 1.0's).
-
-    Each binade is split into as few equal buckets, a power of two, as keep every threshold in a
-    bucket of its own (one bucket where the map is sparse, 64 or 128 near 1.0), so the table stays
-    small: a few hundred entries, a few cache lines per warp's gather. In the codebook, binade ``i``'s
-    directory entry at ``256 + i`` holds its first bucket's index and its shift; the bucket of
-    mantissa ``f`` is ``first + (f >> shift)``, and the magnitude code is ``(entry >> 23) +
-    (f > (entry & MANTISSA))`` (two gathers and one comparison, no search)."""
-    lowest = (int(thresholds(signed)[0].view(torch.int32)) >> MANTISSA_BITS) - 1  # no threshold in binade 0
-    one = int(torch.tensor(1.0).view(torch.int32)) >> MANTISSA_BITS
-    return lowest, one - lowest + 1
+def bucket_layout(signed: bool) -> tuple[int, int, int]:
+    """(shift, base, count) of the encoder's buckets: a non-negative fp32 ratio with bits ``b`` falls
+    in bucket ``clamp((b >> shift) - base, 0, count - 1)``. Buckets split each binade from below the
+    smallest threshold up to 1.0 into equal parts, each holding at most one threshold; the bucket's
+    int32 entry is ``(thresholds below it) << shift | (its threshold's low bits, else all ones)``, so the
+    magnitude code is ``(entry >> shift) + ((b & low) > (entry & low))`` (one gather, no search)."""
+    shift = BUCKET_SHIFT[signed]
+    lowest_binade = (int(thresholds(signed)[0].view(torch.int32)) >> 23) - 1  # no threshold in bucket 0
+    base = lowest_binade << (23 - shift)
+    one = int(torch.tensor(1.0).view(torch.int32)) >> shift
+    return shift, base, one - base + 1
 
 
 @functools.lru_cache(maxsize=None)
-def _encoder_tables_cpu(signed: bool) -> torch.Tensor:
-    """The directory, then the buckets (int32), as :func:`bucket_layout` describes them."""
-    lowest, binades = bucket_layout(signed)
+def _buckets_cpu(signed: bool) -> torch.Tensor:
+    shift, base, count = bucket_layout(signed)
+    low = (1 << shift) - 1
     bits = thresholds(signed).view(torch.int32).long()
-    binade_of = (bits >> MANTISSA_BITS) - lowest
-    assert int(binade_of.min()) >= 1 and int(binade_of.max()) < binades - 1, "a threshold in an end binade"
-    first = 256 + binades  # where the buckets start in the codebook
-    directory, buckets = [], []
-    for binade in range(binades):
-        members = (binade_of == binade).nonzero().flatten()
-        mantissas = bits[members] & _MANTISSA
-        shift = next(s for s in range(MANTISSA_BITS, -1, -1)
-                     if (mantissas >> s).unique().numel() == mantissas.numel())
-        directory.append(((first + len(buckets)) << DIRECTORY_SHIFT_BITS) | shift)
-        below = int((binade_of < binade).sum())  # thresholds in lower binades
-        for bucket in range(1 << (MANTISSA_BITS - shift)):
-            inside = members[(mantissas >> shift) == bucket]
-            if inside.numel():
-                j = int(inside[0])
-                buckets.append((j << MANTISSA_BITS) | int(bits[j] & _MANTISSA))
-                below = j + 1
-            else:
-                buckets.append((below << MANTISSA_BITS) | _MANTISSA)
-    return torch.tensor(directory + buckets, dtype=torch.int32)
+    bucket_of = (bits >> shift) - base
+    assert int(bucket_of.min()) >= 1 and bucket_of.unique().numel() == bits.numel(), "two thresholds share a bucket"
+    below = torch.searchsorted(bucket_of, torch.arange(count), right=False)  # thresholds in lower buckets
+    entries = (below << shift) | low
+    entries[bucket_of] = (torch.arange(bits.numel()) << shift) | (bits & low)
+    return entries.to(torch.int32)
 
 
 def zero_code(signed: bool) -> int:
