@@ -46,6 +46,7 @@ def build(kernel, types, constexprs, **options):
         "fma": len(re.findall(r"fma\.rn\.f32", ptx)),
         "maxnreg": [int(n) for n in re.findall(r"\.maxnreg\s+(\d+)", ptx)],
         "asm_lookups": len(re.findall(r"ld\.global\.nc\.b32", ptx)),
+        "cg_loads": len(re.findall(r"ld\.global\.cg", ptx)),
     }
 
 tables = dict(meta_ptr="*i64", chunk_ptr="*i32", grad_table_ptr="*i64")
@@ -110,6 +111,8 @@ def test_step_kernel_vectorizes_and_stays_in_registers(codegen):
     assert k["v2_loads"] >= 2 and k["v2_stores"] >= 2, k
     assert k["shared"] == 0, f"layout conversion through shared memory: {k}"
     assert k["local"] == 0, f"local-memory spills: {k}"
+    # the streams are read once: L2 only (.cg), both paths (full chunk and masked tail)
+    assert k["cg_loads"] >= 8, f"the step's loads should bypass L1: {k}"
 
 
 def test_step_kernel_uses_ieee_arithmetic(codegen):
