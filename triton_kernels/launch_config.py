@@ -72,9 +72,9 @@ class LaunchConfig:
 MEASURED: dict[str, dict[str, LaunchConfig]] = {
     "H100": {FUSED_STEP: LaunchConfig(2048, 8, "builtin")},  # fused step 98.2%, block load 94.6% of copy bandwidth
     "H200": {
-        # three runs (2026-12-02): fused step 96.2-96.6%, block load 93.0-93.9% of copy bandwidth;
-        # 97.7% with the step's loads cached in L2 only (2026-12-03)
-        # (2048 x 8: 92.5%, 91%); the tuner's cache can still refine it per kernel
+        # three runs (2026-12-02): fused step 96.2-96.6%, block load 93.0-93.9% of copy bandwidth
+        # (2048 x 8: 92.5%, 91%); the tuner's cache can still refine it per kernel. The step at
+        # 97.7% with its loads cached in L2 only (2026-12-03)
         FUSED_STEP: LaunchConfig(512, 4, "builtin"),
         # the 8-bit step (2026-12-02): 1.398 ms at 256 x 1 against 1.655 at 512 x 2 and 1.815 at 512 x 4;
         # 64 registers (a few spills, 32 one-warp programs per SM instead of 20): 1.174 ms, against
