@@ -29,15 +29,12 @@ from triton.language.extra.cuda import libdevice
 from .chunk_map import as_pointer, program_chunk
 from ..contract import check_device_scalar, check_hyper, check_seed, check_state, check_step_state
 from ..states.quant import QUANT_BLOCK, codebook
-from .launch_config import device_guard, interpreted
+from .launch_config import GPU_BUILD, device_guard
 from .quant import dequantize_rows, quantize_rows
 from .rounding import to_weight_dtype
 from .tables import TL_DTYPES, BlockTables, align_hint
 
 _SEED_BITS = 31  # each half of the seed stays an int32 argument: no new compilation per seed
-#: the 8-bit update's weight step by the reciprocal-and-multiply division on a GPU; the interpreter
-#: has no CUDA intrinsics and divides as the torch twin does
-_FAST_DIVISION = tl.constexpr(not interpreted())
 
 
 @triton.jit
@@ -70,7 +67,7 @@ def _adamw_update_8bit(g, p, m, v, grad_scale, p_scale, beta2, one_minus_beta1, 
     twin does."""
     m, v = _adamw_moments(g, m, v, grad_scale, beta2, one_minus_beta1, one_minus_beta2, HAS_SCALE)
     denom = tl.sqrt(v) * inv_bc2_sqrt + eps
-    if _FAST_DIVISION:
+    if GPU_BUILD:  # the reciprocal-and-multiply division
         step = libdevice.fast_dividef(neg_step_size * m, denom)
     else:
         step = tl.div_rn(neg_step_size * m, denom)  # the interpreter only: IEEE, as the twin

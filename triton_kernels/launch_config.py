@@ -31,6 +31,11 @@ def interpreted() -> bool:
     return isinstance(_probe, _InterpretedFunction) if _InterpretedFunction else False
 
 
+#: inside kernels: compiled to PTX for a GPU, so CUDA intrinsics and inline PTX are there (the
+#: interpreter takes the other branch, which computes what the torch twin does)
+GPU_BUILD = tl.constexpr(not interpreted())
+
+
 # GPU: 2048 elements per program at 8 warps (8 elements per thread, two 16-byte fp32 vectors per
 # stream) ran the Llama-3-8B layer step at 98% of the H100's copy bandwidth; 4096 at 8 warps
 # (16 per thread, 158 registers, one program per SM) reached 93%. Other GPUs differ (on an H200

@@ -13,7 +13,7 @@ import triton
 import triton.language as tl
 
 from ..states.quant import SMALLEST_SCALE, bucket_layout
-from .launch_config import interpreted
+from .launch_config import GPU_BUILD
 
 _M_SHIFT, _M_BASE, _M_BUCKETS = (tl.constexpr(v) for v in bucket_layout(True))
 _V_SHIFT, _V_BASE, _V_BUCKETS = (tl.constexpr(v) for v in bucket_layout(False))
@@ -22,8 +22,6 @@ _V_LOW = tl.constexpr((1 << bucket_layout(False)[0]) - 1)
 _SMALLEST_SCALE = tl.constexpr(SMALLEST_SCALE)
 #: where the buckets start in a codebook
 _BUCKETS = tl.constexpr(256)
-#: GPU builds read the codebook through inline PTX (the interpreter has no PTX); see ``lookup``
-_ASM_LOOKUP = tl.constexpr(not interpreted())
 
 
 @triton.jit
@@ -34,7 +32,7 @@ def lookup(table_ptr, index):
     the whole tile into that layout through shared memory (H200: about a fifth of the 8-bit step's
     L1 work). A read-only load in inline PTX is elementwise, so the tile keeps its vector layout.
     """
-    if _ASM_LOOKUP:
+    if GPU_BUILD:
         return tl.inline_asm_elementwise(
             "ld.global.nc.b32 $0, [$1];", "=r,l", [(table_ptr + index).to(tl.int64)],
             dtype=tl.int32, is_pure=True, pack=1,
