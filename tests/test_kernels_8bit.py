@@ -16,8 +16,8 @@ from badam_ext import kernels as K
 from badam_ext import torch_ops
 from badam_ext.arena import BlockArena, required_capacity
 from badam_ext.states import QUANT_BLOCK, StateSpec, state_spec, states_entry
-from badam_ext.states.quant import (bucket_layout, codebook, dequantize, quantize, signed_map, thresholds, unsigned_map,
-                                    zero_code)
+from badam_ext.states.quant import (bucket_layout, codebook, dequantize, encoder_bits_range, quantize, signed_map,
+                                    thresholds, unsigned_map, zero_code)
 
 SHAPES = [(1,), (255,), (257,), (4097,), (3, 129)]  # cross the 256-element quantization blocks
 HYPER = dict(beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.1)
@@ -212,14 +212,15 @@ def test_codebook_buckets_count_the_thresholds_below(signed: bool):
     thresholds below the ratio for every ratio within 3 ulps of a threshold or of a bucket's edge,
     and for ratios spread over [0, 1]."""
     shift, base, count = bucket_layout(signed)
-    low = (1 << shift) - 1
+    lowest, highest = encoder_bits_range(signed)
     edges = ((torch.arange(count + 1) + base) << shift).to(torch.int32).view(torch.float32)
     spread = torch.rand(100_000, generator=torch.Generator().manual_seed(0)) ** 8
     ratios = torch.cat([_ulps_around(torch.cat([thresholds(signed), edges])), spread, torch.tensor([0.0, 1.0])])
     ratios = ratios[(ratios >= 0) & (ratios <= 1.0)]
-    bits = ratios.view(torch.int32).long()
-    entry = codebook(signed)[256:].long()[((bits >> shift) - base).clamp(0, count - 1)]
-    got = (entry >> shift) + ((bits & low) > (entry & low)).long()
+    bits = ratios.view(torch.int32).long().clamp(lowest, highest)
+    got = (bits + codebook(signed)[256:].long()[(bits >> shift) - base]) >> shift
+    # |x| * (1 / absmax) rounds to at most 1 + 2^-23: the clamp leaves every ratio the encoder sees in its bucket
+    assert highest >= int(torch.tensor(1.0 + 2.0 ** -23).view(torch.int32))
     want = torch.searchsorted(thresholds(signed), ratios, right=False)
     assert torch.equal(got, want), f"{int((got != want).sum())} ratios counted wrong"
     assert torch.equal(codebook(signed)[:256].view(torch.float32), signed_map() if signed else unsigned_map())
@@ -227,7 +228,7 @@ def test_codebook_buckets_count_the_thresholds_below(signed: bool):
 
 @pytest.mark.parametrize("signed", [True, False])
 def test_kernel_encoder_matches_the_exact_codec(kdevice, signed: bool):
-    """The kernels' encoder (one bucket gather, one comparison) gives the torch codec's codes
+    """The kernels' encoder (one bucket gather, an addition and a shift) gives the torch codec's codes
     on ratios next to every decision boundary, in the interpreter and on the GPU."""
     from _quant_probe import encode_with_kernel
 

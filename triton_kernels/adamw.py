@@ -76,6 +76,32 @@ def _adamw_update_8bit(g, p, m, v, grad_scale, p_scale, beta2, one_minus_beta1, 
 
 
 @triton.jit
+def _bias_corrections(state_ptr, lr):
+    """(-(lr / (1 - beta1^t)), sqrt(1 - beta2^t)) in fp32 from the fp64 powers (1 - beta^t, the
+    quotient and the square root in fp64, each rounded once), as torch computes its Python-float
+    scalars."""
+    bc1 = 1.0 - tl.load(state_ptr + 1)
+    bc2 = 1.0 - tl.load(state_ptr + 2)
+    neg_step_size = (-(tl.cast(lr, tl.float64) / bc1)).to(tl.float32)
+    return neg_step_size, tl.sqrt(bc2).to(tl.float32)  # fp64 sqrt is correctly rounded
+
+
+@triton.jit
+def _bias_corrections_8bit(state_ptr, lr):
+    """(-(lr / (1 - beta1^t)), 1 / sqrt(1 - beta2^t)) in fp32 for the 8-bit formats' weight step. On a
+    GPU from fp32 ``1 - beta^t`` with the hardware's reciprocal and reciprocal square root (a few
+    ulps; the fp64 division and square root cost a one-warp program about 40 instructions, a
+    twentieth of its work); the interpreter computes the torch twin's exact values."""
+    if GPU_BUILD:
+        bc1 = (1.0 - tl.load(state_ptr + 1)).to(tl.float32)
+        bc2 = (1.0 - tl.load(state_ptr + 2)).to(tl.float32)
+        return libdevice.fast_dividef(-lr, bc1), tl.rsqrt(bc2)
+    else:
+        neg_step_size, bc2_sqrt = _bias_corrections(state_ptr, lr)
+        return neg_step_size, tl.div_rn(1.0, bc2_sqrt)
+
+
+@triton.jit
 def _adamw_chunk(w_ptr, g_ptr, master_ptr, exp_avg_ptr, exp_avg_sq_ptr, start, numel, arena_offset,
                  grad_scale, p_scale, beta2, one_minus_beta1, one_minus_beta2, eps, neg_step_size, bc2_sqrt,
                  seed, BLOCK: tl.constexpr, MASKED: tl.constexpr, HAS_SCALE: tl.constexpr,
@@ -114,8 +140,8 @@ def _load(ptr, mask, MASKED: tl.constexpr):
 @triton.jit
 def _adamw_chunk_8bit(w_ptr, g_ptr, master_ptr, m_codes_ptr, m_scale_ptr, v_codes_ptr, v_scale_ptr,
                       m_map_ptr, v_map_ptr, start, numel, arena_offset,
-                      grad_scale, p_scale, beta2, one_minus_beta1, one_minus_beta2, eps, neg_step_size, bc2_sqrt,
-                      seed, BLOCK: tl.constexpr, MASKED: tl.constexpr, HAS_SCALE: tl.constexpr,
+                      grad_scale, p_scale, beta2, one_minus_beta1, one_minus_beta2, eps, neg_step_size,
+                      inv_bc2_sqrt, seed, BLOCK: tl.constexpr, MASKED: tl.constexpr, HAS_SCALE: tl.constexpr,
                       W_DTYPE: tl.constexpr, STOCHASTIC: tl.constexpr, HAS_MASTER: tl.constexpr,
                       QBLOCK: tl.constexpr):
     # One row per quantization block: chunks start on whole blocks (BLOCK is a multiple of QBLOCK).
@@ -134,7 +160,7 @@ def _adamw_chunk_8bit(w_ptr, g_ptr, master_ptr, m_codes_ptr, m_scale_ptr, v_code
     v = dequantize_rows(_load(v_codes_ptr + idx, mask, MASKED), _load(v_scale_ptr + qrow, row_mask, MASKED),
                         v_map_ptr)
     p, m, v = _adamw_update_8bit(g, p, m, v, grad_scale, p_scale, beta2, one_minus_beta1, one_minus_beta2, eps,
-                                 neg_step_size, tl.div_rn(1.0, bc2_sqrt), HAS_SCALE)
+                                 neg_step_size, inv_bc2_sqrt, HAS_SCALE)
     if MASKED:  # elements past the tensor must not count in their block's absmax
         m = tl.where(mask, m, 0.0)
         v = tl.where(mask, v, 0.0)
@@ -174,12 +200,7 @@ def _fused_adamw_kernel(meta_ptr, chunk_ptr, grad_table_ptr, master_ptr, exp_avg
             grad_scale = tl.load(grad_scale_ptr)
         else:
             grad_scale = 1.0
-        # Bias corrections from the fp64 powers (1 - beta^t in fp64, then rounded once), as torch
-        # computes its Python-float scalars; multiplying by 1.0 leaves non-decayed tensors exact.
-        bc1 = 1.0 - tl.load(state_ptr + 1)
-        bc2 = 1.0 - tl.load(state_ptr + 2)
-        neg_step_size = (-(tl.cast(lr, tl.float64) / bc1)).to(tl.float32)
-        bc2_sqrt = tl.sqrt(bc2).to(tl.float32)  # fp64 sqrt is correctly rounded
+        # multiplying by 1.0 leaves non-decayed tensors exact
         p_scale = tl.where(decay != 0, decay_factor, 1.0)
         seed = (seed_hi.to(tl.int64) << 31) | seed_lo.to(tl.int64)
         p_base = master_ptr + offset
@@ -192,24 +213,27 @@ def _fused_adamw_kernel(meta_ptr, chunk_ptr, grad_table_ptr, master_ptr, exp_avg
             v_base = tl.multiple_of(v_base, 4)
             ms_base = exp_avg_scale_ptr + offset // QBLOCK
             vs_base = exp_avg_sq_scale_ptr + offset // QBLOCK
+            neg_step_size, inv_bc2_sqrt = _bias_corrections_8bit(state_ptr, lr)
             if start + BLOCK <= numel:
                 _adamw_chunk_8bit(w_ptr, g_ptr, p_base, m_base, ms_base, v_base, vs_base, m_map_ptr, v_map_ptr,
                                   start, numel, offset, grad_scale, p_scale, beta2, one_minus_beta1,
-                                  one_minus_beta2, eps, neg_step_size, bc2_sqrt, seed,
+                                  one_minus_beta2, eps, neg_step_size, inv_bc2_sqrt, seed,
                                   BLOCK, False, HAS_SCALE, W_DTYPE, STOCHASTIC, HAS_MASTER, QBLOCK)
             else:
                 _adamw_chunk_8bit(w_ptr, g_ptr, p_base, m_base, ms_base, v_base, vs_base, m_map_ptr, v_map_ptr,
                                   start, numel, offset, grad_scale, p_scale, beta2, one_minus_beta1,
-                                  one_minus_beta2, eps, neg_step_size, bc2_sqrt, seed,
+                                  one_minus_beta2, eps, neg_step_size, inv_bc2_sqrt, seed,
                                   BLOCK, True, HAS_SCALE, W_DTYPE, STOCHASTIC, HAS_MASTER, QBLOCK)
-        elif start + BLOCK <= numel:
-            _adamw_chunk(w_ptr, g_ptr, p_base, m_base, v_base, start, numel, offset, grad_scale, p_scale, beta2,
-                         one_minus_beta1, one_minus_beta2, eps, neg_step_size, bc2_sqrt, seed,
-                         BLOCK, False, HAS_SCALE, W_DTYPE, STOCHASTIC, HAS_MASTER)
         else:
-            _adamw_chunk(w_ptr, g_ptr, p_base, m_base, v_base, start, numel, offset, grad_scale, p_scale, beta2,
-                         one_minus_beta1, one_minus_beta2, eps, neg_step_size, bc2_sqrt, seed,
-                         BLOCK, True, HAS_SCALE, W_DTYPE, STOCHASTIC, HAS_MASTER)
+            neg_step_size, bc2_sqrt = _bias_corrections(state_ptr, lr)
+            if start + BLOCK <= numel:
+                _adamw_chunk(w_ptr, g_ptr, p_base, m_base, v_base, start, numel, offset, grad_scale, p_scale,
+                             beta2, one_minus_beta1, one_minus_beta2, eps, neg_step_size, bc2_sqrt, seed,
+                             BLOCK, False, HAS_SCALE, W_DTYPE, STOCHASTIC, HAS_MASTER)
+            else:
+                _adamw_chunk(w_ptr, g_ptr, p_base, m_base, v_base, start, numel, offset, grad_scale, p_scale,
+                             beta2, one_minus_beta1, one_minus_beta2, eps, neg_step_size, bc2_sqrt, seed,
+                             BLOCK, True, HAS_SCALE, W_DTYPE, STOCHASTIC, HAS_MASTER)
 
 
 def split_seed(seed: int) -> tuple[int, int]:

@@ -22,7 +22,7 @@ zero. Nearness is decided against the exact midpoints between the map's fraction
 (``midpoint_numerator / midpoint_denominator``): ``r`` lies above the midpoint below magnitude ``j``
 exactly when ``r > thresholds[j]``, the largest fp32 not above that midpoint. The magnitude code is
 then the number of thresholds below ``r``: a search here; in the kernels one gather from a bucket
-table built from the same thresholds (``bucket_layout``) and one integer comparison, so both
+table built from the same thresholds (``bucket_layout``), one addition and one shift, so both
 backends give the same codes.
 """
 from __future__ import annotations
@@ -35,7 +35,7 @@ import torch
 from .spec import QUANT_BLOCK
 
 __all__ = ["QUANT_BLOCK", "bucket_layout", "codebook", "dequantize", "quantize", "signed_map", "thresholds", "unsigned_map",
-           "zero_code", "magnitude_count", "midpoint_numerator", "midpoint_denominator"]
+           "zero_code", "encoder_bits_range", "magnitude_count", "midpoint_numerator", "midpoint_denominator"]
 
 SIGNED_EXPONENTS = 7
 UNSIGNED_EXPONENTS = 8
@@ -157,11 +157,12 @@ BUCKET_SHIFT = {True: 17, False: 16}
 
 @functools.lru_cache(maxsize=None)
 def bucket_layout(signed: bool) -> tuple[int, int, int]:
-    """(shift, base, count) of the encoder's buckets: a non-negative fp32 ratio with bits ``b`` falls
-    in bucket ``clamp((b >> shift) - base, 0, count - 1)``. Buckets split each binade from below the
-    smallest threshold up to 1.0 into equal parts, each holding at most one threshold; the bucket's
-    int32 entry is ``(thresholds below it) << shift | (its threshold's low bits, else all ones)``, so the
-    magnitude code is ``(entry >> shift) + ((b & low) > (entry & low))`` (one gather, no search)."""
+    """(shift, base, count) of the encoder's buckets. Buckets split each binade from below the
+    smallest threshold up to 1.0 into equal parts, each holding at most one threshold: a
+    non-negative fp32 ratio whose bits ``b`` are clamped to ``[base << shift, (base + count) << shift)``
+    falls in bucket ``(b >> shift) - base``. Its int32 entry ``e`` makes the magnitude code one
+    addition and one shift, ``(b + e) >> shift`` (see :func:`_buckets_cpu`): one gather, no search,
+    no comparison."""
     shift = BUCKET_SHIFT[signed]
     lowest_binade = (int(thresholds(signed)[0].view(torch.int32)) >> 23) - 1  # no threshold in bucket 0
     base = lowest_binade << (23 - shift)
@@ -171,15 +172,26 @@ def bucket_layout(signed: bool) -> tuple[int, int, int]:
 
 @functools.lru_cache(maxsize=None)
 def _buckets_cpu(signed: bool) -> torch.Tensor:
+    """Entry of bucket ``k``: ``(below - (k + base)) << shift`` plus ``low - t``, where ``below``
+    counts the thresholds in lower buckets and ``t`` is the low bits of the bucket's own threshold
+    (``low`` where it has none). Adding it to a ratio's bits ``b = (k + base) << shift | r`` gives
+    ``below << shift`` plus ``r + low - t``, which carries into the next code exactly when ``r > t``."""
     shift, base, count = bucket_layout(signed)
     low = (1 << shift) - 1
     bits = thresholds(signed).view(torch.int32).long()
     bucket_of = (bits >> shift) - base
     assert int(bucket_of.min()) >= 1 and bucket_of.unique().numel() == bits.numel(), "two thresholds share a bucket"
     below = torch.searchsorted(bucket_of, torch.arange(count), right=False)  # thresholds in lower buckets
-    entries = (below << shift) | low
-    entries[bucket_of] = (torch.arange(bits.numel()) << shift) | (bits & low)
+    own_low = torch.full((count,), low, dtype=torch.long)
+    own_low[bucket_of] = bits & low
+    entries = ((below - torch.arange(count) - base) << shift) + (low - own_low)
     return entries.to(torch.int32)
+
+
+def encoder_bits_range(signed: bool) -> tuple[int, int]:
+    """(lowest, highest) ratio bits the encoder's buckets take: a ratio's bits are clamped to it."""
+    shift, base, count = bucket_layout(signed)
+    return base << shift, ((base + count) << shift) - 1
 
 
 def zero_code(signed: bool) -> int:
