@@ -84,7 +84,8 @@ MEASURED: dict[str, dict[str, LaunchConfig]] = {
         # the 8-bit step (2026-12-02): 1.398 ms at 256 x 1 against 1.655 at 512 x 2 and 1.815 at 512 x 4;
         # 64 registers (a few spills, 32 one-warp programs per SM instead of 20): 1.174 ms, against
         # 1.252 at 80, 1.202 at 56, 1.297 at 48. With the codebook read by inline PTX (2026-12-03):
-        # 0.996 ms at 256 x 1 / 64, against 1.069 at 80, 1.159 at 96; 1.096 at 512 x 2 / 64
+        # 0.996 ms at 256 x 1 / 64, against 1.069 at 80, 1.159 at 96; 1.096 at 512 x 2 / 64. With fewer
+        # instructions (2026-12-03, round 9): 0.981 ms at 64, against 0.982 at 72, 1.036 at 56, 1.023 at 80
         FUSED_STEP_8BIT: LaunchConfig(256, 1, "builtin", max_registers=64),
     },
 }

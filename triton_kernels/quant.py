@@ -29,8 +29,9 @@ def lookup(table_ptr, index, OFFSET: tl.constexpr = 0):
 
     A gather through ``tl.load`` gets a layout of one element per thread, and triton 3.6 then moves
     the whole tile into that layout through shared memory (H200: about a fifth of the 8-bit step's
-    L1 work). A read-only load in inline PTX is elementwise, so the tile keeps its vector layout; its
-    address is one 32 x 32 -> 64-bit multiply-add from ``table + OFFSET`` (a scalar, computed once).
+    L1 work). A read-only load in inline PTX is elementwise, so the tile keeps its vector layout. Its
+    address is a 32 x 32 -> 64-bit multiply-add from ``table + OFFSET`` (a scalar, computed once),
+    which ptxas turns into a shift-and-add pair.
     """
     if GPU_BUILD:
         return tl.inline_asm_elementwise(
