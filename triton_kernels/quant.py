@@ -14,8 +14,8 @@ import triton.language as tl
 from ..states.quant import SMALLEST_SCALE, bucket_layout, encoder_bits_range
 from .launch_config import GPU_BUILD
 
-_M_SHIFT, _M_BASE, _M_BUCKETS = (tl.constexpr(v) for v in bucket_layout(True))
-_V_SHIFT, _V_BASE, _V_BUCKETS = (tl.constexpr(v) for v in bucket_layout(False))
+_M_SHIFT, _M_BASE = (tl.constexpr(v) for v in bucket_layout(True)[:2])
+_V_SHIFT, _V_BASE = (tl.constexpr(v) for v in bucket_layout(False)[:2])
 _M_LOWEST, _M_HIGHEST = (tl.constexpr(v) for v in encoder_bits_range(True))
 _V_LOWEST, _V_HIGHEST = (tl.constexpr(v) for v in encoder_bits_range(False))
 _SMALLEST_SCALE = tl.constexpr(SMALLEST_SCALE)
