@@ -14,8 +14,9 @@ square root, no fused multiply-add):
 
 8-bit moments: m and v exactly so (their codes depend on nothing else); the weight's step is
 ``sqrt(v) * (1 / sqrt(1 - beta2^t)) + eps`` with the hardware's approximate square root and a
-reciprocal-and-multiply division on a GPU (a few ulps of the step), since that kernel is bound by
-instructions, not bytes.
+reciprocal-and-multiply division on a GPU, its bias corrections from fp32 ``1 - beta^t`` by the
+hardware's reciprocal and reciprocal square root (a few ulps of the step), since that kernel is bound
+by instructions and gathers, not bytes.
 """
 from __future__ import annotations
 
