@@ -146,9 +146,16 @@ class Layer:
         self.K = K
         self.load()
 
-    def load(self, chunks: Optional[int] = None) -> None:
+    def load(self, chunks: Optional[int] = None, warps: Optional[int] = None) -> None:
+        from badam_ext.kernels.launch_config import BLOCK_LOAD as kernel
+
         r = self.regions
-        self.K.block_load(self.tables, *r[:3], exp_avg_scale=r[3], exp_avg_sq_scale=r[4], chunks=chunks)
+        default = self.tables.warps_for(kernel)
+        self.tables.kernel_warps[kernel] = warps or default
+        try:
+            self.K.block_load(self.tables, *r[:3], exp_avg_scale=r[3], exp_avg_sq_scale=r[4], chunks=chunks)
+        finally:
+            self.tables.kernel_warps[kernel] = default
 
     def step(self) -> None:
         r = self.regions
@@ -223,6 +230,7 @@ def _bnb_adam8bit():
 
 # ---------------------------------------------------------------------------------------- speed
 def run_speed(args: argparse.Namespace, device: torch.device) -> list[dict[str, Any]]:
+    from badam_ext.kernels.launch_config import BLOCK_LOAD
     from badam_ext.kernels.switch_load import chunks_per_program
 
     bench = timer(device)
@@ -240,7 +248,8 @@ def run_speed(args: argparse.Namespace, device: torch.device) -> list[dict[str, 
                    gbs=round(gbs, 1), frac_copy_bw=round(gbs / copy_gbs, 4), **(extra or {}))
         records.append(rec)
         chunks = f"c{rec['load_chunks']}" if "load_chunks" in rec else ""
-        print(f"{path:28s} {kind:10s} {rec.get('launch', ''):>9s} {chunks:>3s} {ms:8.3f} ms  {100 * rec['frac_copy_bw']:5.1f}% of copy BW")
+        chunks += f"w{rec['load_warps']}" if "load_warps" in rec else ""
+        print(f"{path:28s} {kind:10s} {rec.get('launch', ''):>9s} {chunks:>6s} {ms:8.3f} ms  {100 * rec['frac_copy_bw']:5.1f}% of copy BW")
 
     for launch in args.launch or [None]:
         for maxnreg in args.maxnreg or [None]:
@@ -253,11 +262,11 @@ def run_speed(args: argparse.Namespace, device: torch.device) -> list[dict[str, 
                         config["maxnreg"] = maxnreg
                     record(fmt, "step", bench(layer.step), layer.numel, STEP_BYTES[fmt], config)
                     default_chunks = chunks_per_program(layer.tables.block_size, layer.quantized)
-                    record(fmt, "block_load", bench(layer.load), layer.numel, LOAD_BYTES[fmt],
-                           dict(config, load_chunks=default_chunks))
-                    for chunks in (c for c in args.load_chunks if c != default_chunks):
-                        record(fmt, "block_load", bench(lambda: layer.load(chunks)), layer.numel, LOAD_BYTES[fmt],
-                               dict(config, load_chunks=chunks))
+                    default_warps = layer.tables.warps_for(BLOCK_LOAD)
+                    for chunks in [default_chunks] + [c for c in args.load_chunks if c != default_chunks]:
+                        for warps in [default_warps] + [w for w in args.load_warps if w != default_warps]:
+                            record(fmt, "block_load", bench(lambda: layer.load(chunks, warps)), layer.numel,
+                                   LOAD_BYTES[fmt], dict(config, load_chunks=chunks, load_warps=warps))
                     del layer
                     if device.type == "cuda":
                         torch.cuda.empty_cache()
@@ -464,6 +473,8 @@ def main(argv: Optional[list[str]] = None) -> int:
                         "(a probe: occupancy against spills)")
     parser.add_argument("--load-chunks", default="", help="comma-separated chunks per block-load program to "
                         "sweep besides the default (powers of two)")
+    parser.add_argument("--load-warps", default="", help="comma-separated warps per block-load program to sweep "
+                        "besides the default, at every chunk count")
     parser.add_argument("--layer", default="llama3-8b", choices=sorted(LAYERS),
                         help="the shapes timed: the 8B layer, or one flat tensor of its size")
     parser.add_argument("--seeds", default="0", help="--finetune: comma-separated seeds (model, data order, schedule)")
@@ -485,6 +496,10 @@ def main(argv: Optional[list[str]] = None) -> int:
         args.load_chunks = [int(x) for x in args.load_chunks.split(",") if x.strip()]
     except ValueError:
         parser.error(f"--load-chunks: expected comma-separated integers, got {args.load_chunks!r}")
+    try:
+        args.load_warps = [int(x) for x in args.load_warps.split(",") if x.strip()]
+    except ValueError:
+        parser.error(f"--load-warps: expected comma-separated integers, got {args.load_warps!r}")
     unknown = [f for f in args.formats if f not in FORMATS]
     if unknown:
         parser.error(f"unknown format(s) {unknown}; choose from {', '.join(FORMATS)}")
