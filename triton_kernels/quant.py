@@ -11,12 +11,9 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from ..states.quant import ENCODE_BY_LINES, SMALLEST_SCALE, bucket_layout, encoder_bits_range, encoder_lines
+from ..states.quant import SMALLEST_SCALE, bucket_layout, encoder_bits_range
 from .launch_config import GPU_BUILD
 
-_M_BY_LINES, _V_BY_LINES = tl.constexpr(ENCODE_BY_LINES[True]), tl.constexpr(ENCODE_BY_LINES[False])
-_M_LINES, _V_LINES = tl.constexpr(encoder_lines(True)), tl.constexpr(encoder_lines(False))
-_M_LINE_COUNT, _V_LINE_COUNT = tl.constexpr(len(encoder_lines(True))), tl.constexpr(len(encoder_lines(False)))
 _M_SHIFT, _M_BASE = (tl.constexpr(v) for v in bucket_layout(True)[:2])
 _V_SHIFT, _V_BASE = (tl.constexpr(v) for v in bucket_layout(False)[:2])
 _M_LOWEST, _M_HIGHEST = (tl.constexpr(v) for v in encoder_bits_range(True))
@@ -53,19 +50,6 @@ def dequantize_rows(codes, scales, codebook_ptr):
 
 
 @triton.jit
-def _count_by_lines(bits, codebook_ptr, SIGNED: tl.constexpr):
-    """Thresholds below the ratios of ``bits`` (in [0, 1.0]): the lines' estimate, then one comparison."""
-    LINES: tl.constexpr = _M_LINES if SIGNED else _V_LINES
-    COUNT: tl.constexpr = _M_LINE_COUNT if SIGNED else _V_LINE_COUNT
-    ratio = bits.to(tl.float32, bitcast=True)
-    estimate = tl.fma(ratio, LINES[0][0], LINES[0][1])
-    for p in tl.static_range(1, COUNT):
-        estimate = tl.minimum(estimate, tl.fma(ratio, LINES[p][0], LINES[p][1]))
-    estimate = estimate.to(tl.int32)  # positive: truncation is the floor
-    return estimate + (bits > lookup(codebook_ptr, estimate, _BUCKETS)).to(tl.int32)
-
-
-@triton.jit
 def quantize_rows(x, codebook_ptr, SIGNED: tl.constexpr):
     """(uint8 codes, fp32 absmax per row) of a ``[rows, QBLOCK]`` fp32 tile; masked-out elements
     must already be 0. A row of zeros, or of absmax below ``SMALLEST_SCALE``, gets absmax 0 and the
@@ -80,15 +64,8 @@ def quantize_rows(x, codebook_ptr, SIGNED: tl.constexpr):
     absmax = tl.where(absmax < _SMALLEST_SCALE, 0.0, absmax)  # 1 / absmax would overflow: stored as zeros
     inverse = tl.div_rn(1.0, tl.where(absmax > 0, absmax, 1.0))
     bits = (magnitude * inverse[:, None]).to(tl.int32, bitcast=True)  # ratio >= 0: bits order as values
-    BY_LINES: tl.constexpr = _M_BY_LINES if SIGNED else _V_BY_LINES
-    if BY_LINES:  # ratio >= 0: no lower clamp
-        bits = tl.minimum(bits, HIGHEST)
-    else:
-        bits = tl.minimum(tl.maximum(bits, LOWEST), HIGHEST)
-    if BY_LINES:
-        count = _count_by_lines(bits, codebook_ptr, SIGNED)
-    else:
-        count = (bits + lookup(codebook_ptr, bits >> SHIFT, _BUCKETS - BASE)) >> SHIFT
+    bits = tl.minimum(tl.maximum(bits, LOWEST), HIGHEST)
+    count = (bits + lookup(codebook_ptr, bits >> SHIFT, _BUCKETS - BASE)) >> SHIFT
     if SIGNED:
         codes = tl.where(x < 0, ZERO - count, ZERO + count)
     else:

@@ -35,7 +35,7 @@ import torch
 from .spec import QUANT_BLOCK
 
 __all__ = ["QUANT_BLOCK", "bucket_layout", "codebook", "dequantize", "quantize", "signed_map", "thresholds", "unsigned_map",
-           "zero_code", "encoder_bits_range", "encoder_estimate", "encoder_lines", "magnitude_count", "midpoint_numerator", "midpoint_denominator"]
+           "zero_code", "encoder_bits_range", "magnitude_count", "midpoint_numerator", "midpoint_denominator"]
 
 SIGNED_EXPONENTS = 7
 UNSIGNED_EXPONENTS = 8
@@ -124,8 +124,7 @@ def _cached(kind: str, device: torch.device | str, signed: bool) -> torch.Tensor
         elif kind == "thresholds":
             table = _thresholds_cpu(signed)
         else:  # the kernels' table, int32: the map's bits, then the encoder's buckets
-            encoder = _lines_cpu(signed) if ENCODE_BY_LINES[signed] else _buckets_cpu(signed)
-            table = torch.cat([_maps_cpu()[0 if signed else 1].view(torch.int32), encoder])
+            table = torch.cat([_maps_cpu()[0 if signed else 1].view(torch.int32), _buckets_cpu(signed)])
         _DEVICE_TABLES[key] = table.to(device)
     return _DEVICE_TABLES[key]
 
@@ -152,38 +151,8 @@ def codebook(signed: bool, device: torch.device | str = "cpu") -> torch.Tensor:
     return _cached("codebook", device, signed)
 
 
-#: which maps the kernels encode by lines (True) or by buckets (False), per map (signed, unsigned)
-ENCODE_BY_LINES = {True: True, False: True}
 #: ratio bits below this many low bits select an encoder bucket, per map (signed, unsigned)
 BUCKET_SHIFT = {True: 17, False: 16}
-
-
-@functools.lru_cache(maxsize=None)
-def encoder_lines(signed: bool) -> tuple[tuple[float, float], ...]:
-    """(slope, intercept), fp32, of the lines whose minimum over a ratio ``r`` estimates its code:
-    ``e(r) = min_p(slope_p * r + intercept_p)``, truncated, is the number of thresholds below ``r``
-    or one less (:func:`_lines_cpu` says why), so one comparison with the threshold at ``e`` decides.
-
-    Decade ``p`` (magnitudes ``j`` with ``2**p - 1 <= j <= 2**(p+1) - 2``, ratios in
-    ``(10**(p-E), 10**(p+1-E)]``) maps its magnitudes linearly to ``j + 1``:
-    ``1 + 2**p * (r * 10**(E-p) + 8) / 9 - 2``. The decades' lines meet at the decade boundaries and
-    their slopes fall from decade to decade, so their minimum is the piecewise-linear map through every
-    magnitude, and every threshold (a midpoint) sits half-way between two integers. The lowest
-    decade, of one magnitude, needs no line of its own."""
-    exponents = _exponents(signed)
-    return tuple((float(torch.tensor(float(Fraction(2 ** p * 10 ** (exponents - p), 9)))),
-                  float(torch.tensor(float(Fraction(8 * 2 ** p, 9) - 1))))
-                 for p in range(1, exponents))
-
-
-def encoder_estimate(ratios: torch.Tensor, signed: bool) -> torch.Tensor:
-    """The kernels' estimate ``e`` (int64) of fp32 ``ratios`` in [0, 1], in torch fp32 with fused
-    multiply-adds as in the kernels' PTX (fp32 products and sums here: within 1e-5 of them)."""
-    estimate = None
-    for slope, intercept in encoder_lines(signed):
-        line = ratios * slope + intercept
-        estimate = line if estimate is None else torch.minimum(estimate, line)
-    return estimate.long()
 
 
 @functools.lru_cache(maxsize=None)
@@ -219,20 +188,8 @@ def _buckets_cpu(signed: bool) -> torch.Tensor:
     return entries.to(torch.int32)
 
 
-def _lines_cpu(signed: bool) -> torch.Tensor:
-    """The thresholds' bits and a last entry of +inf: the encoder compares a ratio with the threshold
-    at its estimate ``e``. Between thresholds ``c - 1`` and ``c`` (``c`` below the ratio) the lines
-    give at most ``c - 0.5`` and at least ``c - 2 + 0.44`` (every fp32 ratio of the range checked in
-    the tests), so ``e`` is ``c`` or ``c - 1``, and ``e + (ratio > thresholds[e])`` is ``c``."""
-    inf = torch.tensor([float("inf")]).view(torch.int32)
-    return torch.cat([thresholds(signed).view(torch.int32), inf])
-
-
 def encoder_bits_range(signed: bool) -> tuple[int, int]:
-    """(lowest, highest) ratio bits the encoder takes: a ratio's bits are clamped to it (NaN, inf and
-    ratios rounded above 1.0 to the top)."""
-    if ENCODE_BY_LINES[signed]:
-        return 0, int(torch.tensor(1.0).view(torch.int32))
+    """(lowest, highest) ratio bits the encoder's buckets take: a ratio's bits are clamped to it."""
     shift, base, count = bucket_layout(signed)
     return base << shift, ((base + count) << shift) - 1
 
