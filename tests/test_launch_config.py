@@ -154,7 +154,11 @@ def test_builtin_table_by_device_name(fake_gpu, monkeypatch):
     assert (lc.launch_config(CUDA0, lc.FUSED_STEP_8BIT).block_size,
             lc.launch_config(CUDA0, lc.FUSED_STEP_8BIT).num_warps) == (256, 1)
     assert lc.default_num_warps(256, CUDA0, lc.FUSED_STEP_8BIT) == 1
-    assert lc.launch_config(CUDA0, lc.BLOCK_LOAD) == lc.MEASURED["H200"][lc.FUSED_STEP]  # no entry of its own
+    # the block load's entry is for the 8-bit step's 256-element tables; the fp32 step's 512 take the heuristic
+    assert lc.launch_config(CUDA0, lc.BLOCK_LOAD) == lc.MEASURED["H200"][lc.BLOCK_LOAD]
+    assert lc.default_num_warps(256, CUDA0, lc.BLOCK_LOAD) == 1
+    assert lc.default_num_warps(512, CUDA0, lc.BLOCK_LOAD) == lc.heuristic_num_warps(512) == 4
+    assert lc.default_num_warps(512, CUDA0, lc.GRAD_SQ_NORM) == 4  # no entry of its own: the fp32 step's
     monkeypatch.setattr(lc, "device_key", lambda d: tuning_cache.DeviceKey("Some GPU", "sm80", "3.6.0"))
     assert lc.launch_config(CUDA0) == lc.LaunchConfig(lc.GPU_BLOCK_SIZE, lc.heuristic_num_warps(lc.GPU_BLOCK_SIZE))
 

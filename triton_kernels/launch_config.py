@@ -87,6 +87,11 @@ MEASURED: dict[str, dict[str, LaunchConfig]] = {
         # 0.996 ms at 256 x 1 / 64, against 1.069 at 80, 1.159 at 96; 1.096 at 512 x 2 / 64. With fewer
         # instructions (2026-12-03, round 9): 0.981 ms at 64, against 0.982 at 72, 1.036 at 56, 1.023 at 80
         FUSED_STEP_8BIT: LaunchConfig(256, 1, "builtin", max_registers=64),
+        # the block load over the 8-bit step's 256-element chunks, 8 chunks a program (2026-12-03, round
+        # 10): 0.435 ms (94.1%) at one warp, against 0.447 at 2, 0.446 at 4, 0.444 at 8. Over the fp32
+        # step's 512-element tables the block size differs and the heuristic's 4 warps apply (0.757 ms,
+        # 94.2%, against 0.759 at 1 and 0.771 at 2)
+        BLOCK_LOAD: LaunchConfig(256, 1, "builtin"),
     },
 }
 
