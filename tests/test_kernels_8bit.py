@@ -16,7 +16,7 @@ from badam_ext import kernels as K
 from badam_ext import torch_ops
 from badam_ext.arena import BlockArena, required_capacity
 from badam_ext.states import QUANT_BLOCK, StateSpec, state_spec, states_entry
-from badam_ext.states.quant import (bucket_layout, codebook, dequantize, encoder_bits_range, quantize, signed_map,
+from badam_ext.states.quant import (bucket_layout, codebook, dequantize, encoder_highest_bits, quantize, signed_map,
                                     thresholds, unsigned_map, zero_code)
 
 SHAPES = [(1,), (255,), (257,), (4097,), (3, 129)]  # cross the 256-element quantization blocks
@@ -210,18 +210,21 @@ def _adversarial(signed: bool, seed: int) -> torch.Tensor:
 def test_codebook_buckets_count_the_thresholds_below(signed: bool):
     """The kernels' bucket rule (``bucket_layout``), applied in torch integers, gives the number of
     thresholds below the ratio for every ratio within 3 ulps of a threshold or of a bucket's edge,
-    and for ratios spread over [0, 1]."""
-    shift, base, count = bucket_layout(signed)
-    lowest, highest = encoder_bits_range(signed)
-    edges = ((torch.arange(count + 1) + base) << shift).to(torch.int32).view(torch.float32)
+    for ratios spread over [0, 1], and all of them for NaN of either sign, inf and ratios above 1."""
+    shift, count = bucket_layout(signed)
+    highest = encoder_highest_bits(signed)
+    edges = (torch.arange(count + 1) << shift).to(torch.int32).view(torch.float32)
     spread = torch.rand(100_000, generator=torch.Generator().manual_seed(0)) ** 8
     ratios = torch.cat([_ulps_around(torch.cat([thresholds(signed), edges])), spread, torch.tensor([0.0, 1.0])])
     ratios = ratios[(ratios >= 0) & (ratios <= 1.0)]
-    bits = ratios.view(torch.int32).long().clamp(lowest, highest)
-    got = (bits + codebook(signed)[256:].long()[(bits >> shift) - base]) >> shift
-    # |x| * (1 / absmax) rounds to at most 1 + 2^-23: the clamp leaves every ratio the encoder sees in its bucket
-    assert highest >= int(torch.tensor(1.0 + 2.0 ** -23).view(torch.int32))
-    want = torch.searchsorted(thresholds(signed), ratios, right=False)
+    specials = torch.tensor([1.0 + 2.0 ** -23, 1.5, float("inf"), float("nan")])
+    specials = torch.cat([specials, torch.tensor([-0x400000], dtype=torch.int32).view(torch.float32)])  # 0xffc00000
+    assert specials[-1].isnan()
+    bits = torch.cat([ratios, specials]).view(torch.int32).long() & 0xFFFFFFFF  # as unsigned, as in the kernels
+    bits = bits.clamp(max=highest)
+    got = (bits + codebook(signed)[256:].long()[bits >> shift]) >> shift
+    want = torch.cat([torch.searchsorted(thresholds(signed), ratios, right=False),
+                      torch.full((specials.numel(),), thresholds(signed).numel())])
     assert torch.equal(got, want), f"{int((got != want).sum())} ratios counted wrong"
     assert torch.equal(codebook(signed)[:256].view(torch.float32), signed_map() if signed else unsigned_map())
 

@@ -11,13 +11,11 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from ..states.quant import SMALLEST_SCALE, bucket_layout, encoder_bits_range
+from ..states.quant import SMALLEST_SCALE, bucket_layout, encoder_highest_bits
 from .launch_config import GPU_BUILD
 
-_M_SHIFT, _M_BASE = (tl.constexpr(v) for v in bucket_layout(True)[:2])
-_V_SHIFT, _V_BASE = (tl.constexpr(v) for v in bucket_layout(False)[:2])
-_M_LOWEST, _M_HIGHEST = (tl.constexpr(v) for v in encoder_bits_range(True))
-_V_LOWEST, _V_HIGHEST = (tl.constexpr(v) for v in encoder_bits_range(False))
+_M_SHIFT, _V_SHIFT = tl.constexpr(bucket_layout(True)[0]), tl.constexpr(bucket_layout(False)[0])
+_M_HIGHEST, _V_HIGHEST = tl.constexpr(encoder_highest_bits(True)), tl.constexpr(encoder_highest_bits(False))
 _SMALLEST_SCALE = tl.constexpr(SMALLEST_SCALE)
 #: where the buckets start in a codebook
 _BUCKETS = tl.constexpr(256)
@@ -56,16 +54,15 @@ def quantize_rows(x, codebook_ptr, SIGNED: tl.constexpr):
     code of zero."""
     ZERO: tl.constexpr = 127 if SIGNED else 0
     SHIFT: tl.constexpr = _M_SHIFT if SIGNED else _V_SHIFT
-    BASE: tl.constexpr = _M_BASE if SIGNED else _V_BASE
-    LOWEST: tl.constexpr = _M_LOWEST if SIGNED else _V_LOWEST
     HIGHEST: tl.constexpr = _M_HIGHEST if SIGNED else _V_HIGHEST
     magnitude = tl.abs(x)
     absmax = tl.max(magnitude, axis=1)
     absmax = tl.where(absmax < _SMALLEST_SCALE, 0.0, absmax)  # 1 / absmax would overflow: stored as zeros
     inverse = tl.div_rn(1.0, tl.where(absmax > 0, absmax, 1.0))
-    bits = (magnitude * inverse[:, None]).to(tl.int32, bitcast=True)  # ratio >= 0: bits order as values
-    bits = tl.minimum(tl.maximum(bits, LOWEST), HIGHEST)
-    count = (bits + lookup(codebook_ptr, bits >> SHIFT, _BUCKETS - BASE)) >> SHIFT
+    # ratio >= 0: its bits order as its value; as unsigned, a NaN with the sign bit set clamps to the top too
+    bits = (magnitude * inverse[:, None]).to(tl.uint32, bitcast=True)
+    bits = tl.minimum(bits, HIGHEST).to(tl.int32, bitcast=True)
+    count = (bits + lookup(codebook_ptr, bits >> SHIFT, _BUCKETS)) >> SHIFT
     if SIGNED:
         codes = tl.where(x < 0, ZERO - count, ZERO + count)
     else:

@@ -35,7 +35,7 @@ import torch
 from .spec import QUANT_BLOCK
 
 __all__ = ["QUANT_BLOCK", "bucket_layout", "codebook", "dequantize", "quantize", "signed_map", "thresholds", "unsigned_map",
-           "zero_code", "encoder_bits_range", "magnitude_count", "midpoint_numerator", "midpoint_denominator"]
+           "zero_code", "encoder_highest_bits", "magnitude_count", "midpoint_numerator", "midpoint_denominator"]
 
 SIGNED_EXPONENTS = 7
 UNSIGNED_EXPONENTS = 8
@@ -156,42 +156,42 @@ BUCKET_SHIFT = {True: 17, False: 16}
 
 
 @functools.lru_cache(maxsize=None)
-def bucket_layout(signed: bool) -> tuple[int, int, int]:
-    """(shift, base, count) of the encoder's buckets. Buckets split each binade from below the
-    smallest threshold up to 1.0 into equal parts, each holding at most one threshold: a
-    non-negative fp32 ratio whose bits ``b`` are clamped to ``[base << shift, (base + count) << shift)``
-    falls in bucket ``(b >> shift) - base``. Its int32 entry ``e`` makes the magnitude code one
-    addition and one shift, ``(b + e) >> shift`` (see :func:`_buckets_cpu`): one gather, no search,
-    no comparison."""
+def bucket_layout(signed: bool) -> tuple[int, int]:
+    """(shift, count) of the encoder's buckets. Buckets split every binade from ratio 0 up to 1.0 into
+    equal parts, each holding at most one threshold: a non-negative fp32 ratio whose bits ``b`` are
+    clamped to at most :func:`encoder_highest_bits` falls in bucket ``b >> shift``. Its int32 entry
+    ``e`` makes the magnitude code one addition and one shift, ``(b + e) >> shift`` (see
+    :func:`_buckets_cpu`): one gather, no search, no comparison. The binades below the smallest
+    threshold (their entries all give code 0) make the table longer but spare the kernels a lower
+    clamp: the gathers of real moments touch the same cache lines."""
     shift = BUCKET_SHIFT[signed]
-    lowest_binade = (int(thresholds(signed)[0].view(torch.int32)) >> 23) - 1  # no threshold in bucket 0
-    base = lowest_binade << (23 - shift)
     one = int(torch.tensor(1.0).view(torch.int32)) >> shift
-    return shift, base, one - base + 1
+    return shift, one + 1
 
 
 @functools.lru_cache(maxsize=None)
 def _buckets_cpu(signed: bool) -> torch.Tensor:
-    """Entry of bucket ``k``: ``(below - (k + base)) << shift`` plus ``low - t``, where ``below``
-    counts the thresholds in lower buckets and ``t`` is the low bits of the bucket's own threshold
-    (``low`` where it has none). Adding it to a ratio's bits ``b = (k + base) << shift | r`` gives
-    ``below << shift`` plus ``r + low - t``, which carries into the next code exactly when ``r > t``."""
-    shift, base, count = bucket_layout(signed)
+    """Entry of bucket ``k``: ``(below - k) << shift`` plus ``low - t``, where ``below`` counts the
+    thresholds in lower buckets and ``t`` is the low bits of the bucket's own threshold (``low``
+    where it has none). Adding it to a ratio's bits ``b = k << shift | r`` gives ``below << shift``
+    plus ``r + low - t``, which carries into the next code exactly when ``r > t``."""
+    shift, count = bucket_layout(signed)
     low = (1 << shift) - 1
     bits = thresholds(signed).view(torch.int32).long()
-    bucket_of = (bits >> shift) - base
-    assert int(bucket_of.min()) >= 1 and bucket_of.unique().numel() == bits.numel(), "two thresholds share a bucket"
+    bucket_of = bits >> shift
+    assert bucket_of.unique().numel() == bits.numel(), "two thresholds share a bucket"
     below = torch.searchsorted(bucket_of, torch.arange(count), right=False)  # thresholds in lower buckets
     own_low = torch.full((count,), low, dtype=torch.long)
     own_low[bucket_of] = bits & low
-    entries = ((below - torch.arange(count) - base) << shift) + (low - own_low)
+    entries = ((below - torch.arange(count)) << shift) + (low - own_low)
     return entries.to(torch.int32)
 
 
-def encoder_bits_range(signed: bool) -> tuple[int, int]:
-    """(lowest, highest) ratio bits the encoder's buckets take: a ratio's bits are clamped to it."""
-    shift, base, count = bucket_layout(signed)
-    return base << shift, ((base + count) << shift) - 1
+def encoder_highest_bits(signed: bool) -> int:
+    """The largest ratio bits the encoder's buckets take: the kernels clamp a ratio's bits, as
+    unsigned, to it, so NaN (of either sign), inf and ratios rounded above 1.0 get the top code."""
+    shift, count = bucket_layout(signed)
+    return (count << shift) - 1
 
 
 def zero_code(signed: bool) -> int:
