@@ -147,15 +147,9 @@ class Layer:
         self.load()
 
     def load(self, chunks: Optional[int] = None, warps: Optional[int] = None) -> None:
-        from badam_ext.kernels.launch_config import BLOCK_LOAD as kernel
-
         r = self.regions
-        default = self.tables.warps_for(kernel)
-        self.tables.kernel_warps[kernel] = warps or default
-        try:
-            self.K.block_load(self.tables, *r[:3], exp_avg_scale=r[3], exp_avg_sq_scale=r[4], chunks=chunks)
-        finally:
-            self.tables.kernel_warps[kernel] = default
+        self.K.block_load(self.tables, *r[:3], exp_avg_scale=r[3], exp_avg_sq_scale=r[4], chunks=chunks,
+                          num_warps=warps)
 
     def step(self) -> None:
         r = self.regions

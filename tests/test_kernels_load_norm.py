@@ -27,14 +27,14 @@ def test_block_load_upcasts_exactly_and_zeroes_state(kdevice, dtype):
         assert region[pad].isnan().all(), "padding between tensors must stay untouched"
 
 
-@pytest.mark.parametrize("chunks", [1, 2, 4, 8])
-def test_block_load_programs_of_several_chunks(kdevice, chunks):
-    """Programs of several chunks: spans inside one tensor, spans across tensors, a last partial
-    program; every element written once, padding untouched."""
+@pytest.mark.parametrize("chunks, warps", [(1, None), (2, None), (4, 1), (8, None), (8, 2)])
+def test_block_load_programs_of_several_chunks(kdevice, chunks, warps):
+    """Programs of several chunks (at the tables' warps or others): spans inside one tensor, spans
+    across tensors, a last partial program; every element written once, padding untouched."""
     shapes = [(1,), (64,), (65,), (300,), (7, 19), (129,)]  # 1, 1, 2, 5, 3, 3 chunks of 64
     block = make_block(shapes, torch.bfloat16, kdevice, seed=5)
     tables = K.BlockTables.build(block.weights, block.offsets, block.decay, block_size=64)
-    K.block_load(tables, *block.regions, chunks=chunks)
+    K.block_load(tables, *block.regions, chunks=chunks, num_warps=warps)
     for w, master, m, v in zip(block.weights, *(block.region_views(r) for r in block.regions)):
         assert torch.equal(master, w.float())
         assert torch.equal(m, torch.zeros_like(m)) and torch.equal(v, torch.zeros_like(v))
@@ -56,6 +56,14 @@ def test_block_load_refuses_bad_chunks_per_program(chunks):
     tables = K.BlockTables.build(block.weights, block.offsets, block.decay, block_size=64)
     with pytest.raises(ValueError, match="chunks per block-load program"):
         K.block_load(tables, *block.regions, chunks=chunks)
+
+
+@pytest.mark.parametrize("warps", [0, 3, 64, 2.0, True])
+def test_block_load_refuses_bad_warps_per_program(warps):
+    block = make_block([(5,)], torch.bfloat16, torch.device("cpu"), seed=6)
+    tables = K.BlockTables.build(block.weights, block.offsets, block.decay, block_size=64)
+    with pytest.raises(ValueError, match="warps per block-load program"):
+        K.block_load(tables, *block.regions, num_warps=warps)
 
 
 def test_block_load_matches_torch_backend(kdevice):

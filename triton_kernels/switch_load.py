@@ -17,6 +17,7 @@ from .adamw import check_quant_block
 from .chunk_map import as_pointer, chunk_at
 from .launch_config import BLOCK_LOAD, device_guard
 from .tables import TL_DTYPES, BlockTables, align_hint
+from .tuning_cache import VALID_WARPS
 
 #: elements each block-load program fills at least, per format (H200, bench_states --load-chunks):
 #: fp32 over 512-element chunks 93.2% of copy bandwidth at one chunk a program, 91.8-91.1% at 2-8;
@@ -123,12 +124,14 @@ def chunks_per_program(block_size: int, quantized: bool = False) -> int:
 
 def block_load(tables: BlockTables, master_flat: Optional[torch.Tensor], exp_avg_flat: torch.Tensor,
                exp_avg_sq_flat: torch.Tensor, *, exp_avg_scale: Optional[torch.Tensor] = None,
-               exp_avg_sq_scale: Optional[torch.Tensor] = None, chunks: Optional[int] = None) -> None:
+               exp_avg_sq_scale: Optional[torch.Tensor] = None, chunks: Optional[int] = None,
+               num_warps: Optional[int] = None) -> None:
     """One pass over the group: ``master[off + i] = float(weight[i])`` (unless ``master_flat`` is
     None); the moments zero (8-bit: zero codes and zero absmax, see :func:`fused_adamw_step`).
 
     Arena elements outside the tensors' ranges (alignment padding) are not touched. Each program
-    fills ``chunks`` consecutive chunks of the tables (default :func:`chunks_per_program`).
+    fills ``chunks`` consecutive chunks of the tables (default :func:`chunks_per_program`) with
+    ``num_warps`` warps (default the tables' choice for the block load).
     """
     quantized = check_state(tables, master_flat, exp_avg_flat, exp_avg_sq_flat, exp_avg_scale, exp_avg_sq_scale)
     if quantized:
@@ -137,6 +140,10 @@ def block_load(tables: BlockTables, master_flat: Optional[torch.Tensor], exp_avg
         chunks = chunks_per_program(tables.block_size, quantized)
     elif isinstance(chunks, bool) or not isinstance(chunks, int) or chunks < 1 or chunks & (chunks - 1):
         raise ValueError(f"chunks per block-load program must be a power of two >= 1, got {chunks!r}")
+    if num_warps is None:
+        num_warps = tables.warps_for(BLOCK_LOAD)
+    elif isinstance(num_warps, bool) or not isinstance(num_warps, int) or num_warps not in VALID_WARPS:
+        raise ValueError(f"warps per block-load program must be one of {VALID_WARPS}, got {num_warps!r}")
     master = master_flat if master_flat is not None else exp_avg_flat
     with device_guard(tables.device):
         _block_load_kernel[(triton.cdiv(tables.num_chunks, chunks),)](
@@ -145,5 +152,5 @@ def block_load(tables: BlockTables, master_flat: Optional[torch.Tensor], exp_avg
             W_DTYPE=TL_DTYPES[tables.dtype], W_ALIGN=align_hint(tables.weights_aligned, tables.dtype), BLOCK=tables.block_size,
             CHUNKS=chunks,
             HAS_MASTER=master_flat is not None, QUANT=quantized, M_ZERO=zero_code(True), V_ZERO=zero_code(False),
-            QBLOCK=QUANT_BLOCK, num_warps=tables.warps_for(BLOCK_LOAD),
+            QBLOCK=QUANT_BLOCK, num_warps=num_warps,
         )
