@@ -243,6 +243,7 @@ def run_speed(args: argparse.Namespace, device: torch.device) -> list[dict[str, 
         records.append(rec)
         chunks = f"c{rec['load_chunks']}" if "load_chunks" in rec else ""
         chunks += f"w{rec['load_warps']}" if "load_warps" in rec else ""
+        chunks += f"p{rec['prefetch']}" if kind == "step" and rec.get("prefetch") else ""
         print(f"{path:28s} {kind:10s} {rec.get('launch', ''):>9s} {chunks:>6s} {ms:8.3f} ms  {100 * rec['frac_copy_bw']:5.1f}% of copy BW")
 
     for launch in args.launch or [None]:
@@ -254,7 +255,12 @@ def run_speed(args: argparse.Namespace, device: torch.device) -> list[dict[str, 
                               "max_registers": layer.tables.step_max_registers}
                     if maxnreg is not None:
                         config["maxnreg"] = maxnreg
-                    record(fmt, "step", bench(layer.step), layer.numel, STEP_BYTES[fmt], config)
+                    default_prefetch = layer.tables.step_prefetch
+                    for prefetch in [default_prefetch] + [d for d in args.prefetch if d != default_prefetch]:
+                        layer.tables.step_prefetch = prefetch
+                        record(fmt, "step", bench(layer.step), layer.numel, STEP_BYTES[fmt],
+                               dict(config, prefetch=prefetch))
+                    layer.tables.step_prefetch = default_prefetch
                     default_chunks = chunks_per_program(layer.tables.block_size, layer.quantized)
                     default_warps = layer.tables.warps_for(BLOCK_LOAD)
                     for chunks in [default_chunks] + [c for c in args.load_chunks if c != default_chunks]:
@@ -465,6 +471,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser.add_argument("--finetune", action="store_true", help="train the embedded model with each format")
     parser.add_argument("--maxnreg", default="", help="comma-separated register caps of the fused step to sweep "
                         "(a probe: occupancy against spills)")
+    parser.add_argument("--prefetch", default="", help="comma-separated L2 prefetch distances of the fused step to "
+                        "sweep, in programs ahead (0: none; default: the device's own)")
     parser.add_argument("--load-chunks", default="", help="comma-separated chunks per block-load program to "
                         "sweep besides the default (powers of two)")
     parser.add_argument("--load-warps", default="", help="comma-separated warps per block-load program to sweep "
@@ -486,6 +494,12 @@ def main(argv: Optional[list[str]] = None) -> int:
         args.maxnreg = [int(x) for x in args.maxnreg.split(",") if x.strip()]
     except ValueError:
         parser.error(f"--maxnreg: expected comma-separated integers, got {args.maxnreg!r}")
+    try:
+        args.prefetch = [int(x) for x in args.prefetch.split(",") if x.strip()]
+    except ValueError:
+        parser.error(f"--prefetch: expected comma-separated integers, got {args.prefetch!r}")
+    if any(d < 0 for d in args.prefetch):
+        parser.error(f"--prefetch: distances are programs ahead, 0 or more; got {args.prefetch}")
     try:
         args.load_chunks = [int(x) for x in args.load_chunks.split(",") if x.strip()]
     except ValueError:

@@ -47,3 +47,13 @@ def test_finetune_smoke_trains_every_format(tmp_path):
     assert rows["8bit"]["arena_bytes"] < 0.55 * rows["fp32"]["arena_bytes"]
     for r in rows.values():
         assert r["train_loss"] < r["first_loss"] + 0.5 and r["eval_loss"] > 0
+
+
+def test_prefetch_sweep_records_each_distance(tmp_path):
+    rows = _run(tmp_path, "--formats", "8bit", "--no-baselines", "--prefetch", "3,0")
+    steps = [r for r in rows if r["kind"] == "step"]
+    # the device's own distance first (none in the interpreter), then the others asked for
+    assert [r["prefetch"] for r in steps] == [0, 3]
+    proc = subprocess.run([sys.executable, str(ROOT / "bench" / "bench_states.py"), "--smoke", "--prefetch", "-1"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "--prefetch: distances are programs ahead" in proc.stderr

@@ -539,6 +539,68 @@ def test_8bit_grad_scale_and_found_inf(kdevice, master: bool):
             assert all(torch.equal(x, y) for x, y in zip(a[k], b[k])), k
 
 
+@pytest.mark.parametrize("states, master", FORMATS + [pytest.param("fp32", True, id="fp32")])
+def test_l2_prefetch_leaves_the_step_bit_identical(kdevice, states: str, master: bool):
+    """Prefetching the streams of the chunk ``PREFETCH`` ahead into L2 changes no result: three
+    stochastically rounded steps over 256-element chunks with a distance of 0 and of 3 (it fires in
+    the tensors of more than 4 chunks), and over the device's own tables and distance, with gradients
+    whose base is not 16-byte aligned (the prefetch rounds it down), give the same regions and
+    weights bit for bit. On a GPU a 1M-element tensor holds more chunks than the H200's 2048."""
+    spec = state_spec(states, master)
+    shapes = SHAPES + ([(1031, 1029)] if kdevice.type == "cuda" else [])
+    runs = {}
+    for prefetch in (0, 3, None):
+        block = make_state_block(spec, torch.bfloat16, kdevice, shapes=shapes, seed=5)
+        if prefetch is None:
+            tables = block.tables(K)
+        else:
+            tables = K.BlockTables.build(block.weights, block.offsets, block.decay, block_size=QUANT_BLOCK,
+                                         states=states)
+            tables.step_prefetch = prefetch
+        block.load(K, tables)
+        state = K.new_step_state(kdevice)
+        for t in range(3):
+            K.advance_step(state, HYPER["beta1"], HYPER["beta2"])
+            # one element into a larger buffer: every gradient's base is 2 bytes past an aligned address
+            grads = [torch.cat([g.new_zeros(1), g.flatten()])[1:].view(g.shape) for g in grads_for(block, seed=20 + t)]
+            assert all(g.data_ptr() % 16 for g in grads)
+            block.step(K, tables, grads, state, lr=1e-2, **HYPER, stochastic_rounding=True, seed=t)
+        runs[prefetch] = ({k: [x.clone() for x in v] for k, v in block.views().items()}, block.weights)
+    base_views, base_weights = runs[0]
+    for prefetch in (3, None):
+        views, weights = runs[prefetch]
+        for name in spec.region_names:
+            assert all(torch.equal(x, y) for x, y in zip(views[name], base_views[name])), f"prefetch {prefetch}: {name}"
+        assert all(torch.equal(w, v) for w, v in zip(weights, base_weights)), f"prefetch {prefetch}: weights"
+
+
+def test_step_launch_passes_the_tables_prefetch_distance(monkeypatch):
+    """The tables' prefetch distance reaches the step's compilation as ``PREFETCH``; a new program
+    shape drops it (it was measured for the old one); a bad distance is refused."""
+    if not K.interpreted():
+        pytest.skip("spies on the launch in Triton's interpreter")
+    from badam_ext.kernels import adamw
+
+    block = make_state_block(state_spec("8bit"), torch.bfloat16, torch.device("cpu"), shapes=[(300,)])
+    tables = block.tables(K)
+    assert tables.step_prefetch == 0  # the interpreter never prefetches
+    block.load(K, tables)
+    state = K.new_step_state("cpu")
+    seen = []
+    run = adamw._fused_adamw_kernel.run
+    monkeypatch.setattr(adamw._fused_adamw_kernel, "run", lambda *a, **kw: seen.append(kw["PREFETCH"]) or run(*a, **kw))
+    for prefetch in (0, 7):
+        tables.step_prefetch = prefetch
+        K.advance_step(state, HYPER["beta1"], HYPER["beta2"])
+        block.step(K, tables, grads_for(block, 1), state, lr=1e-3, **HYPER)
+    assert seen == [0, 7]
+    tables.num_warps = tables.num_warps * 2
+    assert tables.step_prefetch == 0
+    with pytest.raises(ValueError, match="prefetch must be an int in"):
+        K.BlockTables(tables.weights, tables.offsets, tables.decay, tables.block_size, 1, tables.meta,
+                      tables.chunks, step_prefetch=-1)
+
+
 def test_step_launch_passes_the_tables_register_cap(monkeypatch):
     """A cap configured for the tables reaches the step's compilation as ``maxnreg``; no cap, no option."""
     if not K.interpreted():

@@ -48,6 +48,7 @@ def build(kernel, types, constexprs, **options):
         "maxnreg": [int(n) for n in re.findall(r"\.maxnreg\s+(\d+)", ptx)],
         "asm_lookups": len(re.findall(r"ld\.global\.nc\.b32", ptx)),
         "cg_loads": len(re.findall(r"ld\.global\.cg", ptx)),
+        "l2_prefetches": len(re.findall(r"cp\.async\.bulk\.prefetch\.L2\.global", ptx)),
     }
 
 tables = dict(meta_ptr="*i64", chunk_ptr="*i32", grad_table_ptr="*i64")
@@ -55,7 +56,7 @@ arena = dict(master_ptr="*fp32", exp_avg_ptr="*fp32", exp_avg_sq_ptr="*fp32")
 unused = dict(exp_avg_scale_ptr="*fp32", exp_avg_sq_scale_ptr="*fp32", m_map_ptr="*fp32", v_map_ptr="*fp32")
 arena8 = dict(master_ptr="*fp32", exp_avg_ptr="*u8", exp_avg_sq_ptr="*u8", exp_avg_scale_ptr="*fp32",
               exp_avg_sq_scale_ptr="*fp32", m_map_ptr="*i32", v_map_ptr="*i32")
-fp32_state = dict(HAS_MASTER=True, QUANT=False, QBLOCK=256)
+fp32_state = dict(HAS_MASTER=True, QUANT=False, QBLOCK=256, PREFETCH=0)
 scalars = dict(state_ptr="*fp64", grad_scale_ptr="*fp32", found_inf_ptr="*fp32", lr="fp32", decay_factor="fp32",
                beta2="fp32", one_minus_beta1="fp32", one_minus_beta2="fp32", eps="fp32", seed_lo="i32", seed_hi="i32")
 out = {
@@ -64,17 +65,18 @@ out = {
                         HAS_FOUND_INF=True, STOCHASTIC=False, BLOCK=2048, **fp32_state), enable_fp_fusion=False),
     "adamw8": build(adamw._fused_adamw_kernel, {**tables, **arena8, **scalars},
                     dict(W_DTYPE=tl.bfloat16, G_DTYPE=tl.bfloat16, W_ALIGN=8, G_ALIGN=8, HAS_SCALE=True,
-                         HAS_FOUND_INF=True, STOCHASTIC=False, BLOCK=2048, HAS_MASTER=True, QUANT=True, QBLOCK=256),
-                    enable_fp_fusion=False),
+                         HAS_FOUND_INF=True, STOCHASTIC=False, BLOCK=2048, HAS_MASTER=True, QUANT=True, QBLOCK=256,
+                         PREFETCH=0), enable_fp_fusion=False),
     "adamw8_h200": build(adamw._fused_adamw_kernel, {**tables, **arena8, **scalars},
                          dict(W_DTYPE=tl.bfloat16, G_DTYPE=tl.bfloat16, W_ALIGN=8, G_ALIGN=8, HAS_SCALE=False,
                               HAS_FOUND_INF=False, STOCHASTIC=False, BLOCK=h200_8bit.block_size, HAS_MASTER=True,
-                              QUANT=True, QBLOCK=256), enable_fp_fusion=False, num_warps=h200_8bit.num_warps,
+                              QUANT=True, QBLOCK=256, PREFETCH=h200_8bit.prefetch), enable_fp_fusion=False,
+                         num_warps=h200_8bit.num_warps,
                          maxnreg=h200_8bit.max_registers),
     "adamw8_nomaster_sr": build(adamw._fused_adamw_kernel, {**tables, **arena8, **scalars},
                                 dict(W_DTYPE=tl.bfloat16, G_DTYPE=tl.bfloat16, W_ALIGN=8, G_ALIGN=8, HAS_SCALE=False,
                                      HAS_FOUND_INF=False, STOCHASTIC=True, BLOCK=2048, HAS_MASTER=False, QUANT=True,
-                                     QBLOCK=256), enable_fp_fusion=False),
+                                     QBLOCK=256, PREFETCH=4), enable_fp_fusion=False),
     "load8": build(switch_load._block_load_kernel, {**tables, **arena8, "num_chunks": "i64"},
                    dict(W_DTYPE=tl.bfloat16, W_ALIGN=8, BLOCK=2048, CHUNKS=1, HAS_MASTER=True, QUANT=True,
                         M_ZERO=127, V_ZERO=0, QBLOCK=256)),
@@ -161,10 +163,21 @@ def test_compact_format_kernels_compile_without_spills(codegen):
 
 
 def test_8bit_step_compiles_under_the_h200_register_cap(codegen):
-    """The H200's 8-bit entry (256 x 1, at most 64 registers) compiles, with its cap as ``.maxnreg``
+    """The H200's 8-bit entry (256 x 1, at most 72 registers, an L2 prefetch) compiles, with its cap as ``.maxnreg``
     (that the launcher passes the tables' cap is tests/test_kernels_8bit.py's launch test)."""
     from badam_ext.kernels.launch_config import FUSED_STEP_8BIT, MEASURED
 
     k = codegen["adamw8_h200"]
-    assert k["maxnreg"] == [MEASURED["H200"][FUSED_STEP_8BIT].max_registers] == [64], k
+    assert k["maxnreg"] == [MEASURED["H200"][FUSED_STEP_8BIT].max_registers] == [72], k
     assert codegen["adamw8"]["maxnreg"] == [], "an uncapped launch must not carry a cap"
+
+
+def test_8bit_step_prefetches_the_chunk_ahead_into_l2(codegen):
+    """With a prefetch distance the step asks L2 for each stream the program that far ahead reads
+    (grad, master or weight, m codes, v codes: four bulk prefetches); without one it asks for none."""
+    from badam_ext.kernels.launch_config import FUSED_STEP_8BIT, MEASURED
+
+    assert MEASURED["H200"][FUSED_STEP_8BIT].prefetch > 0
+    assert codegen["adamw8_h200"]["l2_prefetches"] == 4, codegen["adamw8_h200"]
+    assert codegen["adamw8_nomaster_sr"]["l2_prefetches"] == 4, codegen["adamw8_nomaster_sr"]
+    assert codegen["adamw8"]["l2_prefetches"] == 0 and codegen["adamw"]["l2_prefetches"] == 0

@@ -195,8 +195,8 @@ def test_unknown_kernel_and_bad_override_are_refused(fake_gpu):
 
 def test_register_cap_applies_to_its_own_program_shape_only(fake_gpu, monkeypatch):
     monkeypatch.setattr(lc, "device_key", lambda d: tuning_cache.DeviceKey("NVIDIA H200", "sm90", "3.6.0"))
-    assert lc.launch_config(CUDA0, lc.FUSED_STEP_8BIT).max_registers == 64
-    assert lc.default_max_registers(256, 1, CUDA0, lc.FUSED_STEP_8BIT) == 64
+    assert lc.launch_config(CUDA0, lc.FUSED_STEP_8BIT).max_registers == 72
+    assert lc.default_max_registers(256, 1, CUDA0, lc.FUSED_STEP_8BIT) == 72
     # tables of another shape (a user's block size) compile without the cap measured for 256 x 1
     assert lc.default_max_registers(512, 1, CUDA0, lc.FUSED_STEP_8BIT) is None
     assert lc.default_max_registers(256, 2, CUDA0, lc.FUSED_STEP_8BIT) is None
@@ -210,6 +210,49 @@ def test_register_cap_applies_to_its_own_program_shape_only(fake_gpu, monkeypatc
     assert lc.launch_config(CUDA0) == lc.MEASURED["H200"][lc.FUSED_STEP]
     monkeypatch.setenv(lc.LAUNCH_ENV, "256x1")
     assert lc.launch_config(CUDA0, lc.FUSED_STEP_8BIT) == lc.LaunchConfig(256, 1)
+
+
+def test_prefetch_distance_applies_to_its_own_program_shape_only(fake_gpu, monkeypatch):
+    monkeypatch.setattr(lc, "device_key", lambda d: tuning_cache.DeviceKey("NVIDIA H200", "sm90", "3.6.0"))
+    measured = lc.MEASURED["H200"][lc.FUSED_STEP_8BIT].prefetch
+    assert measured > 0 and lc.launch_config(CUDA0, lc.FUSED_STEP_8BIT).prefetch == measured
+    assert lc.default_prefetch(256, 1, CUDA0, lc.FUSED_STEP_8BIT) == measured
+    assert lc.default_prefetch(512, 1, CUDA0, lc.FUSED_STEP_8BIT) == 0
+    assert lc.default_prefetch(256, 2, CUDA0, lc.FUSED_STEP_8BIT) == 0
+    assert lc.default_prefetch(512, 4, CUDA0, lc.FUSED_STEP) == 0  # the fp32 step measured none
+    assert lc.default_prefetch(256, 1, torch.device("cpu"), lc.FUSED_STEP_8BIT) == 0
+    with lc.override(256, 1, 64, 5):
+        assert lc.default_prefetch(256, 1, CUDA0, lc.FUSED_STEP_8BIT) == 5
+    for bad in (-1, True, 1.5, tuning_cache.MAX_PREFETCH + 1):
+        with pytest.raises(ValueError, match="prefetch must be an int in"):
+            with lc.override(256, 1, None, bad):
+                pass
+    monkeypatch.setenv(lc.LAUNCH_ENV, "256x1")  # BLOCKxWARPS: no cap, no prefetch
+    assert lc.launch_config(CUDA0, lc.FUSED_STEP_8BIT).prefetch == 0
+
+
+@pytest.mark.parametrize("prefetch, why", [(-1, "prefetch -1"), (True, "prefetch True"), ("8", "prefetch '8'")])
+def test_cache_entry_prefetch_is_checked(cache, prefetch, why):
+    with pytest.raises(tuning_cache.CacheFormatError, match=why):
+        tuning_cache.write(cache, {"k": {"block_size": 256, "num_warps": 1, "prefetch": prefetch}})
+
+
+def test_cache_entry_prefetch_round_trips_and_is_not_borrowed(fake_gpu):
+    trial = tune.Trial(lc.FUSED_STEP_8BIT, 256, 1, 1.17, 3000.0, 0.7, max_registers=64, prefetch=2112)
+    entries = tune.cache_entries(tune.choose([_trial("fused_adamw", 256, 1, 1.5), trial]), FAKE, torch.bfloat16,
+                                 "llama3-8b", 4296.0)
+    assert entries[FAKE.entry_key(lc.FUSED_STEP_8BIT, "16bit")]["prefetch"] == 2112
+    assert "prefetch" not in entries[FAKE.entry_key(lc.FUSED_STEP, "16bit")]
+    assert tune.describe(trial) == "fused_adamw_8bit (<= 64 registers, prefetch 2112)"
+    tuning_cache.write(fake_gpu, entries)
+    lc.reload_cache()
+    assert lc.launch_config(CUDA0, lc.FUSED_STEP_8BIT) == lc.LaunchConfig(256, 1, max_registers=64, prefetch=2112)
+    # an fp32 entry with a distance lends the 8-bit step its shape, not its distance
+    tuning_cache.write(fake_gpu, {FAKE.entry_key("fused_adamw", "32bit"): {"block_size": 256, "num_warps": 1,
+                                                                          "prefetch": 9}})
+    lc.reload_cache()
+    assert lc.launch_config(CUDA0, lc.FUSED_STEP, torch.float32).prefetch == 9
+    assert lc.launch_config(CUDA0, lc.FUSED_STEP_8BIT, torch.float32).prefetch == 0
 
 
 def test_8bit_step_borrows_the_fp32_steps_shape_not_its_cap(fake_gpu):
@@ -323,6 +366,9 @@ def test_interpreted_sweep_runs_every_candidate():
     assert {(t.kernel, t.block_size) for t in trials} == (
         {(k, b) for k in lc.KERNELS for b in (64, 256)} - {(lc.FUSED_STEP_8BIT, 64)})
     assert {t.max_registers for t in trials if t.kernel == lc.FUSED_STEP_8BIT} == set(tune.REGISTER_CAPS_8BIT)
+    assert {(t.max_registers, t.prefetch) for t in trials if t.kernel == lc.FUSED_STEP_8BIT} == {
+        (cap, d) for cap in tune.REGISTER_CAPS_8BIT for d in tune.prefetch_candidates(torch.device("cpu"))}
+    assert len(set(tune.prefetch_candidates(torch.device("cpu")))) == 2
     assert set(tune.choose(trials)) == set(lc.KERNELS)
     assert all(t.ms > 0 for t in trials)
 
@@ -334,7 +380,8 @@ def test_gpu_tune_writes_the_cache_and_tables_use_it(cache):
     device = torch.device("cuda", torch.cuda.current_device())
     _, trials, best = tune.tune(device, "llama3.2-1b", torch.bfloat16, [1024, 2048], [4, 8], copy_gib=0.5,
                                 warmup_ms=5, rep_ms=20, log=lambda _: None)
-    assert len(trials) == 2 * 2 * (len(lc.KERNELS) + len(tune.REGISTER_CAPS_8BIT) - 1)
+    eight_bit = len(tune.REGISTER_CAPS_8BIT) * len(tune.prefetch_candidates(device))
+    assert len(trials) == 2 * 2 * (len(lc.KERNELS) - 1 + eight_bit)
     entries = tuning_cache.read(cache)
     key = lc.device_key(device)
     assert set(entries) == {key.entry_key(k, "16bit") for k in lc.KERNELS}
@@ -420,3 +467,7 @@ def test_block_tables_ask_for_each_kernels_configuration_with_the_weight_dtype(m
     assert ("block", lc.FUSED_STEP_8BIT, torch.float32) in asked
     assert {a[1] for a in asked if a[0] == "warps"} == {lc.FUSED_STEP_8BIT, lc.BLOCK_LOAD, lc.GRAD_SQ_NORM}
     assert tables.num_warps == 1 and tables.step_max_registers == 64
+    assert tables.step_prefetch == 0  # the interpreter never prefetches
+    monkeypatch.setattr(T, "default_prefetch",
+                        lambda block, nw, device, kernel=lc.FUSED_STEP, dtype=None: 7 if kernel == lc.FUSED_STEP_8BIT else 0)
+    assert T.BlockTables.build(weights, [0, 3072], [True, False], states="8bit").step_prefetch == 7

@@ -31,6 +31,7 @@ from .chunk_map import as_pointer, program_chunk
 from ..contract import check_device_scalar, check_hyper, check_seed, check_state, check_step_state
 from ..states.quant import QUANT_BLOCK, codebook
 from .launch_config import GPU_BUILD, device_guard
+from .prefetch import prefetch_chunk
 from .quant import dequantize_rows, quantize_rows
 from .rounding import to_weight_dtype
 from .tables import TL_DTYPES, BlockTables, align_hint
@@ -188,7 +189,8 @@ def _fused_adamw_kernel(meta_ptr, chunk_ptr, grad_table_ptr, master_ptr, exp_avg
                         G_ALIGN: tl.constexpr, HAS_SCALE: tl.constexpr, HAS_FOUND_INF: tl.constexpr,
                         STOCHASTIC: tl.constexpr, BLOCK: tl.constexpr,
                         # the state format: one specialization each, no runtime branches in the loop
-                        HAS_MASTER: tl.constexpr, QUANT: tl.constexpr, QBLOCK: tl.constexpr):
+                        HAS_MASTER: tl.constexpr, QUANT: tl.constexpr, QBLOCK: tl.constexpr,
+                        PREFETCH: tl.constexpr):
     if HAS_FOUND_INF:
         run = tl.load(found_inf_ptr) == 0
     else:
@@ -207,6 +209,8 @@ def _fused_adamw_kernel(meta_ptr, chunk_ptr, grad_table_ptr, master_ptr, exp_avg
         p_base = master_ptr + offset
         m_base = exp_avg_ptr + offset
         v_base = exp_avg_sq_ptr + offset
+        # the streams this program reads, PREFETCH chunks ahead (the weight is read without a master)
+        prefetch_chunk((g_ptr, p_base if HAS_MASTER else w_ptr, m_base, v_base), start, numel, BLOCK, PREFETCH)
         if QUANT:
             # 4-byte accesses to the codes: 4 per thread, the fp32 streams' register layout (16-byte
             # code vectors would give the tile a second layout, converted through shared memory)
@@ -302,7 +306,8 @@ def fused_adamw_step(
             W_DTYPE=TL_DTYPES[tables.dtype], G_DTYPE=TL_DTYPES[g_dtype], W_ALIGN=align_hint(tables.weights_aligned, tables.dtype),
             G_ALIGN=align_hint(g_aligned, g_dtype), HAS_SCALE=grad_scale is not None, HAS_FOUND_INF=found_inf is not None,
             STOCHASTIC=stochastic, BLOCK=tables.block_size, HAS_MASTER=master_flat is not None, QUANT=quantized,
-            QBLOCK=QUANT_BLOCK, num_warps=tables.num_warps, enable_fp_fusion=False, **options,
+            QBLOCK=QUANT_BLOCK, PREFETCH=tables.step_prefetch, num_warps=tables.num_warps, enable_fp_fusion=False,
+            **options,
         )
 
 

@@ -70,6 +70,10 @@ class LaunchConfig:
     #: cap on registers per thread (Triton's ``maxnreg``), None: the compiler's choice. Trades spills
     #: for occupancy: the 8-bit step, latency-bound on its table gathers, runs faster at 64 on an H200.
     max_registers: Optional[int] = None
+    #: the step's L2 prefetch distance in programs (``cp.async.bulk.prefetch``; 0: none): each program
+    #: asks for the bytes of the program this many chunks ahead, so a step whose programs hold too few
+    #: loads in flight finds them in L2 (the 8-bit step on an H200)
+    prefetch: int = 0
 
 
 # Configurations measured on a device model (name substring), per kernel, used when the cache has
@@ -79,14 +83,19 @@ MEASURED: dict[str, dict[str, LaunchConfig]] = {
     "H200": {
         # three runs (2026-12-02): fused step 96.2-96.6%, block load 93.0-93.9% of copy bandwidth
         # (2048 x 8: 92.5%, 91%); the tuner's cache can still refine it per kernel. The step at
-        # 97.7% with its loads cached in L2 only (2026-12-03)
+        # 97.7% with its loads cached in L2 only (2026-12-03). No L2 prefetch: 1024 programs ahead
+        # ran 1.474 ms against 1.462, 2048 ahead 1.753 (2026-12-04)
         FUSED_STEP: LaunchConfig(512, 4, "builtin"),
         # the 8-bit step (2026-12-02): 1.398 ms at 256 x 1 against 1.655 at 512 x 2 and 1.815 at 512 x 4;
         # 64 registers (a few spills, 32 one-warp programs per SM instead of 20): 1.174 ms, against
         # 1.252 at 80, 1.202 at 56, 1.297 at 48. With the codebook read by inline PTX (2026-12-03):
         # 0.996 ms at 256 x 1 / 64, against 1.069 at 80, 1.159 at 96; 1.096 at 512 x 2 / 64. With fewer
-        # instructions (2026-12-03, round 9): 0.981 ms at 64, against 0.982 at 72, 1.036 at 56, 1.023 at 80
-        FUSED_STEP_8BIT: LaunchConfig(256, 1, "builtin", max_registers=64),
+        # instructions (2026-12-03, round 9): 0.981 ms at 64, against 0.982 at 72, 1.036 at 56, 1.023 at 80.
+        # An L2 prefetch 2048 programs ahead (2026-12-04, round 11): 0.949-0.954 ms against 0.966-0.967
+        # without; 1024-3584 ahead within 0.3%, 512: 0.959, 6144: 0.991, 12288: 1.215 (L2 evicts the
+        # lines before their programs run). With it, 72 registers: 0.933 ms against 0.953 at 64 and
+        # 0.992 at 56 (one sweep)
+        FUSED_STEP_8BIT: LaunchConfig(256, 1, "builtin", max_registers=72, prefetch=2048),
         # the block load over the 8-bit step's 256-element chunks, 8 chunks a program (2026-12-03, round
         # 10): 0.435 ms (94.1%) at one warp, against 0.447 at 2, 0.446 at 4, 0.444 at 8. Over the fp32
         # step's 512-element tables the block size differs and the heuristic's 4 warps apply (0.757 ms,
@@ -145,7 +154,9 @@ def _cached(device: torch.device, kernel: str, dtype: Optional[torch.dtype]) -> 
     if path not in _cache_entries:
         _cache_entries[path] = tuning_cache.read(path)
     found = tuning_cache.lookup(_cache_entries[path], device_key(device), kernel, dtype_class(dtype))
-    return None if found is None else LaunchConfig(found.block_size, found.num_warps, "cache", found.max_registers)
+    if found is None:
+        return None
+    return LaunchConfig(found.block_size, found.num_warps, "cache", found.max_registers, found.prefetch)
 
 
 def _measured(device: torch.device, kernel: str) -> Optional[LaunchConfig]:
@@ -191,8 +202,8 @@ def launch_config(device: torch.device, kernel: str = FUSED_STEP, dtype: Optiona
         return own
     if kernel == FUSED_STEP_8BIT:  # the chunk size of the fp32 step's tables, if tuned
         borrowed = _cached(device, FUSED_STEP, dtype) or _builtin(device)
-        # a register cap belongs to the kernel it was measured for
-        return dataclasses.replace(borrowed, max_registers=None)
+        # a register cap and a prefetch distance belong to the kernel they were measured for
+        return dataclasses.replace(borrowed, max_registers=None, prefetch=0)
     return _builtin(device)
 
 
@@ -224,6 +235,18 @@ def default_max_registers(block_size: int, num_warps: int, device: torch.device,
     return None
 
 
+def default_prefetch(block_size: int, num_warps: int, device: torch.device, kernel: str = FUSED_STEP,
+                     dtype: Optional[torch.dtype] = None) -> int:
+    """The configured L2 prefetch distance of ``kernel`` (programs ahead) when its configuration is
+    ``block_size`` x ``num_warps``, else 0 (none); always 0 off a GPU."""
+    if interpreted() or torch.device(device).type != "cuda":
+        return 0
+    config = launch_config(device, kernel, dtype)
+    if (config.block_size, config.num_warps) == (block_size, num_warps):
+        return config.prefetch
+    return 0
+
+
 def default_num_warps(block_size: int, device: Optional[torch.device] = None, kernel: str = FUSED_STEP,
                       dtype: Optional[torch.dtype] = None) -> int:
     """Warps per program for programs of ``block_size`` elements.
@@ -241,21 +264,32 @@ def default_num_warps(block_size: int, device: Optional[torch.device] = None, ke
 
 
 @contextlib.contextmanager
-def override(block_size: int, num_warps: int, max_registers: Optional[int] = None) -> Iterator[LaunchConfig]:
+def override(block_size: int, num_warps: int, max_registers: Optional[int] = None, prefetch: int = 0
+             ) -> Iterator[LaunchConfig]:
     """Every CUDA lookup in this process returns ``block_size`` / ``num_warps`` inside the block (the
-    tuner's sweep); ``max_registers`` then caps every fused step compiled for that shape."""
+    tuner's sweep); ``max_registers`` then caps every fused step compiled for that shape, and
+    ``prefetch`` is their L2 prefetch distance."""
     check_block_size(block_size)
     if num_warps not in tuning_cache.VALID_WARPS:
         raise ValueError(f"num_warps must be one of {tuning_cache.VALID_WARPS}, got {num_warps}")
     if max_registers is not None and not tuning_cache.MIN_REGISTERS <= max_registers <= tuning_cache.MAX_REGISTERS:
         raise ValueError(f"max_registers must be in [{tuning_cache.MIN_REGISTERS}, {tuning_cache.MAX_REGISTERS}], "
                          f"got {max_registers}")
-    config = LaunchConfig(block_size, num_warps, "override", max_registers)
+    check_prefetch(prefetch)
+    config = LaunchConfig(block_size, num_warps, "override", max_registers, prefetch)
     _overrides.append(config)
     try:
         yield config
     finally:
         _overrides.remove(config)
+
+
+def check_prefetch(prefetch: int) -> int:
+    """Validate an L2 prefetch distance: an int in [0, tuning_cache.MAX_PREFETCH]."""
+    if isinstance(prefetch, bool) or not isinstance(prefetch, int) or not 0 <= prefetch <= tuning_cache.MAX_PREFETCH:
+        raise ValueError(f"prefetch must be an int in [0, {tuning_cache.MAX_PREFETCH}] (programs ahead; 0: none), "
+                         f"got {prefetch!r}")
+    return prefetch
 
 
 def reload_cache() -> None:

@@ -21,9 +21,11 @@ from .launch_config import (
     STEP_KERNELS,
     check_block_size,
     check_launch_device,
+    check_prefetch,
     default_block_size,
     default_max_registers,
     default_num_warps,
+    default_prefetch,
 )
 
 #: weight / gradient dtypes the kernels accept, with their Triton element types
@@ -88,6 +90,7 @@ class BlockTables:
         chunks: torch.Tensor,
         kernel_warps: Optional[dict[str, int]] = None,
         step_max_registers: Optional[int] = None,
+        step_prefetch: int = 0,
     ) -> None:
         self.weights = weights
         self.offsets = offsets
@@ -101,6 +104,8 @@ class BlockTables:
         self.kernel_warps = {FUSED_STEP: num_warps, **(kernel_warps or {})}
         #: register cap of the step's compilation (None: the compiler's choice)
         self.step_max_registers = step_max_registers
+        #: the step's L2 prefetch distance in programs (0: none)
+        self.step_prefetch = check_prefetch(step_prefetch)
         self.meta = meta
         self.chunks = chunks
         self.span = max(o + n for o, n in zip(offsets, self.numels))
@@ -148,8 +153,9 @@ class BlockTables:
         warps = {k: default_num_warps(block, device, k, dtype) for k in (BLOCK_LOAD, GRAD_SQ_NORM)}
         warps[FUSED_STEP] = default_num_warps(block, device, step_kernel, dtype)
         cap = default_max_registers(block, warps[FUSED_STEP], device, step_kernel, dtype)
+        prefetch = default_prefetch(block, warps[FUSED_STEP], device, step_kernel, dtype)
         return cls(weights, offs, decay, block, warps[FUSED_STEP], meta, chunk_table, kernel_warps=warps,
-                   step_max_registers=cap)
+                   step_max_registers=cap, step_prefetch=prefetch)
 
     def warps_for(self, kernel: str) -> int:
         """Warps per program of ``kernel`` (a name of ``launch_config.KERNELS``) over these tables."""
@@ -163,7 +169,9 @@ class BlockTables:
     @num_warps.setter
     def num_warps(self, value: int) -> None:
         if value != self.kernel_warps[FUSED_STEP]:
-            self.step_max_registers = None  # a cap was measured for the old program shape
+            # a cap and a prefetch distance were measured for the old program shape
+            self.step_max_registers = None
+            self.step_prefetch = 0
         self.kernel_warps[FUSED_STEP] = value
 
     @property

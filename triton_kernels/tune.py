@@ -6,8 +6,8 @@
 Sweeps every (elements per program, warps) candidate over one transformer layer's tensors (the
 Llama-3-8B layer by default: 218.1M parameters in 9 tensors, the shape class BlockAdam launches),
 timing the fused AdamW step, the block load and the gradient norm with ``triton.testing.do_bench``,
-and the step over 8-bit moments at every block of at least 256 elements, with and without a cap of
-64 registers per thread.
+and the step over 8-bit moments at every block of at least 256 elements, uncapped and at 64 and 72
+registers per thread, each with and without an L2 prefetch 16 programs per SM ahead.
 The fastest step picks the block size (it sets the chunk tables every kernel shares); the block
 load and the norm then get their fastest warps at that block size. The 8-bit step keeps its own
 fastest configuration (BlockAdam(states="8bit") builds its tables with it). The result goes to the cache
@@ -43,8 +43,12 @@ LAYERS: dict[str, list[tuple[int, ...]]] = {
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 DEFAULT_BLOCKS = (256, 512, 1024, 2048)  # 4096 never won on an H100 or H200
 DEFAULT_WARPS = (1, 2, 4, 8)
-#: register caps tried for the 8-bit step (None: the compiler's choice); 64 won on an H200
-REGISTER_CAPS_8BIT = (None, 64)
+#: register caps tried for the 8-bit step (None: the compiler's choice); on an H200 64 won without
+#: an L2 prefetch and 72 with one
+REGISTER_CAPS_8BIT = (None, 64, 72)
+#: L2 prefetch distances tried for the 8-bit step, in programs per SM (0: none); 8 to 27 per SM ran
+#: within 0.3% of each other on an H200 (bench/RESULTS.md, round 11)
+PREFETCH_PER_SM_8BIT = (0, 16)
 BETAS, EPS, LR, WEIGHT_DECAY = (0.9, 0.999), 1e-8, 1e-5, 0.01
 
 
@@ -67,6 +71,20 @@ class Trial:
     gbs: float
     frac_copy_bw: float
     max_registers: Optional[int] = None
+    prefetch: int = 0
+
+
+def prefetch_candidates(device: torch.device) -> list[int]:
+    """The 8-bit step's L2 prefetch distances to try on ``device``, in programs (scaled by its SMs)."""
+    sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 1
+    return [per_sm * sms for per_sm in PREFETCH_PER_SM_8BIT]
+
+
+def describe(t: Trial) -> str:
+    """``kernel (<= N registers, prefetch P)``: a trial's kernel and the options it ran with."""
+    options = ([] if t.max_registers is None else [f"<= {t.max_registers} registers"]) + (
+        [f"prefetch {t.prefetch}"] if t.prefetch else [])
+    return t.kernel + (f" ({', '.join(options)})" if options else "")
 
 
 def bench_ms(fn: Callable[[], Any], device: torch.device, warmup_ms: float, rep_ms: float) -> float:
@@ -168,10 +186,11 @@ def sweep(shapes: Sequence[tuple[int, ...]], device: torch.device, dtype: torch.
     layer = _Layer(shapes, device, dtype)
     trials = []
 
-    def trial(kernel: str, fn: Callable[[], None], block: int, nw: int, cap: Optional[int] = None) -> None:
+    def trial(kernel: str, fn: Callable[[], None], block: int, nw: int, cap: Optional[int] = None,
+              prefetch: int = 0) -> None:
         ms = bench_ms(fn, device, warmup_ms, rep_ms)
         bw = bytes_per_param(kernel, dtype) * layer.numel / (ms * 1e-3) / 1e9
-        trials.append(Trial(kernel, block, nw, ms, bw, bw / copy_gbs, cap))
+        trials.append(Trial(kernel, block, nw, ms, bw, bw / copy_gbs, cap, prefetch))
 
     for block in blocks:
         for nw in warps:
@@ -181,11 +200,11 @@ def sweep(shapes: Sequence[tuple[int, ...]], device: torch.device, dtype: torch.
                     trial(kernel, fn, block, nw)
             if block >= QUANT_BLOCK:  # 8-bit programs cover whole quantization blocks
                 for cap in REGISTER_CAPS_8BIT:
-                    with lc.override(block, nw, cap):
-                        trial(lc.FUSED_STEP_8BIT, _step_8bit_fn(layer, block), block, nw, cap)
+                    for prefetch in prefetch_candidates(device):
+                        with lc.override(block, nw, cap, prefetch):
+                            trial(lc.FUSED_STEP_8BIT, _step_8bit_fn(layer, block), block, nw, cap, prefetch)
             log(f"  BLOCK {block:5d} x {nw:2d} warps: " + ", ".join(
-                f"{t.kernel}{'' if t.max_registers is None else f' (<= {t.max_registers} registers)'} "
-                f"{t.ms:.3f} ms ({100 * t.frac_copy_bw:.1f}%)" for t in trials[first:]))
+                f"{describe(t)} {t.ms:.3f} ms ({100 * t.frac_copy_bw:.1f}%)" for t in trials[first:]))
     return trials
 
 
@@ -214,7 +233,8 @@ def cache_entries(best: dict[str, Trial], key: tuning_cache.DeviceKey, dtype: to
         "block_size": t.block_size, "num_warps": t.num_warps, "ms": round(t.ms, 4),
         "frac_copy_bw": round(t.frac_copy_bw, 4), "copy_gbs": round(copy_gbs, 1), "layer": layer,
         "torch": torch.__version__, "date": date,
-        **({} if t.max_registers is None else {"max_registers": t.max_registers})} for kernel, t in best.items()}
+        **({} if t.max_registers is None else {"max_registers": t.max_registers}),
+        **({"prefetch": t.prefetch} if t.prefetch else {})} for kernel, t in best.items()}
 
 
 def write_choice(best: dict[str, Trial], device: torch.device, dtype: torch.dtype, layer: str, copy_gbs: float,
@@ -279,8 +299,7 @@ def tune(device: torch.device, layer: str, dtype: torch.dtype, blocks: Sequence[
                    log=log)
     best = choose(trials)
     for kernel, t in best.items():
-        cap = "" if t.max_registers is None else f" (<= {t.max_registers} registers)"
-        log(f"best {kernel}: BLOCK {t.block_size} x {t.num_warps} warps{cap}, {t.ms:.3f} ms, "
+        log(f"best {describe(t)}: BLOCK {t.block_size} x {t.num_warps} warps, {t.ms:.3f} ms, "
             f"{t.gbs:.0f} GB/s = {100 * t.frac_copy_bw:.1f}% of copy bandwidth")
     if write:
         write_choice(best, device, dtype, layer, copy_gbs, log)

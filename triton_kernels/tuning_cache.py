@@ -2,7 +2,8 @@
 
 An entry is keyed by ``device name | compute capability | triton version | kernel | dtype class``
 and holds ``block_size`` and ``num_warps`` (and, where measured, ``max_registers``, a cap on
-registers per thread) plus how it was measured. The file lives in
+registers per thread, and ``prefetch``, the step's L2 prefetch distance in programs) plus how it
+was measured. The file lives in
 ``$BADAM_EXT_CACHE`` (a directory), else ``$XDG_CACHE_HOME/badam_ext``, else ``~/.cache/badam_ext``.
 
 Readers never fail on a bad file: they warn once and behave as if it were absent. Writers replace
@@ -43,6 +44,8 @@ class DeviceKey:
 
 #: register caps a cache entry may carry (``max_registers``; absent: the compiler's choice)
 MIN_REGISTERS, MAX_REGISTERS = 24, 255
+#: the largest L2 prefetch distance an entry may carry (``prefetch``, programs ahead; absent: 0)
+MAX_PREFETCH = 1 << 20
 
 
 @dataclass(frozen=True)
@@ -50,6 +53,7 @@ class CachedConfig:
     block_size: int
     num_warps: int
     max_registers: Optional[int] = None
+    prefetch: int = 0
 
 
 def cache_dir(environ: Mapping[str, str] = os.environ) -> Path:
@@ -80,7 +84,10 @@ def _check_config(key: str, value: Any) -> CachedConfig:
     if cap is not None and (isinstance(cap, bool) or not isinstance(cap, int)
                             or not MIN_REGISTERS <= cap <= MAX_REGISTERS):
         raise CacheFormatError(f"entry {key!r}: max_registers {cap!r} is not an int in [{MIN_REGISTERS}, {MAX_REGISTERS}]")
-    return CachedConfig(block, warps, cap)
+    prefetch = value.get("prefetch", 0)
+    if isinstance(prefetch, bool) or not isinstance(prefetch, int) or not 0 <= prefetch <= MAX_PREFETCH:
+        raise CacheFormatError(f"entry {key!r}: prefetch {prefetch!r} is not an int in [0, {MAX_PREFETCH}]")
+    return CachedConfig(block, warps, cap, prefetch)
 
 
 def parse(text: str) -> dict[str, CachedConfig]:
