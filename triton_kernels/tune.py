@@ -13,8 +13,8 @@ load and the norm then get their fastest warps at that block size. The 8-bit ste
 fastest configuration (BlockAdam(states="8bit") builds its tables with it). The result goes to the cache
 that :func:`launch_config.launch_config` reads (see :mod:`tuning_cache` for where it lives).
 
-A sweep takes tens of seconds and about 22 bytes per parameter of device memory: it runs only when
-asked, never inside training.
+A sweep compiles and times every candidate (six for each 8-bit shape) and takes about 22 bytes per
+parameter of device memory: it runs only when asked, never inside training.
 """
 from __future__ import annotations
 
