@@ -241,10 +241,10 @@ def run_speed(args: argparse.Namespace, device: torch.device) -> list[dict[str, 
         rec = dict(base, path=path, kind=kind, ms=round(ms, 4), numel=numel, bytes_per_param=round(bytes_per_param, 4),
                    gbs=round(gbs, 1), frac_copy_bw=round(gbs / copy_gbs, 4), **(extra or {}))
         records.append(rec)
-        chunks = f"c{rec['load_chunks']}" if "load_chunks" in rec else ""
-        chunks += f"w{rec['load_warps']}" if "load_warps" in rec else ""
-        chunks += f"p{rec['prefetch']}" if kind == "step" and rec.get("prefetch") else ""
-        print(f"{path:28s} {kind:10s} {rec.get('launch', ''):>9s} {chunks:>6s} {ms:8.3f} ms  {100 * rec['frac_copy_bw']:5.1f}% of copy BW")
+        options = f"c{rec['load_chunks']}" if "load_chunks" in rec else ""
+        options += f"w{rec['load_warps']}" if "load_warps" in rec else ""
+        options += f"p{rec['prefetch']}" if kind == "step" and rec.get("prefetch") else ""
+        print(f"{path:28s} {kind:10s} {rec.get('launch', ''):>9s} {options:>6s} {ms:8.3f} ms  {100 * rec['frac_copy_bw']:5.1f}% of copy BW")
 
     for launch in args.launch or [None]:
         for maxnreg in args.maxnreg or [None]:
@@ -255,12 +255,12 @@ def run_speed(args: argparse.Namespace, device: torch.device) -> list[dict[str, 
                               "max_registers": layer.tables.step_max_registers}
                     if maxnreg is not None:
                         config["maxnreg"] = maxnreg
-                    default_prefetch = layer.tables.step_prefetch
-                    for prefetch in [default_prefetch] + [d for d in args.prefetch if d != default_prefetch]:
+                    own_prefetch = layer.tables.step_prefetch
+                    for prefetch in [own_prefetch] + [d for d in args.prefetch if d != own_prefetch]:
                         layer.tables.step_prefetch = prefetch
                         record(fmt, "step", bench(layer.step), layer.numel, STEP_BYTES[fmt],
                                dict(config, prefetch=prefetch))
-                    layer.tables.step_prefetch = default_prefetch
+                    layer.tables.step_prefetch = own_prefetch
                     default_chunks = chunks_per_program(layer.tables.block_size, layer.quantized)
                     default_warps = layer.tables.warps_for(BLOCK_LOAD)
                     for chunks in [default_chunks] + [c for c in args.load_chunks if c != default_chunks]:

@@ -87,7 +87,7 @@ for stage in "$@"; do
         run "bench_states_fp32_$layer" python3 bench/bench_states.py --formats fp32 --no-baselines --layer "$layer" \
           --launch 512x4,1024x4 --out "$OUT/results.jsonl"
       done ;;
-    ncu-8bit-memory)  # Nsight Compute of one 8-bit step at the H200's entry (256 x 1, 64 registers): where L1 time goes
+    ncu-8bit-memory)  # Nsight Compute of one 8-bit step at the H200's entry (256 x 1, 72 registers, L2 prefetch): where L1 time goes
       run ncu_8bit_memory "${NCU_ONE_STEP[@]}" --section SpeedOfLight --section MemoryWorkloadAnalysis --section MemoryWorkloadAnalysis_Tables \
         --section WarpStateStats --section SourceCounters --import-source no -o "$OUT/ncu-8bit" \
         python3 bench/bench_states.py --formats 8bit --no-baselines

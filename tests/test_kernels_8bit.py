@@ -543,7 +543,7 @@ def test_8bit_grad_scale_and_found_inf(kdevice, master: bool):
 def test_l2_prefetch_leaves_the_step_bit_identical(kdevice, states: str, master: bool):
     """Prefetching the streams of the chunk ``PREFETCH`` ahead into L2 changes no result: three
     stochastically rounded steps over 256-element chunks with a distance of 0 and of 3 (it fires in
-    the tensors of more than 4 chunks), and over the device's own tables and distance, with gradients
+    the tensors of at least 4 chunks), and over the device's own tables and distance, with gradients
     whose base is not 16-byte aligned (the prefetch rounds it down), give the same regions and
     weights bit for bit. On a GPU a 1M-element tensor holds more chunks than the H200's 2048."""
     spec = state_spec(states, master)

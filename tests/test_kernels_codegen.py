@@ -5,7 +5,7 @@ Guards the properties the bandwidth depends on: 16-byte vector loads and stores 
 path, one register layout (no layout conversion through shared memory), no local-memory spills,
 IEEE division / square root and no fused multiply-add in the fp32 AdamW step (the 8-bit step's
 weight step is approximate by design), the fp32 step's L2-only loads, the 8-bit step's codebook
-reads in inline PTX, and its register cap.
+reads in inline PTX, its register cap and its L2 prefetch.
 """
 from __future__ import annotations
 
@@ -24,6 +24,10 @@ from triton.compiler import ASTSource
 from badam_ext.kernels import adamw, switch_load, norm
 from badam_ext.kernels.launch_config import FUSED_STEP_8BIT, MEASURED
 h200_8bit = MEASURED["H200"][FUSED_STEP_8BIT]
+
+def _constant(ptx, reg):
+    found = re.search(r"mov\.b32\s+" + re.escape(reg) + r", (\d+);", ptx)
+    return int(found.group(1)) if found else -1
 
 def build(kernel, types, constexprs, **options):
     params = list(inspect.signature(kernel.fn).parameters)
@@ -49,6 +53,10 @@ def build(kernel, types, constexprs, **options):
         "asm_lookups": len(re.findall(r"ld\.global\.nc\.b32", ptx)),
         "cg_loads": len(re.findall(r"ld\.global\.cg", ptx)),
         "l2_prefetches": len(re.findall(r"cp\.async\.bulk\.prefetch\.L2\.global", ptx)),
+        # each prefetch by the program's first thread, from its address rounded down to 16 bytes
+        "l2_prefetches_guarded": len(re.findall(r"and\.b64 a, %rd\d+, -16; @first cp\.async\.bulk\.prefetch", ptx)),
+        "l2_prefetch_bytes": sorted(_constant(ptx, reg) for reg in
+                                    re.findall(r"cp\.async\.bulk\.prefetch\.L2\.global \[a\], (%r\d+);", ptx)),
     }
 
 tables = dict(meta_ptr="*i64", chunk_ptr="*i32", grad_table_ptr="*i64")
@@ -178,6 +186,11 @@ def test_8bit_step_prefetches_the_chunk_ahead_into_l2(codegen):
     from badam_ext.kernels.launch_config import FUSED_STEP_8BIT, MEASURED
 
     assert MEASURED["H200"][FUSED_STEP_8BIT].prefetch > 0
-    assert codegen["adamw8_h200"]["l2_prefetches"] == 4, codegen["adamw8_h200"]
-    assert codegen["adamw8_nomaster_sr"]["l2_prefetches"] == 4, codegen["adamw8_nomaster_sr"]
+    h200, nomaster = codegen["adamw8_h200"], codegen["adamw8_nomaster_sr"]
+    assert h200["l2_prefetches"] == h200["l2_prefetches_guarded"] == 4, h200
+    # 256 elements: m and v codes 256 bytes each, bf16 grad 512, fp32 master 1024
+    assert h200["l2_prefetch_bytes"] == [256, 256, 512, 1024], h200
+    # no master, 2048 elements: codes 2048 bytes each, bf16 grad and bf16 weight 4096
+    assert nomaster["l2_prefetches"] == nomaster["l2_prefetches_guarded"] == 4, nomaster
+    assert nomaster["l2_prefetch_bytes"] == [2048, 2048, 4096, 4096], nomaster
     assert codegen["adamw8"]["l2_prefetches"] == 0 and codegen["adamw"]["l2_prefetches"] == 0

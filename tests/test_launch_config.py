@@ -237,22 +237,57 @@ def test_cache_entry_prefetch_is_checked(cache, prefetch, why):
         tuning_cache.write(cache, {"k": {"block_size": 256, "num_warps": 1, "prefetch": prefetch}})
 
 
-def test_cache_entry_prefetch_round_trips_and_is_not_borrowed(fake_gpu):
+def test_cache_entry_prefetch_round_trips_and_is_not_borrowed(fake_gpu, monkeypatch):
+    monkeypatch.setattr(lc, "device_key", lambda d: tuning_cache.DeviceKey("NVIDIA H100", "sm90", "3.6.0"))
+    key = lc.device_key(CUDA0)
     trial = tune.Trial(lc.FUSED_STEP_8BIT, 256, 1, 1.17, 3000.0, 0.7, max_registers=64, prefetch=2112)
-    entries = tune.cache_entries(tune.choose([_trial("fused_adamw", 256, 1, 1.5), trial]), FAKE, torch.bfloat16,
+    entries = tune.cache_entries(tune.choose([_trial("fused_adamw", 256, 1, 1.5), trial]), key, torch.bfloat16,
                                  "llama3-8b", 4296.0)
-    assert entries[FAKE.entry_key(lc.FUSED_STEP_8BIT, "16bit")]["prefetch"] == 2112
-    assert "prefetch" not in entries[FAKE.entry_key(lc.FUSED_STEP, "16bit")]
+    assert entries[key.entry_key(lc.FUSED_STEP_8BIT, "16bit")]["prefetch"] == 2112
+    assert "prefetch" not in entries[key.entry_key(lc.FUSED_STEP, "16bit")]
     assert tune.describe(trial) == "fused_adamw_8bit (<= 64 registers, prefetch 2112)"
     tuning_cache.write(fake_gpu, entries)
     lc.reload_cache()
     assert lc.launch_config(CUDA0, lc.FUSED_STEP_8BIT) == lc.LaunchConfig(256, 1, max_registers=64, prefetch=2112)
+    assert lc.default_prefetch(256, 1, CUDA0, lc.FUSED_STEP_8BIT) == 2112
     # an fp32 entry with a distance lends the 8-bit step its shape, not its distance
-    tuning_cache.write(fake_gpu, {FAKE.entry_key("fused_adamw", "32bit"): {"block_size": 256, "num_warps": 1,
-                                                                          "prefetch": 9}})
+    tuning_cache.write(fake_gpu, {key.entry_key("fused_adamw", "32bit"): {"block_size": 256, "num_warps": 1,
+                                                                         "prefetch": 9}})
     lc.reload_cache()
     assert lc.launch_config(CUDA0, lc.FUSED_STEP, torch.float32).prefetch == 9
     assert lc.launch_config(CUDA0, lc.FUSED_STEP_8BIT, torch.float32).prefetch == 0
+
+
+def test_no_prefetch_before_sm90(fake_gpu, monkeypatch):
+    """The bulk-copy prefetch is Hopper's: before sm_90 a cached distance is not used, the tuner tries
+    none, and tables refuse one with a message."""
+    from badam_ext.kernels import tables as T
+
+    tuning_cache.write(fake_gpu, {FAKE.entry_key(lc.FUSED_STEP_8BIT, "16bit"): {"block_size": 256, "num_warps": 1,
+                                                                               "prefetch": 500}})
+    lc.reload_cache()
+    assert lc.launch_config(CUDA0, lc.FUSED_STEP_8BIT).prefetch == 500  # what the cache says
+    assert not lc.supports_l2_prefetch(CUDA0)  # FAKE is an sm_89 GPU
+    assert lc.default_prefetch(256, 1, CUDA0, lc.FUSED_STEP_8BIT) == 0
+    assert tune.prefetch_candidates(CUDA0) == [0]
+    tables = K.BlockTables((torch.zeros(300),), (0,), (True,), 256, 1, torch.zeros(1, 4, dtype=torch.int64),
+                           torch.zeros(2, 2, dtype=torch.int32))
+    tables.device = CUDA0  # as tables of that GPU would be
+    with pytest.raises(ValueError, match="needs a GPU of compute capability 9.0"):
+        tables.step_prefetch = 4
+    tables.step_prefetch = 0
+    monkeypatch.setattr(lc, "device_key", lambda d: tuning_cache.DeviceKey("NVIDIA H100", "sm90", "3.6.0"))
+    assert lc.supports_l2_prefetch(CUDA0)
+    monkeypatch.setattr(lc, "device_key", lambda d: tuning_cache.DeviceKey("NVIDIA B200", "sm100", "3.6.0"))
+    assert lc.supports_l2_prefetch(CUDA0)
+
+
+def test_tuner_prefetch_distance_keeps_the_bytes_ahead_at_every_block(monkeypatch):
+    monkeypatch.setattr(lc, "supports_l2_prefetch", lambda device: True)
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: type("P", (), {"multi_processor_count": 132}))
+    assert tune.prefetch_candidates(CUDA0, 256) == [0, 16 * 132]
+    assert tune.prefetch_candidates(CUDA0, 1024) == [0, 4 * 132]
+    assert tune.prefetch_candidates(CUDA0, 65536) == [0, 8]  # never below one program
 
 
 def test_8bit_step_borrows_the_fp32_steps_shape_not_its_cap(fake_gpu):
@@ -368,7 +403,6 @@ def test_interpreted_sweep_runs_every_candidate():
     assert {t.max_registers for t in trials if t.kernel == lc.FUSED_STEP_8BIT} == set(tune.REGISTER_CAPS_8BIT)
     assert {(t.max_registers, t.prefetch) for t in trials if t.kernel == lc.FUSED_STEP_8BIT} == {
         (cap, d) for cap in tune.REGISTER_CAPS_8BIT for d in tune.prefetch_candidates(torch.device("cpu"))}
-    assert len(set(tune.prefetch_candidates(torch.device("cpu")))) == 2
     assert set(tune.choose(trials)) == set(lc.KERNELS)
     assert all(t.ms > 0 for t in trials)
 

@@ -209,7 +209,8 @@ def _fused_adamw_kernel(meta_ptr, chunk_ptr, grad_table_ptr, master_ptr, exp_avg
         p_base = master_ptr + offset
         m_base = exp_avg_ptr + offset
         v_base = exp_avg_sq_ptr + offset
-        # the streams this program reads, PREFETCH chunks ahead (the weight is read without a master)
+        # Before this program's own loads: the program PREFETCH chunks ahead then finds its streams in
+        # L2 (the 8-bit step's one-warp programs hold too few loads in flight to hide DRAM latency)
         prefetch_chunk((g_ptr, p_base if HAS_MASTER else w_ptr, m_base, v_base), start, numel, BLOCK, PREFETCH)
         if QUANT:
             # 4-byte accesses to the codes: 4 per thread, the fp32 streams' register layout (16-byte

@@ -56,7 +56,8 @@ FUSED_STEP_8BIT = "fused_adamw_8bit"
 KERNELS = (FUSED_STEP, BLOCK_LOAD, GRAD_SQ_NORM, FUSED_STEP_8BIT)
 #: the step kernel of each state format (``BlockAdam(states=...)``)
 STEP_KERNELS = {"fp32": FUSED_STEP, "8bit": FUSED_STEP_8BIT}
-#: ``BLOCKxWARPS`` (e.g. ``1024x4``) for every kernel, without a register cap, or ``builtin`` to ignore the cache
+#: ``BLOCKxWARPS`` (e.g. ``1024x4``) for every kernel, without a register cap or a prefetch, or ``builtin``
+#: to ignore the cache
 LAUNCH_ENV = "BADAM_EXT_LAUNCH"
 
 
@@ -68,12 +69,16 @@ class LaunchConfig:
     num_warps: int
     source: str = field(default="builtin", compare=False)  # builtin | cache | env | override | interpreter
     #: cap on registers per thread (Triton's ``maxnreg``), None: the compiler's choice. Trades spills
-    #: for occupancy: the 8-bit step, latency-bound on its table gathers, runs faster at 64 on an H200.
+    #: for occupancy: the 8-bit step, latency-bound on its table gathers, runs faster at 72 on an H200.
     max_registers: Optional[int] = None
     #: the step's L2 prefetch distance in programs (``cp.async.bulk.prefetch``; 0: none): each program
     #: asks for the bytes of the program this many chunks ahead, so a step whose programs hold too few
-    #: loads in flight finds them in L2 (the 8-bit step on an H200)
+    #: loads in flight finds them in L2 (the 8-bit step on an H200). sm_90 and later only.
     prefetch: int = 0
+
+
+#: the bulk-copy prefetch (``cp.async.bulk.prefetch.L2``) needs this compute capability (Hopper)
+L2_PREFETCH_MIN_CAPABILITY = 90
 
 
 # Configurations measured on a device model (name substring), per kernel, used when the cache has
@@ -91,7 +96,7 @@ MEASURED: dict[str, dict[str, LaunchConfig]] = {
         # 1.252 at 80, 1.202 at 56, 1.297 at 48. With the codebook read by inline PTX (2026-12-03):
         # 0.996 ms at 256 x 1 / 64, against 1.069 at 80, 1.159 at 96; 1.096 at 512 x 2 / 64. With fewer
         # instructions (2026-12-03, round 9): 0.981 ms at 64, against 0.982 at 72, 1.036 at 56, 1.023 at 80.
-        # An L2 prefetch 2048 programs ahead (2026-12-04, round 11): 0.949-0.954 ms against 0.966-0.967
+        # An L2 prefetch 2048 programs ahead (2026-12-04, round 11): 0.949-0.954 ms against 0.966-0.968
         # without; 1024-3584 ahead within 0.3%, 512: 0.959, 6144: 0.991, 12288: 1.215 (L2 evicts the
         # lines before their programs run). With it, 72 registers: 0.933 ms against 0.953 at 64 and
         # 0.992 at 56 (one sweep)
@@ -178,7 +183,7 @@ def launch_config(device: torch.device, kernel: str = FUSED_STEP, dtype: Optiona
     """The launch configuration of ``kernel`` for weights of ``dtype`` on ``device``.
 
     Interpreter or CPU: large programs, as always. CUDA, first match wins: an :func:`override`
-    in effect, ``$BADAM_EXT_LAUNCH`` (``BLOCKxWARPS``: no register cap; ``builtin``: the kernel's
+    in effect, ``$BADAM_EXT_LAUNCH`` (``BLOCKxWARPS``: no register cap, no prefetch; ``builtin``: the kernel's
     own :data:`MEASURED` entry, else the fp32 step's), the on-disk cache written by the tuner, the
     kernel's own :data:`MEASURED` entry, then the fp32 step's :data:`MEASURED` entry (the 8-bit step
     first takes the fp32 step's cache entry, for its block and warps only), the H100 default.
@@ -196,15 +201,21 @@ def launch_config(device: torch.device, kernel: str = FUSED_STEP, dtype: Optiona
         from_env = parse_launch_env(env)
         if from_env is not None:
             return from_env
-        return _measured(device, kernel) or _builtin(device)
+        return _measured(device, kernel) or _borrowed(kernel, _builtin(device))
     own = _cached(device, kernel, dtype) or _measured(device, kernel)
     if own is not None:
         return own
     if kernel == FUSED_STEP_8BIT:  # the chunk size of the fp32 step's tables, if tuned
-        borrowed = _cached(device, FUSED_STEP, dtype) or _builtin(device)
-        # a register cap and a prefetch distance belong to the kernel they were measured for
-        return dataclasses.replace(borrowed, max_registers=None, prefetch=0)
+        return _borrowed(kernel, _cached(device, FUSED_STEP, dtype) or _builtin(device))
     return _builtin(device)
+
+
+def _borrowed(kernel: str, config: LaunchConfig) -> LaunchConfig:
+    """The fp32 step's ``config`` lent to ``kernel``: a register cap and a prefetch distance belong to
+    the kernel they were measured for, so the 8-bit step takes the shape only."""
+    if kernel == FUSED_STEP_8BIT:
+        return dataclasses.replace(config, max_registers=None, prefetch=0)
+    return config
 
 
 def default_block_size(device: torch.device, kernel: str = FUSED_STEP, dtype: Optional[torch.dtype] = None) -> int:
@@ -235,11 +246,20 @@ def default_max_registers(block_size: int, num_warps: int, device: torch.device,
     return None
 
 
+def supports_l2_prefetch(device: torch.device) -> bool:
+    """Whether the step may prefetch into L2 on ``device``: a GPU of compute capability 9.0 or later,
+    or the interpreter (where the prefetch is a no-op, so its code path can be tested on the CPU)."""
+    device = torch.device(device)
+    if interpreted() or device.type != "cuda":
+        return True
+    return int(device_key(device).capability.removeprefix("sm")) >= L2_PREFETCH_MIN_CAPABILITY
+
+
 def default_prefetch(block_size: int, num_warps: int, device: torch.device, kernel: str = FUSED_STEP,
                      dtype: Optional[torch.dtype] = None) -> int:
     """The configured L2 prefetch distance of ``kernel`` (programs ahead) when its configuration is
-    ``block_size`` x ``num_warps``, else 0 (none); always 0 off a GPU."""
-    if interpreted() or torch.device(device).type != "cuda":
+    ``block_size`` x ``num_warps``, else 0 (none); always 0 off a GPU and before sm_90."""
+    if interpreted() or torch.device(device).type != "cuda" or not supports_l2_prefetch(device):
         return 0
     config = launch_config(device, kernel, dtype)
     if (config.block_size, config.num_warps) == (block_size, num_warps):

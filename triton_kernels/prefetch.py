@@ -2,7 +2,7 @@
 
 The 8-bit step spends its time on table gathers and arithmetic between its loads and its stores,
 so a one-warp program cannot keep enough loads in flight to hide DRAM latency (H200: 84% of its
-bytes). A program that starts the DRAM reads of the program ``PREFETCH`` chunks ahead, with no
+bytes without a prefetch). A program that starts the DRAM reads of the program ``PREFETCH`` chunks ahead, with no
 register and no wait, lets that program's loads hit L2 (bench/RESULTS.md, round 11).
 """
 from __future__ import annotations
@@ -17,7 +17,7 @@ from .launch_config import GPU_BUILD
 def prefetch_l2(ptr, NBYTES: tl.constexpr):
     """Ask for the ``NBYTES`` (a multiple of 16) from ``ptr`` rounded down to 16 bytes to be brought
     into L2 (``cp.async.bulk.prefetch.L2``, sm_90 and later); the program's first thread issues it
-    and nothing waits for it. The range must lie inside the tensor from 16 bytes below ``ptr``. A
+    and nothing waits for it. ``[ptr & ~15, (ptr & ~15) + NBYTES)`` must lie in the allocation. A
     no-op in the interpreter."""
     if GPU_BUILD:
         tl.inline_asm_elementwise(
@@ -35,6 +35,8 @@ def prefetch_chunk(ptrs, start, numel, BLOCK: tl.constexpr, PREFETCH: tl.constex
     when ``PREFETCH`` is 0."""
     if PREFETCH > 0:
         ahead = start + PREFETCH * BLOCK
+        # In bounds: ahead >= BLOCK >= 64 elements, so rounding down by at most 15 bytes stays inside
+        # the tensor, and the range ends at or below element ahead + BLOCK <= numel.
         if ahead + BLOCK <= numel:
             for i in tl.static_range(len(ptrs)):
                 prefetch_l2(ptrs[i] + ahead, BLOCK * (ptrs[i].dtype.element_ty.primitive_bitwidth // 8))

@@ -26,6 +26,7 @@ from .launch_config import (
     default_max_registers,
     default_num_warps,
     default_prefetch,
+    supports_l2_prefetch,
 )
 
 #: weight / gradient dtypes the kernels accept, with their Triton element types
@@ -104,8 +105,8 @@ class BlockTables:
         self.kernel_warps = {FUSED_STEP: num_warps, **(kernel_warps or {})}
         #: register cap of the step's compilation (None: the compiler's choice)
         self.step_max_registers = step_max_registers
-        #: the step's L2 prefetch distance in programs (0: none)
-        self.step_prefetch = check_prefetch(step_prefetch)
+        self._step_prefetch = 0
+        self.step_prefetch = step_prefetch
         self.meta = meta
         self.chunks = chunks
         self.span = max(o + n for o, n in zip(offsets, self.numels))
@@ -156,6 +157,19 @@ class BlockTables:
         prefetch = default_prefetch(block, warps[FUSED_STEP], device, step_kernel, dtype)
         return cls(weights, offs, decay, block, warps[FUSED_STEP], meta, chunk_table, kernel_warps=warps,
                    step_max_registers=cap, step_prefetch=prefetch)
+
+    @property
+    def step_prefetch(self) -> int:
+        """The step's L2 prefetch distance in programs (0: none; see ``LaunchConfig.prefetch``)."""
+        return self._step_prefetch
+
+    @step_prefetch.setter
+    def step_prefetch(self, value: int) -> None:
+        check_prefetch(value)
+        if value and not supports_l2_prefetch(self.device):
+            raise ValueError(f"an L2 prefetch (step_prefetch={value}) needs a GPU of compute capability 9.0 or "
+                             f"later (cp.async.bulk.prefetch); {self.device} is not one: use 0")
+        self._step_prefetch = value
 
     def warps_for(self, kernel: str) -> int:
         """Warps per program of ``kernel`` (a name of ``launch_config.KERNELS``) over these tables."""

@@ -46,8 +46,8 @@ DEFAULT_WARPS = (1, 2, 4, 8)
 #: register caps tried for the 8-bit step (None: the compiler's choice); on an H200 64 won without
 #: an L2 prefetch and 72 with one
 REGISTER_CAPS_8BIT = (None, 64, 72)
-#: L2 prefetch distances tried for the 8-bit step, in programs per SM (0: none); 8 to 27 per SM ran
-#: within 0.3% of each other on an H200 (bench/RESULTS.md, round 11)
+#: L2 prefetch distances tried for the 8-bit step, in 256-element programs per SM (0: none); 8 to 27
+#: per SM ran within 0.3% of each other on an H200, 93 per SM 26% slower (bench/RESULTS.md, round 11)
 PREFETCH_PER_SM_8BIT = (0, 16)
 BETAS, EPS, LR, WEIGHT_DECAY = (0.9, 0.999), 1e-8, 1e-5, 0.01
 
@@ -74,10 +74,15 @@ class Trial:
     prefetch: int = 0
 
 
-def prefetch_candidates(device: torch.device) -> list[int]:
-    """The 8-bit step's L2 prefetch distances to try on ``device``, in programs (scaled by its SMs)."""
+def prefetch_candidates(device: torch.device, block_size: int = QUANT_BLOCK) -> list[int]:
+    """The 8-bit step's L2 prefetch distances to try on ``device`` for programs of ``block_size``
+    elements, in programs: the same bytes ahead at every block size (L2 must hold them), scaled by
+    the SMs. Only 0 where the GPU cannot prefetch (before sm_90)."""
+    if not lc.supports_l2_prefetch(device):
+        return [0]
     sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 1
-    return [per_sm * sms for per_sm in PREFETCH_PER_SM_8BIT]
+    return sorted({max(1, per_sm * sms * QUANT_BLOCK // block_size) if per_sm else 0
+                   for per_sm in PREFETCH_PER_SM_8BIT})
 
 
 def describe(t: Trial) -> str:
@@ -163,7 +168,8 @@ def _kernel_fns(layer: _Layer, block_size: int) -> dict[str, Callable[[], None]]
 
 
 def _step_8bit_fn(layer: _Layer, block_size: int) -> Callable[[], None]:
-    """The 8-bit step over ``layer`` with tables of ``block_size`` (warps and register cap from the lookup)."""
+    """The 8-bit step over ``layer`` with tables of ``block_size`` (warps, register cap and prefetch from
+    the lookup)."""
     from . import BlockTables, advance_step, block_load, fused_adamw_step, new_step_state
 
     offsets, r = layer.regions_8bit()
@@ -200,7 +206,7 @@ def sweep(shapes: Sequence[tuple[int, ...]], device: torch.device, dtype: torch.
                     trial(kernel, fn, block, nw)
             if block >= QUANT_BLOCK:  # 8-bit programs cover whole quantization blocks
                 for cap in REGISTER_CAPS_8BIT:
-                    for prefetch in prefetch_candidates(device):
+                    for prefetch in prefetch_candidates(device, block):
                         with lc.override(block, nw, cap, prefetch):
                             trial(lc.FUSED_STEP_8BIT, _step_8bit_fn(layer, block), block, nw, cap, prefetch)
             log(f"  BLOCK {block:5d} x {nw:2d} warps: " + ", ".join(
