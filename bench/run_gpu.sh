@@ -74,6 +74,9 @@ for stage in "$@"; do
     states-sweep)  # the 8-bit step over launch configurations (ours only)
       run bench_states_sweep python3 bench/bench_states.py --formats 8bit,8bit-nomaster,fp32 --no-baselines \
         --launch 256x2,256x4,512x2,512x4,512x8,1024x4,1024x8,2048x8 --out "$OUT/results.jsonl" ;;
+    states-prefetch)  # the 8-bit step's L2 prefetch distance against its register cap (72 rests on one sweep)
+      run bench_states_prefetch python3 bench/bench_states.py --formats 8bit,8bit-nomaster --no-baselines \
+        --prefetch 0,1024,3072 --maxnreg 64,72,80,96 --out "$OUT/results.jsonl" ;;
     states-load)  # the block load per format with 1-8 chunks per program, beside the default
       run bench_states_load python3 bench/bench_states.py --formats fp32,8bit,8bit-nomaster --no-baselines \
         --load-chunks 1,2,4,8,16 --out "$OUT/results.jsonl" ;;
