@@ -2,8 +2,8 @@
 
 The 8-bit step spends its time on table gathers and arithmetic between its loads and its stores,
 so a one-warp program cannot keep enough loads in flight to hide DRAM latency (H200: 84% of its
-bytes without a prefetch). A program that starts the DRAM reads of the program ``PREFETCH`` chunks ahead, with no
-register and no wait, lets that program's loads hit L2 (bench/RESULTS.md, round 11).
+bytes without a prefetch). A program that starts the DRAM reads of the program ``PREFETCH`` chunks
+ahead, with no register and no wait, lets that program's loads hit L2 (bench/RESULTS.md, round 11).
 """
 from __future__ import annotations
 
