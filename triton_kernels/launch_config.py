@@ -234,16 +234,22 @@ def check_block_size(block_size: int) -> int:
     return block_size
 
 
-def default_max_registers(block_size: int, num_warps: int, device: torch.device, kernel: str = FUSED_STEP,
-                          dtype: Optional[torch.dtype] = None) -> Optional[int]:
-    """The configured register cap of ``kernel`` when its configuration is ``block_size`` x ``num_warps``
-    (a cap is measured for one shape of program), else None."""
+def _config_of_shape(block_size: int, num_warps: int, device: torch.device, kernel: str,
+                     dtype: Optional[torch.dtype]) -> Optional[LaunchConfig]:
+    """``kernel``'s configuration on a GPU when it is ``block_size`` x ``num_warps``, else None: a
+    register cap or a prefetch distance is measured for one shape of program."""
     if interpreted() or torch.device(device).type != "cuda":
         return None
     config = launch_config(device, kernel, dtype)
-    if (config.block_size, config.num_warps) == (block_size, num_warps):
-        return config.max_registers
-    return None
+    return config if (config.block_size, config.num_warps) == (block_size, num_warps) else None
+
+
+def default_max_registers(block_size: int, num_warps: int, device: torch.device, kernel: str = FUSED_STEP,
+                          dtype: Optional[torch.dtype] = None) -> Optional[int]:
+    """The configured register cap of ``kernel`` when its configuration is ``block_size`` x ``num_warps``,
+    else None."""
+    config = _config_of_shape(block_size, num_warps, device, kernel, dtype)
+    return None if config is None else config.max_registers
 
 
 def supports_l2_prefetch(device: torch.device) -> bool:
@@ -259,12 +265,8 @@ def default_prefetch(block_size: int, num_warps: int, device: torch.device, kern
                      dtype: Optional[torch.dtype] = None) -> int:
     """The configured L2 prefetch distance of ``kernel`` (programs ahead) when its configuration is
     ``block_size`` x ``num_warps``, else 0 (none); always 0 off a GPU and before sm_90."""
-    if interpreted() or torch.device(device).type != "cuda" or not supports_l2_prefetch(device):
-        return 0
-    config = launch_config(device, kernel, dtype)
-    if (config.block_size, config.num_warps) == (block_size, num_warps):
-        return config.prefetch
-    return 0
+    config = _config_of_shape(block_size, num_warps, device, kernel, dtype)
+    return config.prefetch if config is not None and supports_l2_prefetch(device) else 0
 
 
 def default_num_warps(block_size: int, device: Optional[torch.device] = None, kernel: str = FUSED_STEP,
@@ -306,7 +308,7 @@ def override(block_size: int, num_warps: int, max_registers: Optional[int] = Non
 
 def check_prefetch(prefetch: int) -> int:
     """Validate an L2 prefetch distance: an int in [0, tuning_cache.MAX_PREFETCH]."""
-    if isinstance(prefetch, bool) or not isinstance(prefetch, int) or not 0 <= prefetch <= tuning_cache.MAX_PREFETCH:
+    if not tuning_cache.valid_prefetch(prefetch):
         raise ValueError(f"prefetch must be an int in [0, {tuning_cache.MAX_PREFETCH}] (programs ahead; 0: none), "
                          f"got {prefetch!r}")
     return prefetch

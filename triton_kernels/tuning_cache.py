@@ -48,6 +48,11 @@ MIN_REGISTERS, MAX_REGISTERS = 24, 255
 MAX_PREFETCH = 1 << 20
 
 
+def valid_prefetch(value: Any) -> bool:
+    """Whether ``value`` is an L2 prefetch distance: an int in [0, MAX_PREFETCH] (programs ahead)."""
+    return not isinstance(value, bool) and isinstance(value, int) and 0 <= value <= MAX_PREFETCH
+
+
 @dataclass(frozen=True)
 class CachedConfig:
     block_size: int
@@ -85,7 +90,7 @@ def _check_config(key: str, value: Any) -> CachedConfig:
                             or not MIN_REGISTERS <= cap <= MAX_REGISTERS):
         raise CacheFormatError(f"entry {key!r}: max_registers {cap!r} is not an int in [{MIN_REGISTERS}, {MAX_REGISTERS}]")
     prefetch = value.get("prefetch", 0)
-    if isinstance(prefetch, bool) or not isinstance(prefetch, int) or not 0 <= prefetch <= MAX_PREFETCH:
+    if not valid_prefetch(prefetch):
         raise CacheFormatError(f"entry {key!r}: prefetch {prefetch!r} is not an int in [0, {MAX_PREFETCH}]")
     return CachedConfig(block, warps, cap, prefetch)
 
