@@ -4,7 +4,7 @@ subprocess that does not use the interpreter, with the ptxas that ships in the t
 Guards the properties the bandwidth depends on: 16-byte vector loads and stores in the full-chunk
 path, one register layout (no layout conversion through shared memory), no local-memory spills,
 IEEE division / square root and no fused multiply-add in the fp32 AdamW step (the 8-bit step's
-weight step is approximate by design), the fp32 step's L2-only loads, the 8-bit step's codebook
+weight step is approximate by design), the L2-only loads of both steps, the 8-bit step's codebook
 reads in inline PTX, its register cap and its L2 prefetch.
 """
 from __future__ import annotations
@@ -155,6 +155,9 @@ def test_8bit_step_kernel_stays_in_registers_with_approximate_weight_step(codege
     # the codebooks are read by inline PTX, which keeps the tile's layout on triton 3.6 too
     assert k["shared"] <= 256, f"layout conversion of the tile through shared memory: {k}"
     assert k["asm_lookups"] >= 4, f"codebook reads should be elementwise inline PTX loads: {k}"
+    # grad, master, codes and absmax of m and v, in both paths: L2 only, leaving L1 to the gathers
+    for name in ("adamw8", "adamw8_h200", "adamw8_nomaster_sr"):
+        assert codegen[name]["cg_loads"] >= 12, f"{name}: the 8-bit step's streams should bypass L1: {codegen[name]}"
 
 
 def test_compact_format_kernels_compile_without_spills(codegen):
