@@ -156,8 +156,8 @@ def test_llama3_8b_layer_8bit_matches_torch_twin(master):
     decay = [w.dim() > 1 for w in weights]
     a_arena, offsets, ours = _arena_regions(spec, weights, device)
     b_arena, _, theirs = _arena_regions(spec, twins, device)
-    # the format's own launch configuration, as BlockAdam builds it (H200: 256 x 1, <= 72 registers,
-    # an L2 prefetch 2048 programs ahead)
+    # the format's own launch configuration, as BlockAdam builds it (H200: 256 x 1, <= 64 registers,
+    # an L2 prefetch 1024 programs ahead)
     tables = K.BlockTables.build(weights, offsets, decay, min_block_size=QUANT_BLOCK, states="8bit")
     ttables = torch_ops.TorchTables.build(twins, offsets, decay)
     for backend, t, r in ((K, tables, ours), (torch_ops, ttables, theirs)):

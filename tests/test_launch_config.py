@@ -195,8 +195,8 @@ def test_unknown_kernel_and_bad_override_are_refused(fake_gpu):
 
 def test_register_cap_applies_to_its_own_program_shape_only(fake_gpu, monkeypatch):
     monkeypatch.setattr(lc, "device_key", lambda d: tuning_cache.DeviceKey("NVIDIA H200", "sm90", "3.6.0"))
-    assert lc.launch_config(CUDA0, lc.FUSED_STEP_8BIT).max_registers == 72
-    assert lc.default_max_registers(256, 1, CUDA0, lc.FUSED_STEP_8BIT) == 72
+    assert lc.launch_config(CUDA0, lc.FUSED_STEP_8BIT).max_registers == 64
+    assert lc.default_max_registers(256, 1, CUDA0, lc.FUSED_STEP_8BIT) == 64
     # tables of another shape (a user's block size) compile without the cap measured for 256 x 1
     assert lc.default_max_registers(512, 1, CUDA0, lc.FUSED_STEP_8BIT) is None
     assert lc.default_max_registers(256, 2, CUDA0, lc.FUSED_STEP_8BIT) is None
@@ -285,9 +285,10 @@ def test_no_prefetch_before_sm90(fake_gpu, monkeypatch):
 def test_tuner_prefetch_distance_keeps_the_bytes_ahead_at_every_block(monkeypatch):
     monkeypatch.setattr(lc, "supports_l2_prefetch", lambda device: True)
     monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: type("P", (), {"multi_processor_count": 132}))
-    assert tune.prefetch_candidates(CUDA0, 256) == [0, 16 * 132]
-    assert tune.prefetch_candidates(CUDA0, 1024) == [0, 4 * 132]
-    assert tune.prefetch_candidates(CUDA0, 65536) == [0, 8]  # never below one program
+    assert tune.prefetch_candidates(CUDA0, 256) == [0, 8 * 132]
+    assert tune.prefetch_candidates(CUDA0, 1024) == [0, 2 * 132]
+    assert tune.prefetch_candidates(CUDA0, 131072) == [0, 2]
+    assert tune.prefetch_candidates(CUDA0, 1 << 20) == [0, 1]  # never below one program
 
 
 def test_8bit_step_borrows_the_fp32_steps_shape_not_its_cap(fake_gpu):

@@ -99,8 +99,10 @@ MEASURED: dict[str, dict[str, LaunchConfig]] = {
         # An L2 prefetch 2048 programs ahead (2026-12-04, round 11): 0.949-0.954 ms against 0.966-0.968
         # without; 1024-3584 ahead within 0.3%, 512: 0.959, 6144: 0.991, 12288: 1.215 (L2 evicts the
         # lines before their programs run). With it, 72 registers: 0.933 ms against 0.953 at 64 and
-        # 0.992 at 56 (one sweep)
-        FUSED_STEP_8BIT: LaunchConfig(256, 1, "builtin", max_registers=72, prefetch=2048),
+        # 0.992 at 56 (one sweep; 0.936 against 0.965-0.977 at 64, 0.970 at 80, 1.004 at 96 in round 12).
+        # With the streams' loads L2-only (round 12): 0.914 ms at 64 and 1024 ahead, against 0.917 at 2048,
+        # 0.927 at 4096, 0.955 without; 72: 0.929-0.932; 80: 0.966-0.970
+        FUSED_STEP_8BIT: LaunchConfig(256, 1, "builtin", max_registers=64, prefetch=1024),
         # the block load over the 8-bit step's 256-element chunks, 8 chunks a program (2026-12-03, round
         # 10): 0.435 ms (94.1%) at one warp, against 0.447 at 2, 0.446 at 4, 0.444 at 8. Over the fp32
         # step's 512-element tables the block size differs and the heuristic's 4 warps apply (0.757 ms,

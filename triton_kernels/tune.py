@@ -44,11 +44,12 @@ DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 DEFAULT_BLOCKS = (256, 512, 1024, 2048)  # 4096 never won on an H100 or H200
 DEFAULT_WARPS = (1, 2, 4, 8)
 #: register caps tried for the 8-bit step (None: the compiler's choice); on an H200 64 won without
-#: an L2 prefetch and 72 with one
+#: an L2 prefetch, 72 with one, and 64 again once the streams' loads bypassed L1
 REGISTER_CAPS_8BIT = (None, 64, 72)
 #: L2 prefetch distances tried for the 8-bit step, in 256-element programs per SM (0: none); 8 to 27
-#: per SM ran within 0.3% of each other on an H200, 93 per SM 26% slower (bench/RESULTS.md, round 11)
-PREFETCH_PER_SM_8BIT = (0, 16)
+#: per SM ran within 0.3% of each other on an H200, 93 per SM 26% slower (bench/RESULTS.md, round 11),
+#: and 8 beat 16 by 0.3% with L2-only loads (round 12)
+PREFETCH_PER_SM_8BIT = (0, 8)
 BETAS, EPS, LR, WEIGHT_DECAY = (0.9, 0.999), 1e-8, 1e-5, 0.01
 
 
