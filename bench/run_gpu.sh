@@ -74,7 +74,7 @@ for stage in "$@"; do
     states-sweep)  # the 8-bit step over launch configurations (ours only)
       run bench_states_sweep python3 bench/bench_states.py --formats 8bit,8bit-nomaster,fp32 --no-baselines \
         --launch 256x2,256x4,512x2,512x4,512x8,1024x4,1024x8,2048x8 --out "$OUT/results.jsonl" ;;
-    states-prefetch)  # the 8-bit step's L2 prefetch distance against its register cap (72 rests on one sweep)
+    states-prefetch)  # the 8-bit step's L2 prefetch distance against its register cap
       run bench_states_prefetch python3 bench/bench_states.py --formats 8bit,8bit-nomaster --no-baselines \
         --prefetch 0,1024,3072 --maxnreg 64,72,80,96 --out "$OUT/results.jsonl" ;;
     states-load)  # the block load per format with 1-8 chunks per program, beside the default
@@ -90,7 +90,7 @@ for stage in "$@"; do
         run "bench_states_fp32_$layer" python3 bench/bench_states.py --formats fp32 --no-baselines --layer "$layer" \
           --launch 512x4,1024x4 --out "$OUT/results.jsonl"
       done ;;
-    ncu-8bit-memory)  # Nsight Compute of one 8-bit step at the H200's entry (256 x 1, 72 registers, L2 prefetch): where L1 time goes
+    ncu-8bit-memory)  # Nsight Compute of one 8-bit step at the H200's entry (256 x 1, 64 registers, L2 prefetch): where L1 time goes
       run ncu_8bit_memory "${NCU_ONE_STEP[@]}" --section SpeedOfLight --section MemoryWorkloadAnalysis --section MemoryWorkloadAnalysis_Tables \
         --section WarpStateStats --section SourceCounters --import-source no -o "$OUT/ncu-8bit" \
         python3 bench/bench_states.py --formats 8bit --no-baselines
