@@ -165,21 +165,22 @@ def _adamw_chunk_8bit(w_ptr, g_ptr, master_ptr, m_codes_ptr, m_scale_ptr, v_code
                         v_map_ptr)
     p, m, v = _adamw_update_8bit(g, p, m, v, grad_scale, p_scale, beta2, one_minus_beta1, one_minus_beta2, eps,
                                  neg_step_size, inv_bc2_sqrt, HAS_SCALE)
+    store_mask = mask if MASKED else None
+    store_row_mask = row_mask if MASKED else None
+    # The weight first: its registers are free again before the encoders need theirs
+    if HAS_MASTER:
+        tl.store(master_ptr + idx, p, mask=store_mask)
+    w = to_weight_dtype(p, seed, arena_offset + idx, W_DTYPE, STOCHASTIC)
+    tl.store(w_ptr + idx, w, mask=store_mask)
     if MASKED:  # elements past the tensor must not count in their block's absmax
         m = tl.where(mask, m, 0.0)
         v = tl.where(mask, v, 0.0)
     m_codes, m_absmax = quantize_rows(m, m_map_ptr, True)
     v_codes, v_absmax = quantize_rows(v, v_map_ptr, False)
-    store_mask = mask if MASKED else None
-    store_row_mask = row_mask if MASKED else None
-    if HAS_MASTER:
-        tl.store(master_ptr + idx, p, mask=store_mask)
     tl.store(m_codes_ptr + idx, m_codes, mask=store_mask)
     tl.store(v_codes_ptr + idx, v_codes, mask=store_mask)
     tl.store(m_scale_ptr + qrow, m_absmax, mask=store_row_mask)
     tl.store(v_scale_ptr + qrow, v_absmax, mask=store_row_mask)
-    w = to_weight_dtype(p, seed, arena_offset + idx, W_DTYPE, STOCHASTIC)
-    tl.store(w_ptr + idx, w, mask=store_mask)
 
 
 @triton.jit(do_not_specialize=["seed_lo", "seed_hi"])
