@@ -101,7 +101,8 @@ MEASURED: dict[str, dict[str, LaunchConfig]] = {
         # lines before their programs run). With it, 72 registers: 0.933 ms against 0.953 at 64 and
         # 0.992 at 56 (one sweep; 0.936 against 0.965-0.977 at 64, 0.970 at 80, 1.004 at 96 in round 12).
         # With the streams' loads L2-only (round 12): 0.914 ms at 64 and 1024 ahead, against 0.917 at 2048,
-        # 0.927 at 4096, 0.955 without; 72: 0.929-0.932; 80: 0.966-0.970
+        # 0.927 at 4096, 0.955 without; 72: 0.929-0.932; 80: 0.966-0.970. With the weight stored before
+        # the encoders: 0.873-0.877 ms at 64, against 0.915 at 72
         FUSED_STEP_8BIT: LaunchConfig(256, 1, "builtin", max_registers=64, prefetch=1024),
         # the block load over the 8-bit step's 256-element chunks, 8 chunks a program (2026-12-03, round
         # 10): 0.435 ms (94.1%) at one warp, against 0.447 at 2, 0.446 at 4, 0.444 at 8. Over the fp32
