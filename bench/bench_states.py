@@ -498,8 +498,9 @@ def main(argv: Optional[list[str]] = None) -> int:
         args.prefetch = [int(x) for x in args.prefetch.split(",") if x.strip()]
     except ValueError:
         parser.error(f"--prefetch: expected comma-separated integers, got {args.prefetch!r}")
-    if any(d < 0 for d in args.prefetch):
-        parser.error(f"--prefetch: distances are programs ahead, 0 or more; got {args.prefetch}")
+    from badam_ext.kernels import tuning_cache
+    if not all(tuning_cache.valid_prefetch(d) for d in args.prefetch):
+        parser.error(f"--prefetch: distances are programs ahead, 0 to {tuning_cache.MAX_PREFETCH}; got {args.prefetch}")
     try:
         args.load_chunks = [int(x) for x in args.load_chunks.split(",") if x.strip()]
     except ValueError:

@@ -69,7 +69,7 @@ class LaunchConfig:
     num_warps: int
     source: str = field(default="builtin", compare=False)  # builtin | cache | env | override | interpreter
     #: cap on registers per thread (Triton's ``maxnreg``), None: the compiler's choice. Trades spills
-    #: for occupancy: the 8-bit step, latency-bound on its table gathers, runs faster at 72 on an H200.
+    #: for occupancy: the 8-bit step, latency-bound on its table gathers, runs faster at 64 on an H200.
     max_registers: Optional[int] = None
     #: the step's L2 prefetch distance in programs (``cp.async.bulk.prefetch``; 0: none): each program
     #: asks for the bytes of the program this many chunks ahead, so a step whose programs hold too few
@@ -297,7 +297,7 @@ def override(block_size: int, num_warps: int, max_registers: Optional[int] = Non
     check_block_size(block_size)
     if num_warps not in tuning_cache.VALID_WARPS:
         raise ValueError(f"num_warps must be one of {tuning_cache.VALID_WARPS}, got {num_warps}")
-    if max_registers is not None and not tuning_cache.MIN_REGISTERS <= max_registers <= tuning_cache.MAX_REGISTERS:
+    if max_registers is not None and not tuning_cache.valid_max_registers(max_registers):
         raise ValueError(f"max_registers must be in [{tuning_cache.MIN_REGISTERS}, {tuning_cache.MAX_REGISTERS}], "
                          f"got {max_registers}")
     check_prefetch(prefetch)

@@ -7,7 +7,7 @@ Sweeps every (elements per program, warps) candidate over one transformer layer'
 Llama-3-8B layer by default: 218.1M parameters in 9 tensors, the shape class BlockAdam launches),
 timing the fused AdamW step, the block load and the gradient norm with ``triton.testing.do_bench``,
 and the step over 8-bit moments at every block of at least 256 elements, uncapped and at 64 and 72
-registers per thread, each with and without an L2 prefetch 16 programs per SM ahead.
+registers per thread, each with and without an L2 prefetch (``PREFETCH_PER_SM_8BIT``).
 The fastest step picks the block size (it sets the chunk tables every kernel shares); the block
 load and the norm then get their fastest warps at that block size. The 8-bit step keeps its own
 fastest configuration (BlockAdam(states="8bit") builds its tables with it). The result goes to the cache

@@ -48,6 +48,11 @@ MIN_REGISTERS, MAX_REGISTERS = 24, 255
 MAX_PREFETCH = 1 << 20
 
 
+def valid_max_registers(value: Any) -> bool:
+    """Whether ``value`` is a register cap: an int in [MIN_REGISTERS, MAX_REGISTERS]."""
+    return not isinstance(value, bool) and isinstance(value, int) and MIN_REGISTERS <= value <= MAX_REGISTERS
+
+
 def valid_prefetch(value: Any) -> bool:
     """Whether ``value`` is an L2 prefetch distance: an int in [0, MAX_PREFETCH] (programs ahead)."""
     return not isinstance(value, bool) and isinstance(value, int) and 0 <= value <= MAX_PREFETCH
@@ -86,8 +91,7 @@ def _check_config(key: str, value: Any) -> CachedConfig:
     if warps not in VALID_WARPS:
         raise CacheFormatError(f"entry {key!r}: num_warps {warps} is not one of {VALID_WARPS}")
     cap = value.get("max_registers")
-    if cap is not None and (isinstance(cap, bool) or not isinstance(cap, int)
-                            or not MIN_REGISTERS <= cap <= MAX_REGISTERS):
+    if cap is not None and not valid_max_registers(cap):
         raise CacheFormatError(f"entry {key!r}: max_registers {cap!r} is not an int in [{MIN_REGISTERS}, {MAX_REGISTERS}]")
     prefetch = value.get("prefetch", 0)
     if not valid_prefetch(prefetch):
